@@ -1,0 +1,216 @@
+"""Typed architecture and preprocessing configs: one frozen dataclass per tower kind."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class VisionTransformerConfig:
+    """A ViT image tower: OpenAI's CLIP ViT by default, SigLIP's with `pool="map"`.
+
+    Attributes:
+        image_size: input side in pixels (square).
+        patch_size: side of each patch; the image is cut into (image_size // patch_size)**2 tokens.
+        width: hidden size D.
+        layers: number of transformer blocks.
+        heads: attention heads per block.
+        mlp_ratio: MLP hidden size is int(width * mlp_ratio).
+        act: "quick_gelu" (OpenAI weights) or "gelu".
+        pool: "cls" takes the class token after `ln_post`; "map" is SigLIP's attention pool over all tokens.
+        class_token: prepend a learned class token.
+        patch_bias: the patch embedding convolution has a bias (SigLIP) or not (OpenAI).
+        ln_pre: apply a LayerNorm to the tokens before the first block (OpenAI).
+        projection: project pooled features to embed_dim (OpenAI) or pass them through (SigLIP).
+        norm_eps: LayerNorm epsilon.
+    """
+
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    pool: str = "cls"
+    class_token: bool = True
+    patch_bias: bool = False
+    ln_pre: bool = True
+    projection: bool = True
+    norm_eps: float = 1e-5
+
+    kind = "vit"
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """OpenAI's modified ResNet image tower (3-conv stem, anti-aliased downsampling, attention pool).
+
+    Attributes:
+        image_size: input side in pixels (square).
+        layers: bottleneck blocks in each of the four stages.
+        width: channels of the stem; stage i has width * 2**i bottleneck channels (x4 out).
+        heads: attention-pool heads; OpenAI uses width * 32 // 64.
+    """
+
+    image_size: int = 224
+    layers: tuple[int, int, int, int] = (3, 4, 6, 3)
+    width: int = 64
+    heads: int = 32
+
+    kind = "resnet"
+
+
+@dataclass(frozen=True)
+class ConvNeXtConfig:
+    """A ConvNeXt image tower as OpenCLIP builds it through timm, with a linear projection head.
+
+    Attributes:
+        image_size: input side in pixels (square).
+        depths: blocks per stage.
+        dims: channels per stage.
+        drop_path: stochastic depth rate at the last block (linearly increasing), training only.
+        norm_eps: LayerNorm epsilon.
+        layer_scale_init: initial value of the per-channel block gains.
+    """
+
+    image_size: int = 256
+    depths: tuple[int, ...] = (3, 3, 27, 3)
+    dims: tuple[int, ...] = (128, 256, 512, 1024)
+    drop_path: float = 0.0
+    norm_eps: float = 1e-6
+    layer_scale_init: float = 1e-6
+
+    kind = "convnext"
+
+
+VisionConfig = Union[VisionTransformerConfig, ResNetConfig, ConvNeXtConfig]
+VISION_CONFIGS: dict[str, type] = {c.kind: c for c in (VisionTransformerConfig, ResNetConfig, ConvNeXtConfig)}
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The text transformer.
+
+    Attributes:
+        context_length: token positions L.
+        vocab_size: tokenizer vocabulary size.
+        width: hidden size D.
+        layers: number of transformer blocks.
+        heads: attention heads per block.
+        mlp_ratio: MLP hidden size is int(width * mlp_ratio).
+        act: "quick_gelu" (OpenAI weights) or "gelu".
+        causal: causal attention mask (CLIP) or bidirectional (SigLIP).
+        pool: "argmax" pools at the highest token id (CLIP's end token), "eos" at the first `eos_id`,
+            "last" at the final position (SigLIP).
+        eos_id: the end-of-text token id.
+        pad_id: the padding token id.
+        proj_bias: the output projection has a bias (SigLIP).
+        norm_eps: LayerNorm epsilon.
+    """
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    causal: bool = True
+    pool: str = "argmax"
+    eos_id: int = 49407
+    pad_id: int = 0
+    proj_bias: bool = False
+    norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """A whole CLIP model: both towers and the shared embedding size.
+
+    Attributes:
+        embed_dim: size E of the shared embedding space.
+        vision: the image tower's config.
+        text: the text tower's config.
+        init_logit_scale: initial log temperature, ln(1/0.07) for CLIP, ln(10) for SigLIP.
+        init_logit_bias: initial logit bias for sigmoid-loss models; None for softmax CLIP (no bias).
+    """
+
+    embed_dim: int
+    vision: VisionConfig
+    text: TextConfig = field(default_factory=TextConfig)
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["vision"] = {"kind": self.vision.kind, **d["vision"]}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
+        d = dict(d)
+        vision = dict(d.pop("vision"))
+        kind = vision.pop("kind", "vit")
+        if kind not in VISION_CONFIGS:
+            raise ValueError(f"unknown vision tower kind {kind!r}; expected one of {sorted(VISION_CONFIGS)}")
+        vcls = VISION_CONFIGS[kind]
+        return cls(
+            vision=_build(vcls, vision),
+            text=_build(TextConfig, d.pop("text", {})),
+            **_check_keys(cls, d, exclude={"vision", "text"}),
+        )
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How images were prepared for the weights: travels with the checkpoint, not the architecture.
+
+    Attributes:
+        image_size: output side in pixels.
+        mean: per-channel mean subtracted after scaling to [0, 1].
+        std: per-channel standard deviation divided by.
+        interpolation: "bicubic", "bilinear" or "nearest".
+        resize_mode: "shortest" (resize the short side, centre crop; OpenAI), "longest" (resize the long side,
+            pad to square with `fill_color`), or "squash" (resize both sides, ignoring aspect ratio).
+        fill_color: padding value (0-255) for "longest".
+    """
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        return _build(cls, d)
+
+
+def _check_keys(cls: type, d: dict[str, Any], exclude: set[str] = frozenset()) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; valid keys are {sorted(names)}")
+    return d
+
+
+def _build(cls: type, d: dict[str, Any]):
+    d = _check_keys(cls, dict(d))
+    # JSON has no tuples: restore them for fields whose default is a tuple so configs compare equal.
+    for f in dataclasses.fields(cls):
+        if f.name in d and isinstance(d[f.name], list):
+            d[f.name] = tuple(d[f.name])
+    return cls(**d)
