@@ -1,0 +1,97 @@
+"""Safe reading of weight files and all-or-nothing loading into a model."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be read safely, or whose tensors do not fit the model."""
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _is_torchscript(path: Path) -> bool:
+    # TorchScript archives are zip files carrying a code/ folder; their tensors sit behind executable code.
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.split("/")[1:2] == ["code"] or name.endswith("/constants.pkl") for name in zf.namelist())
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a state dict from `.safetensors`, or from a pickled file through `torch.load(weights_only=True)`.
+
+    Pickled files are never unpickled with arbitrary code: `weights_only=True` is the only attempt, and a
+    file it rejects is an error. Training checkpoints that nest the weights under "state_dict" or "model" are
+    unwrapped.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        CheckpointError: the file is unreadable, unsafe, a TorchScript archive, or holds no tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    if suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown weights format {suffix!r}; expected .safetensors or {PICKLE_SUFFIXES}")
+    if _is_torchscript(path):
+        raise CheckpointError(
+            f"{path} is a TorchScript archive (OpenAI's original release format); clipworks does not run its code. "
+            "Use the same weights as .safetensors or a plain state dict instead."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler raises many types; all mean "not a safe plain checkpoint"
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {e}") from e
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def load_weights(model: nn.Module, sd: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Copy `sd` into `model`, all or nothing: every mismatch is named before any tensor is touched.
+
+    Raises:
+        CheckpointError: missing keys, unexpected keys or shape mismatches, each listed.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_clip(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_clip(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): {_clip(shapes)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(sd, strict=True)
+
+
+def _clip(items: list[str], n: int = 12) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")

@@ -1,0 +1,62 @@
+"""Conversion between OpenAI/OpenCLIP state dicts and clipworks' layout (pure dict-to-dict)."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import Tensor
+
+from ..config import CLIPConfig
+from ..models import text as text_tower
+
+# OpenAI's state dicts carry these model hyper-parameters as tensors; they are not weights.
+_OPENAI_METADATA = ("input_resolution", "context_length", "vocab_size")
+_VISION_MODULES = {"vit": "vit", "resnet": "resnet", "convnext": "convnext"}
+
+
+def _vision_module(cfg: CLIPConfig):
+    return importlib.import_module(f"..models.{_VISION_MODULES[cfg.vision.kind]}", __package__)
+
+
+def _split(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    visual, text, top = {}, {}, {}
+    for key, value in sd.items():
+        if key.startswith("module."):  # saved from a DistributedDataParallel wrapper
+            key = key[len("module.") :]
+        if key in _OPENAI_METADATA:
+            continue
+        if key.startswith("visual."):
+            visual[key[len("visual.") :]] = value
+        elif key in ("logit_scale", "logit_bias"):
+            top[key] = value
+        elif key.startswith("text."):  # OpenCLIP's CustomTextCLIP nests the text tower
+            text[key[len("text.") :]] = value
+        else:
+            text[key] = value
+    return visual, text, top
+
+
+def convert_from_open_clip(sd: dict[str, Tensor], cfg: CLIPConfig) -> dict[str, Tensor]:
+    """An OpenAI/OpenCLIP CLIP state dict to clipworks' `CLIP` keys.
+
+    Raises:
+        ValueError: keys that no rule converts, named.
+    """
+    visual, text, top = _split(sd)
+    out = {f"visual.{k}": v for k, v in _vision_module(cfg).convert_from_open_clip(visual).items()}
+    out.update({f"text.{k}": v for k, v in text_tower.convert_from_open_clip(text).items()})
+    out.update(top)
+    return out
+
+
+def convert_to_open_clip(sd: dict[str, Tensor], cfg: CLIPConfig) -> dict[str, Tensor]:
+    """clipworks' `CLIP` keys to the state dict OpenCLIP's model of the same architecture loads."""
+    visual = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
+    text = {k[len("text.") :]: v for k, v in sd.items() if k.startswith("text.")}
+    # OpenCLIP nests the text tower (CustomTextCLIP) exactly when the text projection has a bias.
+    custom_text = cfg.text.proj_bias
+    out = {f"visual.{k}": v for k, v in _vision_module(cfg).convert_to_open_clip(visual).items()}
+    prefix = "text." if custom_text else ""
+    out.update({prefix + k: v for k, v in text_tower.convert_to_open_clip(text, custom_text).items()})
+    out.update({k: v for k, v in sd.items() if k in ("logit_scale", "logit_bias")})
+    return out

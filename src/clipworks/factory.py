@@ -1,0 +1,146 @@
+"""Public factories: models by preset name or checkpoint, with their transforms and tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoints.io import CheckpointError, load_state_dict, load_weights
+from .checkpoints.native import is_clipworks_dir, load_clipworks
+from .checkpoints.open_clip import convert_from_open_clip
+from .config import SIGLIP_MEAN, SIGLIP_STD, CLIPConfig, PreprocessConfig
+from .models.clip import CLIP
+from .presets import get_preset
+
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+
+
+def default_preprocess(cfg: CLIPConfig) -> PreprocessConfig:
+    """Preprocessing for a model with no weights to say otherwise (random init or a bare state dict)."""
+    if cfg.init_logit_bias is not None:  # SigLIP models were trained on [-1, 1] inputs
+        return PreprocessConfig(image_size=cfg.vision.image_size, mean=SIGLIP_MEAN, std=SIGLIP_STD)
+    return PreprocessConfig(image_size=cfg.vision.image_size)
+
+
+def _load_dir(path: Path) -> tuple[CLIPConfig, PreprocessConfig, dict]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    if is_clipworks_dir(path):
+        return load_clipworks(path)
+    if (path / "config.json").is_file():
+        from .checkpoints.transformers import load_transformers_dir
+
+        return load_transformers_dir(path)
+    raise CheckpointError(f"{path} has no config.json: expected a clipworks or transformers CLIPModel directory")
+
+
+def _is_ours(sd: dict) -> bool:
+    return "text.token_embed.weight" in sd
+
+
+def _load_into_new(cfg: CLIPConfig, sd: dict, source: str) -> CLIP:
+    model = CLIP(cfg)
+    load_weights(model, sd if _is_ours(sd) else convert_from_open_clip(sd, cfg), source=source)
+    return model
+
+
+def _resolve(name: str | CLIPConfig, pretrained: str | os.PathLike | None) -> tuple[CLIP, PreprocessConfig]:
+    if isinstance(name, str) and name.startswith(HF_HUB):
+        raise ValueError(f"{name!r}: loading from the Hugging Face hub is not available in this version; "
+                         f"download the repository and pass {LOCAL_DIR}DIR")  # fmt: skip
+    if isinstance(name, str) and name.startswith(LOCAL_DIR):
+        if pretrained is not None:
+            raise ValueError(f"{name!r} already names its weights; pretrained={pretrained!r} cannot be added")
+        cfg, preprocess, sd = _load_dir(Path(name[len(LOCAL_DIR) :]).expanduser())
+        return _load_into_new(cfg, sd, name), preprocess
+    cfg = name if isinstance(name, CLIPConfig) else get_preset(name)
+    if pretrained is None:
+        return CLIP(cfg), default_preprocess(cfg)
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        dir_cfg, preprocess, sd = _load_dir(path)
+        if dir_cfg != cfg:
+            raise CheckpointError(f"{path} holds another architecture than {name!r}; load it as {LOCAL_DIR}{path}")
+        return _load_into_new(cfg, sd, str(path)), preprocess
+    if not path.exists():
+        raise ValueError(
+            f"pretrained={str(pretrained)!r} for {name!r} is neither a file nor a directory, and no pretrained "
+            "tags are registered in this version (available tags: none); pass a weights file path"
+        )
+    return _load_into_new(cfg, load_state_dict(path), str(path)), default_preprocess(cfg)
+
+
+def create_model(
+    name: str | CLIPConfig,
+    pretrained: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> CLIP:
+    """A CLIP model in eval mode.
+
+    Args:
+        name: a preset name (`clipworks.list_models()`), a `CLIPConfig`, or `local-dir:DIR` for a clipworks
+            or transformers `CLIPModel` directory (the architecture then comes from its config.json).
+        pretrained: weights for a preset: a state dict file in the OpenAI/OpenCLIP or clipworks key layout
+            (`.safetensors`, or `.bin`/`.pt` read with `torch.load(weights_only=True)`), or a clipworks
+            directory. None gives randomly initialised weights.
+        device: where to put the model.
+        dtype: parameter dtype (e.g. torch.bfloat16 on GPUs); default float32.
+
+    Raises:
+        ValueError: unknown name, or weights that cannot be found; never a silently random model.
+        CheckpointError: weights that are unsafe or do not fit (names every mismatching key).
+    """
+    model, preprocess = _resolve(name, pretrained)
+    model.preprocess_config = preprocess
+    model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def create_model_and_transforms(
+    name: str | CLIPConfig,
+    pretrained: str | os.PathLike | None = None,
+    *,
+    augment=None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """(model, train_transform, eval_transform): the model as `create_model` builds it, and the image
+    transforms of the preprocessing its weights were trained with. `augment` configures the training
+    transform (`clipworks.transforms.AugmentConfig`)."""
+    from .transforms import image_transform
+
+    model = create_model(name, pretrained, device=device, dtype=dtype)
+    cfg = model.preprocess_config
+    return model, image_transform(cfg, train=True, augment=augment), image_transform(cfg)
+
+
+def get_tokenizer(name: str = "ViT-B-32"):
+    """The tokenizer a model's text tower was trained with.
+
+    Raises:
+        ValueError: the model's tokenizer is not available (SigLIP's SentencePiece tokenizer is not shipped).
+    """
+    from .tokenizer import Tokenizer, default_tokenizer
+
+    if name.startswith(LOCAL_DIR):
+        path = Path(name[len(LOCAL_DIR) :]).expanduser()
+        cfg = load_clipworks_config(path) if is_clipworks_dir(path) else None
+        context = cfg.text.context_length if cfg else 77
+    else:
+        cfg = get_preset(name)
+        context = cfg.text.context_length
+    if cfg is not None and cfg.text.vocab_size != Tokenizer.vocab_size:
+        raise ValueError(f"{name!r} uses a {cfg.text.vocab_size}-token vocabulary; clipworks ships only the "
+                         f"CLIP BPE tokenizer ({Tokenizer.vocab_size} tokens)")  # fmt: skip
+    tok = default_tokenizer()
+    return tok if context == tok.context_length else Tokenizer(context_length=context)
+
+
+def load_clipworks_config(path: Path) -> CLIPConfig:
+    return CLIPConfig.from_dict(json.loads((path / "config.json").read_text())["model"])

@@ -1,0 +1,98 @@
+"""The CLIP model: an image tower and a text tower meeting in one embedding space."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import CLIPConfig, VisionConfig
+from .text import TextHidden, TextTransformer
+
+
+class CLIPOutput(NamedTuple):
+    """Normalised features of both towers and the learned temperature (and bias, for sigmoid-loss models).
+
+    Attributes:
+        image_features: (B, E), unit norm.
+        text_features: (B', E), unit norm.
+        logit_scale: exp of the learned log temperature, a scalar.
+        logit_bias: the learned bias (SigLIP), or None.
+    """
+
+    image_features: Tensor
+    text_features: Tensor
+    logit_scale: Tensor
+    logit_bias: Tensor | None
+
+    def logits(self) -> tuple[Tensor, Tensor]:
+        """(logits_per_image (B, B'), logits_per_text (B', B))."""
+        logits = self.logit_scale * self.image_features @ self.text_features.t()
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        return logits, logits.t()
+
+
+def build_image_tower(cfg: VisionConfig, embed_dim: int) -> nn.Module:
+    """The image tower a config describes; every tower maps (B, 3, H, W) to (B, embed_dim)."""
+    if cfg.kind == "vit":
+        from .vit import VisionTransformer
+
+        return VisionTransformer(cfg, embed_dim)
+    if cfg.kind == "resnet":
+        from .resnet import ModifiedResNet
+
+        return ModifiedResNet(cfg, embed_dim)
+    if cfg.kind == "convnext":
+        from .convnext import ConvNeXt
+
+        return ConvNeXt(cfg, embed_dim)
+    raise ValueError(f"unknown vision tower kind {cfg.kind!r}; expected 'vit', 'resnet' or 'convnext'")
+
+
+class CLIP(nn.Module):
+    """Two towers and a learnable temperature (plus a bias for sigmoid-loss models such as SigLIP)."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.config = cfg
+        self.visual = build_image_tower(cfg.vision, cfg.embed_dim)
+        self.text = TextTransformer(cfg.text, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(cfg.init_logit_bias))
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    @property
+    def context_length(self) -> int:
+        return self.config.text.context_length
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
+        """Images (B, 3, H, W), preprocessed, to features (B, E)."""
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
+        """Token ids (B, L) to features (B, E); padding past the longest sequence costs nothing."""
+        x = self.text(tokens)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text_hidden(self, tokens: Tensor) -> TextHidden:
+        """Every text layer's hidden states, the final-norm states and the pooled features (diffusion use)."""
+        return self.text.forward_hidden(tokens)
+
+    def forward(self, images: Tensor, tokens: Tensor) -> CLIPOutput:
+        return CLIPOutput(
+            self.encode_image(images, normalize=True),
+            self.encode_text(tokens, normalize=True),
+            self.logit_scale.exp(),
+            self.logit_bias,
+        )

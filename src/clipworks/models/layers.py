@@ -1,0 +1,150 @@
+"""Transformer building blocks shared by the ViT and text towers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
+
+
+def build_activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one packed qkv projection, computed by scaled_dot_product_attention."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, causal: bool = False, attn_mask: Tensor | None = None) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # (B, H, L, Dh)
+        return self.out(x.transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = build_activation(act)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str, norm_eps: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=norm_eps)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = MLP(width, int(width * mlp_ratio), act)
+
+    def forward(self, x: Tensor, causal: bool = False, attn_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal, attn_mask=attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of pre-norm blocks, with optional gradient checkpointing per block."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, act: str, norm_eps: float):
+        super().__init__()
+        self.width = width
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, norm_eps) for _ in range(layers))
+        self.grad_checkpointing = False
+
+    def _run(self, block: Block, x: Tensor, causal: bool, attn_mask: Tensor | None) -> Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, causal, attn_mask, use_reentrant=False)
+        return block(x, causal, attn_mask)
+
+    def forward(self, x: Tensor, causal: bool = False, attn_mask: Tensor | None = None) -> Tensor:
+        for block in self.blocks:
+            x = self._run(block, x, causal, attn_mask)
+        return x
+
+    def forward_hidden(
+        self, x: Tensor, causal: bool = False, attn_mask: Tensor | None = None, stop_at: int | None = None
+    ) -> list[Tensor]:
+        """Every hidden state: the input, then each block's output (layers + 1 tensors, as transformers does).
+
+        Args:
+            stop_at: stop after this many blocks (blocks past it are not run): CLIP skip does not pay for
+                layers it throws away.
+        """
+        hidden = [x]
+        for block in self.blocks[:stop_at]:
+            x = self._run(block, x, causal, attn_mask)
+            hidden.append(x)
+        return hidden
+
+    def init_weights(self) -> None:
+        # OpenAI CLIP's init: residual projections shrink with depth so the stream's variance stays bounded.
+        attn_std = self.width**-0.5
+        proj_std = attn_std * (2 * len(self.blocks)) ** -0.5
+        fc_std = (2 * self.width) ** -0.5
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.normal_(block.attn.out.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out.bias)
+            nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
+            nn.init.zeros_(block.mlp.fc1.bias)
+            nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+            nn.init.zeros_(block.mlp.fc2.bias)
+
+
+# Key maps between OpenCLIP/OpenAI transformer blocks and ours: (their suffix, our suffix).
+OPEN_CLIP_BLOCK_KEYS = (
+    ("attn.in_proj_weight", "attn.qkv.weight"),
+    ("attn.in_proj_bias", "attn.qkv.bias"),
+    ("attn.out_proj.weight", "attn.out.weight"),
+    ("attn.out_proj.bias", "attn.out.bias"),
+    ("mlp.c_fc.weight", "mlp.fc1.weight"),
+    ("mlp.c_fc.bias", "mlp.fc1.bias"),
+    ("mlp.c_proj.weight", "mlp.fc2.weight"),
+    ("mlp.c_proj.bias", "mlp.fc2.bias"),
+    ("ln_1.weight", "ln_1.weight"),
+    ("ln_1.bias", "ln_1.bias"),
+    ("ln_2.weight", "ln_2.weight"),
+    ("ln_2.bias", "ln_2.bias"),
+)
+# timm's ViT blocks (SigLIP image tower).
+TIMM_BLOCK_KEYS = (
+    ("attn.qkv.weight", "attn.qkv.weight"),
+    ("attn.qkv.bias", "attn.qkv.bias"),
+    ("attn.proj.weight", "attn.out.weight"),
+    ("attn.proj.bias", "attn.out.bias"),
+    ("mlp.fc1.weight", "mlp.fc1.weight"),
+    ("mlp.fc1.bias", "mlp.fc1.bias"),
+    ("mlp.fc2.weight", "mlp.fc2.weight"),
+    ("mlp.fc2.bias", "mlp.fc2.bias"),
+    ("norm1.weight", "ln_1.weight"),
+    ("norm1.bias", "ln_1.bias"),
+    ("norm2.weight", "ln_2.weight"),
+    ("norm2.bias", "ln_2.bias"),
+)

@@ -1,0 +1,125 @@
+"""The text tower: token and position embeddings, a (causal) transformer, pooling at the end token."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..config import TextConfig
+from .keymap import KeyMap, Rule, block_rules, transpose
+from .layers import OPEN_CLIP_BLOCK_KEYS, Transformer
+
+
+class TextHidden(NamedTuple):
+    """Everything the text tower computes for one batch.
+
+    Attributes:
+        hidden_states: the embeddings, then each block's output: layers + 1 tensors of (B, L, D), before the
+            final LayerNorm (transformers' `hidden_states`; diffusion models' "CLIP skip" picks from these).
+        last_hidden: `ln_final` of the last hidden state, (B, L, D) (transformers' `last_hidden_state`).
+        pooled: the projected feature at the pooling position, (B, E) (what `encode_text` returns).
+    """
+
+    hidden_states: tuple[Tensor, ...]
+    last_hidden: Tensor
+    pooled: Tensor
+
+
+class TextTransformer(nn.Module):
+    """CLIP's text encoder; with a causal mask it pools at the end token, so padding can be trimmed away."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int):
+        super().__init__()
+        if cfg.pool not in ("argmax", "eos", "last"):
+            raise ValueError(f"unknown text pool {cfg.pool!r}; expected 'argmax', 'eos' or 'last'")
+        self.config = cfg
+        self.context_length = cfg.context_length
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps)
+        self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=cfg.proj_bias)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        self.transformer.init_weights()
+        nn.init.normal_(self.proj.weight, std=self.config.width**-0.5)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def pool_index(self, tokens: Tensor) -> Tensor:
+        """The position whose feature represents each sequence, (B,)."""
+        if self.config.pool == "argmax":
+            # CLIP's end token has the highest id, so argmax finds it (the reference's rule, kept for parity).
+            return tokens.argmax(dim=-1)
+        if self.config.pool == "eos":
+            return (tokens == self.config.eos_id).int().argmax(dim=-1)
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
+
+    def trim(self, tokens: Tensor) -> Tensor:
+        """Drop the padding columns after the longest sequence's pooling position.
+
+        With a causal mask no position attends to a later one, so the columns after the last pooled position
+        cannot change any pooled feature: dropping them gives identical features for less work. A
+        bidirectional tower (SigLIP) or last-position pooling sees every column, so nothing is trimmed.
+        """
+        if not self.config.causal or self.config.pool == "last" or tokens.shape[1] == 0:
+            return tokens
+        end = int(self.pool_index(tokens).max()) + 1
+        return tokens[:, :end]
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        L = tokens.shape[1]
+        if L > self.context_length:
+            raise ValueError(f"token sequences of length {L} exceed the context length {self.context_length}")
+        return self.token_embed(tokens) + self.pos_embed[:L]  # (B, L, D)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Token ids (B, L) to unnormalised text features (B, E)."""
+        tokens = self.trim(tokens)
+        x = self.transformer(self.embed(tokens), causal=self.config.causal)
+        x = x[torch.arange(x.shape[0], device=x.device), self.pool_index(tokens)]  # (B, D)
+        return self.proj(self.ln_final(x))  # LayerNorm is per token: normalising only the pooled one is enough
+
+    def forward_hidden(self, tokens: Tensor) -> TextHidden:
+        """Every layer's hidden states at full length (diffusion models condition on all L positions)."""
+        hidden = self.transformer.forward_hidden(self.embed(tokens), causal=self.config.causal)
+        last = self.ln_final(hidden[-1])
+        pooled = self.proj(last[torch.arange(last.shape[0], device=last.device), self.pool_index(tokens)])
+        return TextHidden(tuple(hidden), last, pooled)
+
+
+_EMBED_RULES = [
+    Rule("token_embed.weight", "token_embedding.weight"),
+    Rule("pos_embed", "positional_embedding"),
+    Rule("ln_final.weight", "ln_final.weight"),
+    Rule("ln_final.bias", "ln_final.bias"),
+    *block_rules("transformer.resblocks", "transformer.blocks", OPEN_CLIP_BLOCK_KEYS),
+]
+# OpenAI's CLIP class stores the projection as a (D, E) matrix; OpenCLIP's CustomTextCLIP as a Linear.
+OPEN_CLIP_KEYMAP = KeyMap([*_EMBED_RULES, Rule("proj.weight", "text_projection", transpose, transpose)])
+OPEN_CLIP_LINEAR_KEYMAP = KeyMap(
+    [
+        *_EMBED_RULES,
+        Rule("proj.weight", "text_projection.weight"),
+        Rule("proj.bias", "text_projection.bias"),
+    ]
+)
+
+
+def convert_from_open_clip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """OpenCLIP text keys (without the CLIP-level or `text.` prefix) to our TextTransformer keys."""
+    keymap = OPEN_CLIP_LINEAR_KEYMAP if "text_projection.weight" in sd else OPEN_CLIP_KEYMAP
+    return keymap.to_ours(sd)
+
+
+def convert_to_open_clip(sd: dict[str, Tensor], linear_projection: bool = False) -> dict[str, Tensor]:
+    """Our TextTransformer keys to OpenCLIP's; `linear_projection` for CustomTextCLIP models (SigLIP)."""
+    return (OPEN_CLIP_LINEAR_KEYMAP if linear_projection else OPEN_CLIP_KEYMAP).to_theirs(sd)
