@@ -1,0 +1,150 @@
+"""Loading weights safely and all-or-nothing; the clipworks format; text trimming."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import clipworks
+from clipworks.checkpoints.io import CheckpointError, load_state_dict, load_weights
+from clipworks.models.clip import CLIP
+from reference import tiny_config
+
+CFG = tiny_config(clipworks.get_preset("ViT-B-32"))
+
+
+class _Payload:
+    """Unpickling this writes a marker file: proof of whether a loader ran code from the file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.bin"
+    torch.save({"w": torch.zeros(2), "x": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_state_dict(path)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError):
+        clipworks.create_model(CFG, pretrained=path)
+    assert not marker.exists()
+    # the payload is live: an unsafe loader would have run it
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_torchscript_archive_is_refused_with_a_clear_message(tmp_path):
+    path = tmp_path / "ViT-B-32.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(CheckpointError, match="TorchScript"):
+        load_state_dict(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a safetensors file at all", b"\xff" * 64])
+def test_corrupt_safetensors_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_state_dict(path)
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in CLIP(CFG).state_dict().items()}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        clipworks.create_model(CFG, pretrained=path)
+
+
+def test_unknown_suffix_and_missing_file(tmp_path):
+    (tmp_path / "w.npz").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=".safetensors"):
+        load_state_dict(tmp_path / "w.npz")
+    with pytest.raises(FileNotFoundError):
+        load_state_dict(tmp_path / "absent.safetensors")
+
+
+def test_mismatches_are_named_and_nothing_is_half_loaded():
+    model = CLIP(CFG)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in CLIP(CFG).state_dict().items()}
+    sd["text.proj.weight"] = torch.zeros(3, 3)
+    del sd["visual.ln_post.bias"]
+    sd["visual.extra"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as e:
+        load_weights(model, sd)
+    msg = str(e.value)
+    assert "visual.ln_post.bias" in msg and "visual.extra" in msg and "text.proj.weight" in msg
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_wrong_architecture_file_names_the_keys(tmp_path):
+    path = tmp_path / "rn.safetensors"
+    save_file({k: v.contiguous() for k, v in CLIP(tiny_config(clipworks.get_preset("RN50"))).state_dict().items()},
+              str(path))  # fmt: skip
+    with pytest.raises(CheckpointError, match="missing keys"):
+        clipworks.create_model(CFG, pretrained=path)
+
+
+def test_pretrained_that_cannot_be_met_is_an_error_never_a_random_model():
+    with pytest.raises(ValueError, match="available tags"):
+        clipworks.create_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
+    with pytest.raises(ValueError, match="hub"):
+        clipworks.create_model("hf-hub:openai/clip-vit-base-patch32")
+    with pytest.raises(FileNotFoundError):
+        clipworks.create_model("local-dir:/nonexistent/dir")
+
+
+def test_clipworks_format_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = clipworks.create_model(CFG)
+    pp = clipworks.PreprocessConfig(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    out = clipworks.save_pretrained(model, tmp_path / "ckpt", preprocess=pp)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    loaded = clipworks.create_model(f"local-dir:{out}")
+    assert loaded.preprocess_config == pp and loaded.config == CFG and not loaded.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    # saving again over it replaces it whole and leaves no temporary directories behind
+    clipworks.save_pretrained(loaded, out)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_text_is_trimmed_to_the_longest_sequence_with_identical_features():
+    torch.manual_seed(0)
+    model = CLIP(CFG).eval()
+    tok = clipworks.get_tokenizer("ViT-B-32") if _has_tokenizer() else None
+    if tok is not None:
+        tokens = tok(["a cat", "a photo of a small dog", ""])
+    else:
+        tokens = torch.zeros(3, 77, dtype=torch.long)
+        tokens[:, 0] = 49406
+        tokens[0, 1:3], tokens[0, 3] = 320, 49407
+        tokens[1, 1:7], tokens[1, 7] = 320, 49407
+        tokens[2, 1] = 49407
+    seen = []
+    model.text.transformer.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        trimmed = model.encode_text(tokens)
+        full = model.encode_text_hidden(tokens).pooled  # runs all 77 positions
+    longest = int((tokens == 49407).int().argmax(-1).max()) + 1
+    assert seen == [longest, 77]
+    torch.testing.assert_close(trimmed, full, rtol=0, atol=1e-5)
+
+
+def _has_tokenizer():
+    try:
+        import clipworks.tokenizer  # noqa: F401
+    except ImportError:
+        return False
+    return True
