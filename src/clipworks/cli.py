@@ -1,0 +1,78 @@
+"""The `clipworks` command line: a thin shell over the library's functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .presets import PRESETS
+
+    for name, cfg in sorted(PRESETS.items()):
+        v = cfg.vision
+        size = f"{v.kind} {v.image_size}px"
+        print(f"{name:<24} {size:<16} embed_dim={cfg.embed_dim:<5} text={cfg.text.width}x{cfg.text.layers}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .demo import read_demo_pairs, similarity_table
+    from .factory import create_model_and_transforms, get_tokenizer
+
+    torch.manual_seed(args.seed)
+    model, _, preprocess = create_model_and_transforms(args.model, args.pretrained)
+    tokenizer = get_tokenizer(args.model)
+    pairs = read_demo_pairs(args.data)
+    weights = args.pretrained or ("from " + args.model if ":" in args.model else "random (untrained) weights")
+    print(f"model {args.model}, {weights}; {len(pairs)} images and captions")
+    table = similarity_table(model, preprocess, tokenizer, pairs)
+    print(table.format())
+    print(f"images whose own caption ranks first: {table.top1_accuracy():.0%} (chance {1 / len(pairs):.0%})")
+    return 0
+
+
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from .factory import get_tokenizer
+
+    tok = get_tokenizer(args.model)
+    batch = tok.tokenize(args.text)
+    for text, ids, n in zip(args.text, batch.ids.tolist(), batch.lengths.tolist()):
+        print(f"{text!r}: {ids[:n]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipworks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the model presets")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("demo", help="encode the shipped images and captions and print their similarities")
+    p.add_argument("--model", default="ViT-B-32", help="preset name or local-dir:DIR (default: ViT-B-32)")
+    p.add_argument("--pretrained", default=None, help="weights file or clipworks directory for a preset")
+    p.add_argument("--data", default=None, help="a folder with captions.tsv (filepath, caption); default: shipped")
+    p.add_argument("--seed", type=int, default=0, help="seed for random initialisation")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("tokenize", help="print the token ids of texts")
+    p.add_argument("text", nargs="+")
+    p.add_argument("--model", default="ViT-B-32")
+    p.set_defaults(func=_cmd_tokenize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"clipworks {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
