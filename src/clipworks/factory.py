@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,6 +39,27 @@ def _load_dir(path: Path) -> tuple[CLIPConfig, PreprocessConfig, dict]:
     raise CheckpointError(f"{path} has no config.json: expected a clipworks or transformers CLIPModel directory")
 
 
+def _dir_config(path: Path) -> CLIPConfig:
+    """The architecture a checkpoint directory declares, without reading its weights."""
+    config = json.loads((path / "config.json").read_text())
+    if is_clipworks_dir(path):
+        return CLIPConfig.from_dict(config["model"])
+    from .checkpoints.transformers import config_from_transformers
+
+    return config_from_transformers(config)
+
+
+def _same_architecture(a: CLIPConfig, b: CLIPConfig) -> bool:
+    # Pooling at the highest id ("argmax") or at the first end token ("eos") picks the same position for
+    # CLIP's tokenizer, whose end token is the highest id: transformers' newer configs say "eos".
+    def norm(c: CLIPConfig) -> CLIPConfig:
+        if c.text.pool in ("argmax", "eos") and c.text.eos_id == c.text.vocab_size - 1:
+            return replace(c, text=replace(c.text, pool="argmax"))
+        return c
+
+    return norm(a) == norm(b)
+
+
 def _is_ours(sd: dict) -> bool:
     return "text.token_embed.weight" in sd
 
@@ -63,7 +85,7 @@ def _resolve(name: str | CLIPConfig, pretrained: str | os.PathLike | None) -> tu
     path = Path(pretrained).expanduser()
     if path.is_dir():
         dir_cfg, preprocess, sd = _load_dir(path)
-        if dir_cfg != cfg:
+        if not _same_architecture(dir_cfg, cfg):
             raise CheckpointError(f"{path} holds another architecture than {name!r}; load it as {LOCAL_DIR}{path}")
         return _load_into_new(cfg, sd, str(path)), preprocess
     if not path.exists():
@@ -129,18 +151,12 @@ def get_tokenizer(name: str = "ViT-B-32"):
     from .tokenizer import Tokenizer, default_tokenizer
 
     if name.startswith(LOCAL_DIR):
-        path = Path(name[len(LOCAL_DIR) :]).expanduser()
-        cfg = load_clipworks_config(path) if is_clipworks_dir(path) else None
-        context = cfg.text.context_length if cfg else 77
+        cfg = _dir_config(Path(name[len(LOCAL_DIR) :]).expanduser())
     else:
         cfg = get_preset(name)
-        context = cfg.text.context_length
-    if cfg is not None and cfg.text.vocab_size != Tokenizer.vocab_size:
+    context = cfg.text.context_length
+    if cfg.text.vocab_size != Tokenizer.vocab_size:
         raise ValueError(f"{name!r} uses a {cfg.text.vocab_size}-token vocabulary; clipworks ships only the "
                          f"CLIP BPE tokenizer ({Tokenizer.vocab_size} tokens)")  # fmt: skip
     tok = default_tokenizer()
     return tok if context == tok.context_length else Tokenizer(context_length=context)
-
-
-def load_clipworks_config(path: Path) -> CLIPConfig:
-    return CLIPConfig.from_dict(json.loads((path / "config.json").read_text())["model"])
