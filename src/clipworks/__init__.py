@@ -5,6 +5,7 @@ from .config import CLIPConfig, ConvNeXtConfig, PreprocessConfig, ResNetConfig, 
 from .factory import create_model, create_model_and_transforms, get_tokenizer
 from .models.clip import CLIP, CLIPOutput
 from .presets import get_preset, list_models
+from .tokenizer import TokenizedText, Tokenizer, default_tokenizer
 
 __version__ = "0.1.0"
 
@@ -24,5 +25,5 @@ def save_pretrained(model: CLIP, path, preprocess: PreprocessConfig | None = Non
 __all__ = [
     "CLIP", "CLIPConfig", "CLIPOutput", "CheckpointError", "ConvNeXtConfig", "PreprocessConfig", "ResNetConfig",
     "TextConfig", "VisionTransformerConfig", "create_model", "create_model_and_transforms", "get_preset",
-    "get_tokenizer", "list_models", "save_pretrained",
+    "get_tokenizer", "list_models", "save_pretrained", "TokenizedText", "Tokenizer", "default_tokenizer",
 ]  # fmt: skip
