@@ -41,6 +41,24 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # (B, H, L, Dh)
         return self.out(x.transpose(1, 2).reshape(B, L, D))
 
+    def forward_one(self, x: Tensor, index: Tensor, causal: bool = False) -> Tensor:
+        """The attention output at one position per sequence, `index` (B,): (B, 1, D).
+
+        Keys and values are needed at every position, the query only at `index`: a third of the qkv
+        projection and all but one row of the output projection are skipped.
+        """
+        B, L, D = x.shape
+        Dh = D // self.heads
+        rows = torch.arange(B, device=x.device)
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[rows, index][:, None], w[:D], b[:D]).view(B, 1, self.heads, Dh).transpose(1, 2)  # (B, H, 1, Dh)
+        k, v = F.linear(x, w[D:], b[D:]).view(B, L, 2, self.heads, Dh).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, Dh)
+        mask = None
+        if causal:  # the query at position p sees keys 0..p
+            mask = (torch.arange(L, device=x.device)[None, :] <= index[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, Dh)
+        return self.out(x.transpose(1, 2).reshape(B, 1, D))
+
 
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, act: str):
@@ -67,6 +85,12 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), causal=causal, attn_mask=attn_mask)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_one(self, x: Tensor, index: Tensor, causal: bool = False) -> Tensor:
+        """The block's output at position `index` (B,) of each sequence only: (B, D)."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        y = x[rows, index][:, None] + self.attn.forward_one(self.ln_1(x), index, causal)  # (B, 1, D)
+        return (y + self.mlp(self.ln_2(y)))[:, 0]
+
 
 class Transformer(nn.Module):
     """A stack of pre-norm blocks, with optional gradient checkpointing per block."""
@@ -86,6 +110,16 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = self._run(block, x, causal, attn_mask)
         return x
+
+    def forward_one(self, x: Tensor, index: Tensor, causal: bool = False) -> Tensor:
+        """The last block's output at position `index` (B,) of each sequence, (B, D): what a model that pools
+        one token needs. The earlier blocks run in full; the last one only where its output is used."""
+        for block in self.blocks[:-1]:
+            x = self._run(block, x, causal, None)
+        last = self.blocks[-1]
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(last.forward_one, x, index, causal, use_reentrant=False)
+        return last.forward_one(x, index, causal)
 
     def forward_hidden(
         self, x: Tensor, causal: bool = False, attn_mask: Tensor | None = None, stop_at: int | None = None

@@ -84,9 +84,10 @@ class TextTransformer(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """Token ids (B, L) to unnormalised text features (B, E)."""
         tokens = self.trim(tokens)
-        x = self.transformer(self.embed(tokens), causal=self.config.causal)
-        x = x[torch.arange(x.shape[0], device=x.device), self.pool_index(tokens)]  # (B, D)
-        return self.proj(self.ln_final(x))  # LayerNorm is per token: normalising only the pooled one is enough
+        # Only the pooled position's output is used: the last block computes that row alone, and LayerNorm
+        # is per token, so normalising the pooled row alone gives the same features.
+        x = self.transformer.forward_one(self.embed(tokens), self.pool_index(tokens), self.config.causal)  # (B, D)
+        return self.proj(self.ln_final(x))
 
     def forward_hidden(self, tokens: Tensor) -> TextHidden:
         """Every layer's hidden states at full length (diffusion models condition on all L positions)."""

@@ -91,11 +91,14 @@ class VisionTransformer(nn.Module):
         return self.ln_post(self.transformer(self.embed(images)))
 
     def forward(self, images: Tensor) -> Tensor:
-        x = self.transformer(self.embed(images))
+        x = self.embed(images)
         if self.attn_pool is not None:
-            pooled = self.attn_pool(self.ln_post(x))
+            pooled = self.attn_pool(self.ln_post(self.transformer(x)))
         else:
-            pooled = self.ln_post(x[:, 0])  # LayerNorm is per token: normalising only the class token is enough
+            # Only the class token's output is used: the last block computes that row alone, and
+            # LayerNorm is per token, so normalising the class token alone gives the same features.
+            index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            pooled = self.ln_post(self.transformer.forward_one(x, index))
         return self.proj(pooled)  # (B, E)
 
 
