@@ -1,0 +1,1 @@
+"""Reading, converting and writing weights in clipworks, OpenAI/OpenCLIP and transformers layouts."""

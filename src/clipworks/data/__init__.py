@@ -1,0 +1,1 @@
+"""Data: safe image decoding (datasets arrive with training)."""

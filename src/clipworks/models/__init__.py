@@ -1,0 +1,1 @@
+"""Model towers and the CLIP model that joins them."""
