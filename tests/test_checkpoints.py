@@ -41,11 +41,45 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
     assert marker.exists()
 
 
-def test_torchscript_archive_is_refused_with_a_clear_message(tmp_path):
-    path = tmp_path / "ViT-B-32.pt"
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
-    with pytest.raises(CheckpointError, match="TorchScript"):
+@pytest.mark.parametrize("name", ["ViT-B-32-quickgelu", "RN50-quickgelu"])
+def test_torchscript_archive_tensors_are_read_without_running_its_code(name, tmp_path, monkeypatch):
+    import warnings
+
+    from reference import open_clip_model, perturb_
+
+    cfg = tiny_config(clipworks.get_preset(name))
+    ref = open_clip_model(cfg).eval()
+    perturb_(ref)
+    path = tmp_path / f"{name}.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated; OpenAI's releases are TorchScript all the same
+        torch.jit.save(torch.jit.script(ref), str(path))
+
+    def no_jit(*args, **kwargs):
+        raise AssertionError("TorchScript code must not be loaded")
+
+    monkeypatch.setattr(torch.jit, "load", no_jit)
+    model = clipworks.create_model(cfg, pretrained=path)
+    images = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    tokens = clipworks.get_tokenizer("ViT-B-32")(["a cat", "two dogs on a sofa"])
+    with torch.no_grad():
+        assert (model.encode_image(images, normalize=True) - ref.encode_image(images, normalize=True)).abs().max() <= 1e-5
+        assert (model.encode_text(tokens, normalize=True) - ref.encode_text(tokens, normalize=True)).abs().max() <= 1e-5
+
+
+def test_torchscript_archive_with_a_pickle_payload_is_refused(tmp_path):
+    import pickle
+    import zipfile
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps(_Payload(marker), protocol=2))
+        zf.writestr("archive/code/__torch__.py", "class M(Module):\n  __parameters__ = []\n  __buffers__ = []\n")
+        zf.writestr("archive/version", "3")
+    with pytest.raises(CheckpointError, match="not a tensor or module type"):
         load_state_dict(path)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"not a safetensors file at all", b"\xff" * 64])
@@ -133,3 +167,20 @@ def test_text_is_trimmed_to_the_longest_sequence_with_identical_features():
     assert seen == [longest, 77]
     torch.testing.assert_close(trimmed, full, rtol=0, atol=1e-5)
 
+
+
+def test_architecture_mismatch_suggests_the_preset_that_fits(tmp_path):
+    from clipworks.checkpoints.open_clip import convert_to_open_clip
+
+    cfg = clipworks.get_preset("ViT-B-32")
+    with torch.device("meta"):
+        shapes = CLIP(cfg).state_dict()
+    # full-size shapes matter for the suggestion; zeros keep the file small to make (fp16, no data work)
+    sd = {k: torch.zeros(v.shape, dtype=torch.float16) for k, v in shapes.items()}
+    path = tmp_path / "b32.safetensors"
+    save_file(convert_to_open_clip(sd, cfg), str(path))
+    with pytest.raises(CheckpointError) as e:
+        clipworks.create_model("ViT-B-16", pretrained=path)
+    msg = str(e.value)
+    assert "visual.patch_embed.weight" in msg and "(768, 3, 32, 32)" in msg  # the mismatching key and shape
+    assert "ViT-B-32" in msg and "ViT-B-32-quickgelu" in msg

@@ -65,8 +65,16 @@ def _is_ours(sd: dict) -> bool:
 
 
 def _load_into_new(cfg: CLIPConfig, sd: dict, source: str) -> CLIP:
+    """A model of `cfg` holding `sd`; a misfit names every bad key and the presets the weights do fit."""
     model = CLIP(cfg)
-    load_weights(model, sd if _is_ours(sd) else convert_from_open_clip(sd, cfg), source=source)
+    try:
+        load_weights(model, sd if _is_ours(sd) else convert_from_open_clip(sd, cfg), source=source)
+    except ValueError as e:  # CheckpointError, or keys no converter rule knows
+        from .checkpoints.match import matching_presets
+
+        fits = matching_presets(sd)
+        hint = f" These weights fit the preset(s) {', '.join(fits)}." if fits else ""
+        raise CheckpointError(f"{e}{hint}") from e
     return model
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 
 import torch
@@ -17,20 +16,13 @@ class CheckpointError(ValueError):
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def _is_torchscript(path: Path) -> bool:
-    # TorchScript archives are zip files carrying a code/ folder; their tensors sit behind executable code.
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(name.split("/")[1:2] == ["code"] or name.endswith("/constants.pkl") for name in zf.namelist())
-
-
 def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a state dict from `.safetensors`, or from a pickled file through `torch.load(weights_only=True)`.
 
     Pickled files are never unpickled with arbitrary code: `weights_only=True` is the only attempt, and a
-    file it rejects is an error. Training checkpoints that nest the weights under "state_dict" or "model" are
-    unwrapped.
+    file it rejects is an error. TorchScript archives (OpenAI's original `.pt` releases) are read by a
+    restricted reader that takes their tensors and never runs their code. Training checkpoints that nest the
+    weights under "state_dict" or "model" are unwrapped.
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -50,11 +42,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     if suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown weights format {suffix!r}; expected .safetensors or {PICKLE_SUFFIXES}")
-    if _is_torchscript(path):
-        raise CheckpointError(
-            f"{path} is a TorchScript archive (OpenAI's original release format); clipworks does not run its code. "
-            "Use the same weights as .safetensors or a plain state dict instead."
-        )
+    from .torchscript import is_torchscript, load_torchscript_state_dict
+
+    if is_torchscript(path):
+        return load_torchscript_state_dict(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler raises many types; all mean "not a safe plain checkpoint"

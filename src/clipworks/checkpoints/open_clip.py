@@ -23,7 +23,7 @@ def _split(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor],
     for key, value in sd.items():
         if key.startswith("module."):  # saved from a DistributedDataParallel wrapper
             key = key[len("module.") :]
-        if key in _OPENAI_METADATA:
+        if key in _OPENAI_METADATA or key.endswith("attn_mask"):  # causal masks are rebuilt, not loaded
             continue
         if key.startswith("visual."):
             visual[key[len("visual.") :]] = value
