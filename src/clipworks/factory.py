@@ -66,7 +66,8 @@ def _is_ours(sd: dict) -> bool:
 
 def _load_into_new(cfg: CLIPConfig, sd: dict, source: str) -> CLIP:
     """A model of `cfg` holding `sd`; a misfit names every bad key and the presets the weights do fit."""
-    model = CLIP(cfg)
+    with torch.device("meta"):  # the weights replace every tensor: skip allocating and initialising them
+        model = CLIP(cfg)
     try:
         load_weights(model, sd if _is_ours(sd) else convert_from_open_clip(sd, cfg), source=source)
     except ValueError as e:  # CheckpointError, or keys no converter rule knows

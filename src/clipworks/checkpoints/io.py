@@ -61,6 +61,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 def load_weights(model: nn.Module, sd: dict[str, Tensor], source: str = "checkpoint") -> None:
     """Copy `sd` into `model`, all or nothing: every mismatch is named before any tensor is touched.
 
+    A model built on the meta device (no memory, no random initialisation to throw away) takes the
+    checkpoint's tensors in place, cast to the model's dtypes.
+
     Raises:
         CheckpointError: missing keys, unexpected keys or shape mismatches, each listed.
     """
@@ -81,7 +84,11 @@ def load_weights(model: nn.Module, sd: dict[str, Tensor], source: str = "checkpo
         problems.append(f"shape mismatches ({len(shapes)}): {_clip(shapes)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
-    model.load_state_dict(sd, strict=True)
+    if any(v.is_meta for v in expected.values()):
+        sd = {k: sd[k].to(v.dtype) if v.is_floating_point() else sd[k] for k, v in expected.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+    else:
+        model.load_state_dict(sd, strict=True)
 
 
 def _clip(items: list[str], n: int = 12) -> str:

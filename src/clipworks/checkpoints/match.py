@@ -29,6 +29,15 @@ def _as_ours(sd: dict[str, Tensor], cfg: CLIPConfig) -> dict[str, Tensor] | None
         return None
 
 
+def _text_fits(sd: dict[str, Tensor], cfg: CLIPConfig) -> bool:
+    # A cheap first cut before building the preset's shapes: the text tower's two largest matrices.
+    t = cfg.text
+    return (
+        tuple(sd.get("text.token_embed.weight", torch.empty(0)).shape) == (t.vocab_size, t.width)
+        and tuple(sd.get("text.proj.weight", torch.empty(0)).shape) == (cfg.embed_dim, t.width)
+    )
+
+
 def matching_presets(sd: dict[str, Tensor]) -> list[str]:
     """Preset names whose every key and shape equals the state dict's (OpenCLIP or clipworks layout).
 
@@ -37,7 +46,7 @@ def matching_presets(sd: dict[str, Tensor]) -> list[str]:
     found = []
     for name, cfg in PRESETS.items():
         ours = _as_ours(sd, cfg)
-        if ours is None:
+        if ours is None or not _text_fits(ours, cfg):
             continue
         shapes = {k: tuple(v.shape) for k, v in ours.items()}
         if shapes == _signature(name):
