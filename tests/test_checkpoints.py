@@ -129,13 +129,21 @@ def test_wrong_architecture_file_names_the_keys(tmp_path):
         clipworks.create_model(CFG, pretrained=path)
 
 
-def test_pretrained_that_cannot_be_met_is_an_error_never_a_random_model():
-    with pytest.raises(ValueError, match="available tags"):
+def test_pretrained_that_cannot_be_met_is_an_error_never_a_random_model(tmp_path, monkeypatch):
+    from clipworks.hub import HubUnavailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ValueError, match="laion2b_s34b_b79k"):  # an unknown tag lists the model's tags
+        clipworks.create_model("ViT-B-32", pretrained="laion5b_nonexistent")
+    with pytest.raises(HubUnavailableError, match="open_clip"):  # offline, nothing cached: names the file
         clipworks.create_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
-    with pytest.raises(ValueError, match="hub"):
+    with pytest.raises(HubUnavailableError, match="openai/clip-vit-base-patch32"):
         clipworks.create_model("hf-hub:openai/clip-vit-base-patch32")
     with pytest.raises(FileNotFoundError):
         clipworks.create_model("local-dir:/nonexistent/dir")
+    with pytest.raises(ValueError, match="already names its weights"):
+        clipworks.create_model("ViT-B-32:openai", pretrained="openai")
 
 
 def test_clipworks_format_round_trip(tmp_path):

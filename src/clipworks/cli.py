@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+# clipworks.checkpoints.export.FORMATS, spelled out so that building the parser does not import torch.
+CHECKPOINT_FORMATS = ("clipworks", "open_clip", "transformers")
+
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from .presets import PRESETS
@@ -44,6 +47,19 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoints.export import save_pretrained
+    from .factory import create_model
+
+    model = create_model(args.model, args.pretrained)
+    out = save_pretrained(model, args.out, format=args.to)
+    weights = args.pretrained or (args.model if ":" in args.model else "random (untrained) weights")
+    print(f"wrote {args.model} ({weights}) in the {args.to} layout to {out}:")
+    for f in sorted(out.iterdir()):
+        print(f"  {f.name:<32} {f.stat().st_size:>12,} bytes")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipworks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="+")
     p.add_argument("--model", default="ViT-B-32")
     p.set_defaults(func=_cmd_tokenize)
+
+    p = sub.add_parser("convert", help="write a model as a clipworks, OpenCLIP or transformers checkpoint directory")
+    p.add_argument("out", help="directory to write (an existing checkpoint directory there is replaced)")
+    p.add_argument("--model", required=True, help="preset name or local-dir:DIR (a checkpoint directory)")
+    p.add_argument("--pretrained", default=None, help="weights file or checkpoint directory for a preset")
+    p.add_argument("--to", required=True, choices=CHECKPOINT_FORMATS, help="the layout to write")
+    p.set_defaults(func=_cmd_convert)
     return parser
 
 

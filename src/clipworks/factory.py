@@ -28,25 +28,35 @@ def default_preprocess(cfg: CLIPConfig) -> PreprocessConfig:
 
 
 def _load_dir(path: Path) -> tuple[CLIPConfig, PreprocessConfig, dict]:
+    """(config, preprocessing, state dict) of a clipworks, OpenCLIP-layout or transformers directory."""
+    from .checkpoints.open_clip_dir import is_open_clip_dir, load_open_clip_dir
+
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     if is_clipworks_dir(path):
         return load_clipworks(path)
+    # before config.json: hub snapshots in OpenCLIP's layout may also carry a timm config.json
+    if is_open_clip_dir(path):
+        return load_open_clip_dir(path)
     if (path / "config.json").is_file():
         from .checkpoints.transformers import load_transformers_dir
 
         return load_transformers_dir(path)
-    raise CheckpointError(f"{path} has no config.json: expected a clipworks or transformers CLIPModel directory")
+    raise CheckpointError(f"{path} has neither open_clip_config.json nor config.json: expected a clipworks, "
+                          "OpenCLIP or transformers CLIPModel directory")  # fmt: skip
 
 
 def _dir_config(path: Path) -> CLIPConfig:
     """The architecture a checkpoint directory declares, without reading its weights."""
-    config = json.loads((path / "config.json").read_text())
+    from .checkpoints.open_clip_dir import config_from_open_clip, is_open_clip_dir
+
     if is_clipworks_dir(path):
-        return CLIPConfig.from_dict(config["model"])
+        return CLIPConfig.from_dict(json.loads((path / "config.json").read_text())["model"])
+    if is_open_clip_dir(path):
+        return config_from_open_clip(json.loads((path / "open_clip_config.json").read_text())["model_cfg"])
     from .checkpoints.transformers import config_from_transformers
 
-    return config_from_transformers(config)
+    return config_from_transformers(json.loads((path / "config.json").read_text()))
 
 
 def _same_architecture(a: CLIPConfig, b: CLIPConfig) -> bool:
@@ -79,15 +89,30 @@ def _load_into_new(cfg: CLIPConfig, sd: dict, source: str) -> CLIP:
     return model
 
 
-def _resolve(name: str | CLIPConfig, pretrained: str | os.PathLike | None) -> tuple[CLIP, PreprocessConfig]:
-    if isinstance(name, str) and name.startswith(HF_HUB):
-        raise ValueError(f"{name!r}: loading from the Hugging Face hub is not available in this version; "
-                         f"download the repository and pass {LOCAL_DIR}DIR")  # fmt: skip
-    if isinstance(name, str) and name.startswith(LOCAL_DIR):
+def _split_tag(name: str, pretrained) -> tuple[str, object]:
+    """"ViT-B-32:openai" is the preset "ViT-B-32" with pretrained="openai" (the CLI's --model syntax)."""
+    if ":" in name and not name.startswith((LOCAL_DIR, HF_HUB)):
+        base, tag = name.split(":", 1)
         if pretrained is not None:
             raise ValueError(f"{name!r} already names its weights; pretrained={pretrained!r} cannot be added")
-        cfg, preprocess, sd = _load_dir(Path(name[len(LOCAL_DIR) :]).expanduser())
-        return _load_into_new(cfg, sd, name), preprocess
+        return base, tag
+    return name, pretrained
+
+
+def _resolve(name: str | CLIPConfig, pretrained: str | os.PathLike | None) -> tuple[CLIP, PreprocessConfig]:
+    if isinstance(name, str):
+        name, pretrained = _split_tag(name, pretrained)
+        for scheme in (LOCAL_DIR, HF_HUB):
+            if name.startswith(scheme) and pretrained is not None:
+                raise ValueError(f"{name!r} already names its weights; pretrained={pretrained!r} cannot be added")
+        if name.startswith(HF_HUB):
+            from .hub import download_repo
+
+            cfg, preprocess, sd = _load_dir(download_repo(name[len(HF_HUB) :]))
+            return _load_into_new(cfg, sd, name), preprocess
+        if name.startswith(LOCAL_DIR):
+            cfg, preprocess, sd = _load_dir(Path(name[len(LOCAL_DIR) :]).expanduser())
+            return _load_into_new(cfg, sd, name), preprocess
     cfg = name if isinstance(name, CLIPConfig) else get_preset(name)
     if pretrained is None:
         return CLIP(cfg), default_preprocess(cfg)
@@ -97,12 +122,15 @@ def _resolve(name: str | CLIPConfig, pretrained: str | os.PathLike | None) -> tu
         if not _same_architecture(dir_cfg, cfg):
             raise CheckpointError(f"{path} holds another architecture than {name!r}; load it as {LOCAL_DIR}{path}")
         return _load_into_new(cfg, sd, str(path)), preprocess
-    if not path.exists():
-        raise ValueError(
-            f"pretrained={str(pretrained)!r} for {name!r} is neither a file nor a directory, and no pretrained "
-            "tags are registered in this version (available tags: none); pass a weights file path"
-        )
-    return _load_into_new(cfg, load_state_dict(path), str(path)), default_preprocess(cfg)
+    if path.exists():
+        return _load_into_new(cfg, load_state_dict(path), str(path)), default_preprocess(cfg)
+    if isinstance(name, CLIPConfig):
+        raise FileNotFoundError(f"pretrained={str(pretrained)!r} is neither a file nor a directory")
+    # a registry tag: the entry names the preset its weights need (OpenAI's are QuickGELU) and their preprocessing
+    from .hub import resolve_pretrained
+
+    weights, entry = resolve_pretrained(name, str(pretrained))
+    return _load_into_new(get_preset(entry.preset), load_state_dict(weights), f"{name}:{pretrained}"), entry.preprocess
 
 
 def create_model(
@@ -115,11 +143,14 @@ def create_model(
     """A CLIP model in eval mode.
 
     Args:
-        name: a preset name (`clipworks.list_models()`), a `CLIPConfig`, or `local-dir:DIR` for a clipworks
-            or transformers `CLIPModel` directory (the architecture then comes from its config.json).
-        pretrained: weights for a preset: a state dict file in the OpenAI/OpenCLIP or clipworks key layout
-            (`.safetensors`, or `.bin`/`.pt` read with `torch.load(weights_only=True)`), or a clipworks
-            directory. None gives randomly initialised weights.
+        name: a preset name (`clipworks.list_models()`), "NAME:TAG", a `CLIPConfig`, `local-dir:DIR` for a
+            clipworks, OpenCLIP or transformers directory, or `hf-hub:ORG/REPO` for a Hugging Face hub repository
+            in OpenCLIP's or transformers' layout (the architecture then comes from its config).
+        pretrained: weights for a preset: a registry tag (`clipworks.list_pretrained(name)`; downloaded through
+            the Hugging Face hub cache, checksum verified), a state dict file in the OpenAI/OpenCLIP or clipworks
+            key layout (`.safetensors`; `.bin`/`.pt` read with `torch.load(weights_only=True)`; OpenAI's
+            TorchScript `.pt` read without running its code), or a checkpoint directory. None gives random
+            weights.
         device: where to put the model.
         dtype: parameter dtype (e.g. torch.bfloat16 on GPUs); default float32.
 

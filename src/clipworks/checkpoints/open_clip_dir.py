@@ -1,0 +1,453 @@
+"""OpenCLIP's directory layout (its hub format): open_clip_config.json plus open_clip_model.safetensors.
+
+`open_clip_config.json` holds `{"model_cfg": ..., "preprocess_cfg": ...}`: the dict OpenCLIP's model_configs
+JSON files hold, and the preprocessing the weights were trained with. OpenCLIP builds ConvNeXt and SigLIP image
+towers through timm *by model name only*, so those towers are named here by tables of timm's sizes; a size no
+timm model has cannot be written in this layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ..config import CLIPConfig, ConvNeXtConfig, PreprocessConfig, ResNetConfig, TextConfig, VisionTransformerConfig
+from .io import CheckpointError, load_state_dict
+from .open_clip import convert_from_open_clip, convert_to_open_clip
+
+CONFIG_FILE = "open_clip_config.json"
+SAFETENSORS_FILE = "open_clip_model.safetensors"
+# Weight files OpenCLIP looks for in a directory, in the order clipworks reads them: safetensors first.
+WEIGHT_FILES = (SAFETENSORS_FILE, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                "open_clip_pytorch_model.pth")  # fmt: skip
+
+# OpenCLIP's defaults for the fields clipworks writes only when they differ.
+_LOGIT_SCALE = math.log(1 / 0.07)
+# Sigmoid-loss models (those with a logit bias) start at ln(10): OpenCLIP's SigLIP configs leave the scale out and
+# its trainer passes ln(10) when --siglip is set, as the SigLIP paper does (Zhai et al. 2023).
+_SIGLIP_LOGIT_SCALE = math.log(10)
+_NORM_EPS = 1e-5
+_HEAD_WIDTH = 64
+
+# timm ConvNeXt models OpenCLIP builds by name: (stage depths, stage widths, LayerNorm eps).
+TIMM_CONVNEXT: dict[str, tuple[tuple[int, ...], tuple[int, ...], float]] = {
+    "convnext_tiny": ((3, 3, 9, 3), (96, 192, 384, 768), 1e-6),
+    "convnext_small": ((3, 3, 27, 3), (96, 192, 384, 768), 1e-6),
+    "convnext_base": ((3, 3, 27, 3), (128, 256, 512, 1024), 1e-6),
+    "convnext_large": ((3, 3, 27, 3), (192, 384, 768, 1536), 1e-6),
+    "convnext_xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048), 1e-6),
+    "convnext_xxlarge": ((3, 4, 30, 3), (384, 768, 1536, 3072), 1e-5),
+}
+# timm's SigLIP ViTs (attention-pool head, no class token): (width, layers, heads, mlp_ratio, patch, image size).
+_SIGLIP_SIZES = {"base": (768, 12, 12, 4.0), "large": (1024, 24, 16, 4.0), "so400m": (1152, 27, 16, 3.7362)}
+_SIGLIP_VARIANTS = {
+    "base": [(16, 224), (16, 256), (16, 384), (16, 512), (32, 256)],
+    "large": [(16, 256), (16, 384), (16, 512)],
+    "so400m": [(14, 224), (14, 378), (14, 384), (16, 256), (16, 384), (16, 512)],
+}
+TIMM_SIGLIP: dict[str, tuple[int, int, int, float, int, int]] = {
+    f"vit_{size}_patch{patch}_siglip_{image}": (*_SIGLIP_SIZES[size], patch, image)
+    for size, variants in _SIGLIP_VARIANTS.items()
+    for patch, image in variants
+}
+# Text vocabularies by size: their end and padding ids, and the tokenizer OpenCLIP's text_cfg names for them.
+_VOCABS: dict[int, dict[str, Any]] = {
+    49408: {"eos_id": 49407, "pad_id": 0, "tokenizer": {}},  # CLIP's BPE: OpenCLIP's default tokenizer
+    32000: {  # SigLIP's English SentencePiece vocabulary
+        "eos_id": 1,
+        "pad_id": 1,
+        "tokenizer": {"hf_tokenizer_name": "timm/ViT-B-16-SigLIP", "tokenizer_kwargs": {"clean": "canonicalize"}},
+    },
+}
+# OpenCLIP ViT/text options clipworks has no counterpart for, with the values (OpenCLIP's defaults) it accepts.
+_BLOCK_FIXED = {"ls_init_value": (None,), "block_type": (None, "default"), "qk_norm": (False,),
+                "scaled_cosine_attn": (False,), "scale_heads": (False,), "scale_attn_inner": (False,),
+                "scale_attn": (False,), "scale_fc": (False,)}  # fmt: skip
+_VIT_FIXED = {**_BLOCK_FIXED, "attentional_pool": (False,), "pos_embed_type": ("learnable",),
+              "final_ln_after_pool": (False,), "pool_type": ("tok",)}  # fmt: skip
+_TEXT_FIXED = {**_BLOCK_FIXED, "embed_cls": (False,), "final_ln_after_pool": (False,), "proj_type": ("linear",),
+               "hf_model_name": (None,)}  # fmt: skip
+
+
+def _require_defaults(d: dict[str, Any], fixed: dict[str, tuple], where: str) -> None:
+    bad = [f"{where}.{k}={d[k]!r} (supported: {ok[0]!r})" for k, ok in fixed.items() if k in d and d[k] not in ok]
+    if bad:
+        raise CheckpointError("OpenCLIP options clipworks does not implement: " + "; ".join(bad))
+
+
+def _eps(d: dict[str, Any], where: str) -> float:
+    kwargs = d.get("norm_kwargs") or {}
+    if set(kwargs) - {"eps"}:
+        raise CheckpointError(f"{where}.norm_kwargs={kwargs!r}: only 'eps' is supported")
+    return float(kwargs.get("eps", _NORM_EPS))
+
+
+def _act(d: dict[str, Any], quick_gelu: bool, where: str) -> str:
+    kwargs = d.get("act_kwargs") or {}
+    if not kwargs:
+        return "quick_gelu" if quick_gelu else "gelu"
+    if kwargs == {"approximate": "tanh"} and not quick_gelu:
+        return "gelu_tanh"
+    raise CheckpointError(f"{where}.act_kwargs={kwargs!r}: only {{'approximate': 'tanh'}} (with GELU) is supported")
+
+
+def _text_from_open_clip(t: dict[str, Any], quick_gelu: bool) -> TextConfig:
+    _require_defaults(t, _TEXT_FIXED, "text_cfg")
+    vocab_size = t.get("vocab_size", 49408)
+    known = _VOCABS.get(vocab_size, {"eos_id": TextConfig.eos_id, "pad_id": TextConfig.pad_id})
+    pool = t.get("pool_type", "argmax")
+    if pool not in ("argmax", "eos", "last"):
+        raise CheckpointError(f"text_cfg.pool_type={pool!r} is not supported; expected 'argmax', 'eos' or 'last'")
+    return TextConfig(
+        context_length=t.get("context_length", 77),
+        vocab_size=vocab_size,
+        width=t.get("width", 512),
+        layers=t.get("layers", 12),
+        heads=t.get("heads", 8),
+        mlp_ratio=t.get("mlp_ratio", 4.0),
+        act=_act(t, quick_gelu, "text_cfg"),
+        causal=not t.get("no_causal_mask", False),
+        pool=pool,
+        eos_id=t.get("eos_id", 2) if pool == "eos" else known["eos_id"],  # OpenCLIP's eos_id default is 2
+        pad_id=t.get("pad_id", known["pad_id"]),
+        proj_bias=t.get("proj_bias", False),
+        norm_eps=_eps(t, "text_cfg"),
+    )
+
+
+def _timm_from_open_clip(v: dict[str, Any]) -> VisionTransformerConfig | ConvNeXtConfig:
+    name = v["timm_model_name"]
+    head = (v.get("timm_pool", "avg"), v.get("timm_proj", "linear"), bool(v.get("timm_proj_bias", False)))
+    if name in TIMM_CONVNEXT and head == ("", "linear", False):
+        depths, dims, eps = TIMM_CONVNEXT[name]
+        drop_path = v.get("timm_drop_path") or 0.0
+        return ConvNeXtConfig(v.get("image_size", 224), depths, dims, drop_path=drop_path, norm_eps=eps)
+    if name in TIMM_SIGLIP and head == ("map", "none", False):
+        width, layers, heads, mlp_ratio, patch, image = TIMM_SIGLIP[name]
+        if v.get("image_size", image) != image:
+            raise CheckpointError(f"vision_cfg.image_size={v['image_size']!r}, but timm's {name} takes {image}px")
+        return VisionTransformerConfig(
+            image_size=image, patch_size=patch, width=width, layers=layers, heads=heads, mlp_ratio=mlp_ratio,
+            pool="map", class_token=False, patch_bias=True, ln_pre=False, projection=False, norm_eps=1e-6,
+        )  # fmt: skip
+    known = sorted(TIMM_CONVNEXT) + sorted(TIMM_SIGLIP)
+    if name in known:
+        raise CheckpointError(
+            f"vision_cfg: timm {name} with timm_pool/timm_proj/timm_proj_bias={head} is not supported; expected "
+            "('', 'linear', False) for ConvNeXt, ('map', 'none', False) for SigLIP"
+        )
+    raise CheckpointError(f"vision_cfg.timm_model_name={name!r} is not supported; clipworks has {known}")
+
+
+def _vision_from_open_clip(v: dict[str, Any], quick_gelu: bool) -> VisionTransformerConfig | ResNetConfig:
+    if v.get("timm_model_name"):
+        return _timm_from_open_clip(v)
+    width, head_width = v.get("width", 768), v.get("head_width", _HEAD_WIDTH)
+    layers = v.get("layers", 12)
+    if isinstance(layers, (list, tuple)):  # OpenCLIP's test for a ResNet: per-stage block counts
+        if len(layers) != 4:
+            raise CheckpointError(f"vision_cfg.layers={layers!r}: a ResNet has 4 stages")
+        return ResNetConfig(v.get("image_size", 224), tuple(layers), width, heads=width * 32 // head_width)
+    _require_defaults(v, _VIT_FIXED, "vision_cfg")
+    return VisionTransformerConfig(
+        image_size=v.get("image_size", 224),
+        patch_size=v.get("patch_size", 16),
+        width=width,
+        layers=layers,
+        heads=width // head_width,
+        mlp_ratio=v.get("mlp_ratio", 4.0),
+        act=_act(v, quick_gelu, "vision_cfg"),
+        ln_pre=not v.get("no_ln_pre", False),
+        norm_eps=_eps(v, "vision_cfg"),
+    )
+
+
+def config_from_open_clip(model_cfg: dict[str, Any]) -> CLIPConfig:
+    """A clipworks config from an OpenCLIP model config (a model_configs JSON, or `model_cfg` of a hub config).
+
+    Raises:
+        CheckpointError: an architecture or option clipworks does not implement (CoCa, HF text towers, timm
+            models other than ConvNeXt and SigLIP ViTs, layer scale, ...), named.
+    """
+    if not isinstance(model_cfg, dict):
+        raise CheckpointError(f"model_cfg must be a JSON object, got {type(model_cfg).__name__}")
+    if "multimodal_cfg" in model_cfg:
+        raise CheckpointError("model_cfg has a multimodal_cfg (a CoCa captioning model); clipworks has CLIP only")
+    quick_gelu = bool(model_cfg.get("quick_gelu", False))
+    try:
+        vision = _vision_from_open_clip(dict(model_cfg.get("vision_cfg") or {}), quick_gelu)
+        text = _text_from_open_clip(dict(model_cfg.get("text_cfg") or {}), quick_gelu)
+        bias = model_cfg.get("init_logit_bias")
+        scale = model_cfg.get("init_logit_scale", _LOGIT_SCALE if bias is None else _SIGLIP_LOGIT_SCALE)
+        return CLIPConfig(
+            embed_dim=model_cfg["embed_dim"],
+            vision=vision,
+            text=text,
+            init_logit_scale=float(scale),
+            init_logit_bias=None if bias is None else float(bias),
+        )
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"model_cfg is not a valid OpenCLIP model config: {e!r}") from e
+
+
+def _act_to_open_clip(act: str, where: str) -> dict[str, Any]:
+    if act not in ("gelu", "quick_gelu", "gelu_tanh"):
+        raise ValueError(f"{where}.act={act!r} cannot be written for OpenCLIP; expected gelu, quick_gelu or gelu_tanh")
+    return {"act_kwargs": {"approximate": "tanh"}} if act == "gelu_tanh" else {}
+
+
+def _eps_to_open_clip(eps: float) -> dict[str, Any]:
+    return {} if eps == _NORM_EPS else {"norm_kwargs": {"eps": eps}}
+
+
+def _text_to_open_clip(t: TextConfig) -> dict[str, Any]:
+    known = _VOCABS.get(t.vocab_size, {"pad_id": 0, "tokenizer": {}})
+    if t.pool not in ("argmax", "eos", "last"):
+        raise ValueError(f"text.pool={t.pool!r} cannot be written for OpenCLIP; expected 'argmax', 'eos' or 'last'")
+    d: dict[str, Any] = {"context_length": t.context_length, "vocab_size": t.vocab_size, **known["tokenizer"],
+                         "width": t.width, "heads": t.heads, "layers": t.layers}  # fmt: skip
+    if t.mlp_ratio != 4.0:
+        d["mlp_ratio"] = t.mlp_ratio
+    if not t.causal:
+        d["no_causal_mask"] = True
+    if t.proj_bias:
+        d["proj_bias"] = True
+    if t.pool != "argmax":
+        d["pool_type"] = t.pool
+    if t.pool == "eos":
+        d["eos_id"] = t.eos_id
+    if t.pad_id != known["pad_id"]:
+        d["pad_id"] = t.pad_id
+    return {**d, **_eps_to_open_clip(t.norm_eps), **_act_to_open_clip(t.act, "text")}
+
+
+def _timm_name(table: dict[str, tuple], key: tuple, what: str) -> str:
+    for name, value in table.items():
+        if value == key:
+            return name
+    raise ValueError(f"no timm {what} has this size {key}, so OpenCLIP cannot build it by name; timm's sizes: "
+                     + ", ".join(f"{n} {v}" for n, v in table.items()))  # fmt: skip
+
+
+def _siglip_to_open_clip(v: VisionTransformerConfig) -> dict[str, Any]:
+    timm_like = (not v.class_token, v.patch_bias, not v.ln_pre, not v.projection, v.norm_eps == 1e-6, v.act == "gelu")
+    if not all(timm_like):
+        raise ValueError(
+            "an attention-pool ViT can be written for OpenCLIP only as timm's SigLIP ViT (class_token=False, "
+            "patch_bias=True, ln_pre=False, projection=False, norm_eps=1e-6, act='gelu')"
+        )
+    key = (v.width, v.layers, v.heads, v.mlp_ratio, v.patch_size, v.image_size)
+    name = _timm_name(TIMM_SIGLIP, key, "SigLIP ViT (width, layers, heads, mlp_ratio, patch_size, image_size)")
+    return {"image_size": v.image_size, "timm_model_name": name, "timm_model_pretrained": False, "timm_pool": "map",
+            "timm_proj": "none"}  # fmt: skip
+
+
+def _vit_to_open_clip(v: VisionTransformerConfig) -> dict[str, Any]:
+    if v.pool == "map":
+        return _siglip_to_open_clip(v)
+    if v.patch_bias or not v.projection:
+        raise ValueError("OpenCLIP's class-token ViT has no patch bias and a projection: patch_bias must be False "
+                         "and projection True")  # fmt: skip
+    d: dict[str, Any] = {"image_size": v.image_size, "layers": v.layers, "width": v.width}
+    if v.width // v.heads != _HEAD_WIDTH:
+        d["head_width"] = v.width // v.heads
+    if v.mlp_ratio != 4.0:
+        d["mlp_ratio"] = v.mlp_ratio
+    d["patch_size"] = v.patch_size
+    if not v.ln_pre:
+        d["no_ln_pre"] = True
+    return {**d, **_eps_to_open_clip(v.norm_eps), **_act_to_open_clip(v.act, "vision")}
+
+
+def _vision_to_open_clip(v) -> dict[str, Any]:
+    if v.kind == "vit":
+        return _vit_to_open_clip(v)
+    if v.kind == "resnet":
+        head_width = v.width * 32 // v.heads
+        if v.width * 32 // head_width != v.heads:
+            raise ValueError(f"ResNet heads={v.heads} is width * 32 // head_width for no head_width (width {v.width})")
+        d = {"image_size": v.image_size, "layers": list(v.layers), "width": v.width, "patch_size": None}
+        return d if head_width == _HEAD_WIDTH else {**d, "head_width": head_width}
+    if v.layer_scale_init != 1e-6:
+        raise ValueError(f"layer_scale_init={v.layer_scale_init}: timm's ConvNeXt starts its layer scale at 1e-6")
+    name = _timm_name(TIMM_CONVNEXT, (tuple(v.depths), tuple(v.dims), v.norm_eps), "ConvNeXt (depths, dims, norm_eps)")
+    return {"timm_model_name": name, "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear",
+            "timm_drop": 0.0, "timm_drop_path": v.drop_path, "image_size": v.image_size}  # fmt: skip
+
+
+def config_to_open_clip(cfg: CLIPConfig) -> dict[str, Any]:
+    """The OpenCLIP model config for `cfg` (as in OpenCLIP's model_configs JSON files; defaults left out).
+
+    Raises:
+        ValueError: a config OpenCLIP cannot build: sizes no timm model has (ConvNeXt, SigLIP), towers whose
+            activations differ in a way its single `quick_gelu` flag cannot say, ...
+    """
+    quick = cfg.text.act == "quick_gelu"
+    if cfg.vision.kind == "vit" and cfg.vision.pool == "cls" and (cfg.vision.act == "quick_gelu") != quick:
+        raise ValueError(f"vision.act={cfg.vision.act!r} with text.act={cfg.text.act!r}: OpenCLIP's quick_gelu flag "
+                         "applies to both towers")  # fmt: skip
+    d: dict[str, Any] = {"embed_dim": cfg.embed_dim}
+    if quick:
+        d["quick_gelu"] = True
+    if cfg.init_logit_scale != (_LOGIT_SCALE if cfg.init_logit_bias is None else _SIGLIP_LOGIT_SCALE):
+        d["init_logit_scale"] = cfg.init_logit_scale
+    if cfg.init_logit_bias is not None:
+        d["init_logit_bias"] = cfg.init_logit_bias
+    if cfg.text.proj_bias:  # OpenCLIP nests the text tower (CustomTextCLIP) exactly then: see convert_to_open_clip
+        d["custom_text"] = True
+    return {**d, "vision_cfg": _vision_to_open_clip(cfg.vision), "text_cfg": _text_to_open_clip(cfg.text)}
+
+
+def preprocess_from_open_clip(pp: dict[str, Any], image_size: int) -> PreprocessConfig:
+    """A PreprocessConfig from a `preprocess_cfg` dict; missing keys take OpenCLIP's defaults.
+
+    As in OpenCLIP, the output size is the model's `image_size`, whatever `size` says.
+
+    Raises:
+        CheckpointError: an interpolation or resize mode clipworks' transforms do not implement, or a non-RGB mode.
+    """
+    from ..transforms import INTERPOLATIONS, RESIZE_MODES
+
+    if not isinstance(pp, dict):
+        raise CheckpointError(f"preprocess_cfg must be a JSON object, got {type(pp).__name__}")
+    defaults = PreprocessConfig()
+    interpolation = pp.get("interpolation") or defaults.interpolation
+    resize_mode = pp.get("resize_mode") or defaults.resize_mode
+    if interpolation not in INTERPOLATIONS:
+        raise CheckpointError(f"preprocess_cfg.interpolation={interpolation!r}; expected {sorted(INTERPOLATIONS)}")
+    if resize_mode not in RESIZE_MODES:
+        raise CheckpointError(f"preprocess_cfg.resize_mode={resize_mode!r}; expected one of {list(RESIZE_MODES)}")
+    if pp.get("mode", "RGB") != "RGB":
+        raise CheckpointError(f"preprocess_cfg.mode={pp['mode']!r}; OpenCLIP and clipworks take 'RGB' only")
+    return PreprocessConfig(
+        image_size=image_size,
+        mean=tuple(pp.get("mean") or defaults.mean),
+        std=tuple(pp.get("std") or defaults.std),
+        interpolation=interpolation,
+        resize_mode=resize_mode,
+        fill_color=pp.get("fill_color", defaults.fill_color),
+    )
+
+
+def preprocess_to_open_clip(pp: PreprocessConfig) -> dict[str, Any]:
+    """The `preprocess_cfg` dict OpenCLIP reads (the keys of its `PreprocessCfg`)."""
+    return {"size": pp.image_size, "mode": "RGB", "mean": list(pp.mean), "std": list(pp.std),
+            "interpolation": pp.interpolation, "resize_mode": pp.resize_mode, "fill_color": pp.fill_color}  # fmt: skip
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: not readable JSON ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("model_cfg"), dict):
+        raise CheckpointError(f"{path / CONFIG_FILE}: expected a JSON object with a 'model_cfg' object")
+    return data
+
+
+def is_open_clip_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory in OpenCLIP's layout (has an open_clip_config.json with a model_cfg)."""
+    try:
+        _read_config(Path(path))
+    except CheckpointError:
+        return False
+    return True
+
+
+def load_open_clip_dir(path: str | os.PathLike) -> tuple[CLIPConfig, PreprocessConfig, dict[str, Tensor]]:
+    """Read a directory in OpenCLIP's layout: (model config, preprocessing config, clipworks state dict).
+
+    The weights come from the first of `WEIGHT_FILES` present (safetensors before pickles, which are read with
+    `torch.load(weights_only=True)` only).
+
+    Raises:
+        CheckpointError: a missing or unreadable config or weights file, an unsupported architecture, or weights
+            that do not convert, naming the file.
+    """
+    path = Path(path)
+    config = _read_config(path)
+    try:
+        cfg = config_from_open_clip(config["model_cfg"])
+        preprocess = preprocess_from_open_clip(config.get("preprocess_cfg") or {}, cfg.vision.image_size)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
+    weights = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{path} has an {CONFIG_FILE} but no weights: expected one of {list(WEIGHT_FILES)}")
+    sd = load_state_dict(weights)
+    # OpenCLIP's nonscalar_logit_scale models keep the temperature (and bias) as a 1-element vector.
+    sd = {k: v.reshape(()) if k in ("logit_scale", "logit_bias") and v.numel() == 1 else v for k, v in sd.items()}
+    try:
+        return cfg, preprocess, convert_from_open_clip(sd, cfg)
+    except ValueError as e:
+        raise CheckpointError(f"weights in {weights}: {e}") from e
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a directory all at once: files go into the yielded temporary sibling, renamed to `path` on success.
+
+    A failure inside the block removes the temporary directory and leaves an existing `path` untouched. An
+    existing `path` is replaced only if it is empty or a checkpoint directory, never another folder of files.
+
+    Raises:
+        ValueError: `path` is a file, or a non-empty directory holding no checkpoint.
+    """
+    path = Path(path)
+    check_replaceable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# Files that mark a directory as a checkpoint one may overwrite: clipworks/transformers, and OpenCLIP configs.
+_CHECKPOINT_MARKERS = ("config.json", CONFIG_FILE)
+
+
+def check_replaceable(path: Path) -> None:
+    """Raise ValueError unless `path` is free, an empty directory, or a checkpoint directory a save may replace."""
+    if path.is_file() or path.is_symlink():
+        raise ValueError(f"{path} is a file or a link; a checkpoint is written as a directory: pass a directory path")
+    if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in _CHECKPOINT_MARKERS):
+        raise ValueError(f"{path} is a non-empty directory holding no checkpoint (no {' or '.join(_CHECKPOINT_MARKERS)}"
+                         "); refusing to replace it: pass a new or checkpoint directory")  # fmt: skip
+
+
+def save_open_clip_dir(model, path: str | os.PathLike, preprocess: PreprocessConfig) -> Path:
+    """Write `model` in OpenCLIP's layout, which `open_clip.create_model_and_transforms("local-dir:" + path)` loads.
+
+    The directory appears complete or not at all (see `atomic_directory`).
+
+    Raises:
+        ValueError: a model OpenCLIP cannot build (see `config_to_open_clip`), checked before anything is written.
+    """
+    from safetensors.torch import save_file
+
+    config = {"model_cfg": config_to_open_clip(model.config), "preprocess_cfg": preprocess_to_open_clip(preprocess)}
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = convert_to_open_clip(sd, model.config)
+    with atomic_directory(path) as tmp:
+        save_file(sd, str(tmp / SAFETENSORS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return Path(path)
