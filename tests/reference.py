@@ -56,7 +56,6 @@ def open_clip_model(cfg: CLIPConfig):
     timm trunk is swapped for one of the requested size; the wrapper, its key layout and the text tower
     remain OpenCLIP's.
     """
-    import open_clip
     import timm
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 

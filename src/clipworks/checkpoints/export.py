@@ -17,7 +17,8 @@ from ..config import PreprocessConfig
 from ..tokenizer import VOCAB_PATH, Tokenizer, _bytes_to_unicode
 from . import transformers as hf
 from .native import save_clipworks
-from .open_clip_dir import atomic_directory, check_replaceable, config_to_open_clip, save_open_clip_dir
+from .io import atomic_directory, check_replaceable
+from .open_clip_dir import config_to_open_clip, save_open_clip_dir
 
 # PIL resampling filter codes, as transformers' image processors store them.
 _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}

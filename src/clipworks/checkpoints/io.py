@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -93,3 +97,45 @@ def load_weights(model: nn.Module, sd: dict[str, Tensor], source: str = "checkpo
 
 def _clip(items: list[str], n: int = 12) -> str:
     return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a directory all at once: files go into the yielded temporary sibling, renamed to `path` on success.
+
+    A failure inside the block removes the temporary directory and leaves an existing `path` untouched. An
+    existing `path` is replaced only if it is empty or a checkpoint directory, never another folder of files.
+
+    Raises:
+        ValueError: `path` is a file, or a non-empty directory holding no checkpoint.
+    """
+    path = Path(path)
+    check_replaceable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# Files that mark a directory as a checkpoint one may overwrite: clipworks/transformers, and OpenCLIP configs.
+_CHECKPOINT_MARKERS = ("config.json", "open_clip_config.json")
+
+
+def check_replaceable(path: Path) -> None:
+    """Raise ValueError unless `path` is free, an empty directory, or a checkpoint directory a save may replace."""
+    if path.is_file() or path.is_symlink():
+        raise ValueError(f"{path} is a file or a link; a checkpoint is written as a directory: pass a directory path")
+    if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in _CHECKPOINT_MARKERS):
+        raise ValueError(f"{path} is a non-empty directory holding no checkpoint (no {' or '.join(_CHECKPOINT_MARKERS)}"
+                         "); refusing to replace it: pass a new or checkpoint directory")  # fmt: skip

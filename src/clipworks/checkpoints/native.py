@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from torch import Tensor
 
 from ..config import CLIPConfig, PreprocessConfig
-from .io import CheckpointError, load_state_dict
+from .io import CheckpointError, atomic_directory, load_state_dict
 
 FORMAT = "clipworks"
 FORMAT_VERSION = 1
@@ -28,39 +26,22 @@ def is_clipworks_dir(path: str | os.PathLike) -> bool:
 
 
 def save_clipworks(model, path: str | os.PathLike, preprocess: PreprocessConfig, tokenizer: str = "clip") -> Path:
-    """Write `model` as a clipworks directory; the directory appears complete or not at all.
-
-    The files are written into a temporary sibling directory which is then renamed over `path`, so a crash
-    mid-save never leaves a half-written checkpoint under the final name.
-    """
+    """Write `model` as a clipworks directory; the directory appears complete or not at all (a crash mid-save
+    never leaves a half-written checkpoint under the final name; see `atomic_directory`)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "preprocess": preprocess.to_dict(),
+        "tokenizer": tokenizer,
+    }
+    with atomic_directory(path) as tmp:
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(sd, str(tmp / "model.safetensors"))
-        meta = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "model": model.config.to_dict(),
-            "preprocess": preprocess.to_dict(),
-            "tokenizer": tokenizer,
-        }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return Path(path)
 
 
 def load_clipworks(path: str | os.PathLike) -> tuple[CLIPConfig, PreprocessConfig, dict[str, Tensor]]:

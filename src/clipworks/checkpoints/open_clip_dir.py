@@ -8,20 +8,16 @@ timm model has cannot be written in this layout.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from ..config import CLIPConfig, ConvNeXtConfig, PreprocessConfig, ResNetConfig, TextConfig, VisionTransformerConfig
-from .io import CheckpointError, load_state_dict
+from .io import CheckpointError, atomic_directory, load_state_dict
 from .open_clip import convert_from_open_clip, convert_to_open_clip
 
 CONFIG_FILE = "open_clip_config.json"
@@ -390,48 +386,6 @@ def load_open_clip_dir(path: str | os.PathLike) -> tuple[CLIPConfig, PreprocessC
         return cfg, preprocess, convert_from_open_clip(sd, cfg)
     except ValueError as e:
         raise CheckpointError(f"weights in {weights}: {e}") from e
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Write a directory all at once: files go into the yielded temporary sibling, renamed to `path` on success.
-
-    A failure inside the block removes the temporary directory and leaves an existing `path` untouched. An
-    existing `path` is replaced only if it is empty or a checkpoint directory, never another folder of files.
-
-    Raises:
-        ValueError: `path` is a file, or a non-empty directory holding no checkpoint.
-    """
-    path = Path(path)
-    check_replaceable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# Files that mark a directory as a checkpoint one may overwrite: clipworks/transformers, and OpenCLIP configs.
-_CHECKPOINT_MARKERS = ("config.json", CONFIG_FILE)
-
-
-def check_replaceable(path: Path) -> None:
-    """Raise ValueError unless `path` is free, an empty directory, or a checkpoint directory a save may replace."""
-    if path.is_file() or path.is_symlink():
-        raise ValueError(f"{path} is a file or a link; a checkpoint is written as a directory: pass a directory path")
-    if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in _CHECKPOINT_MARKERS):
-        raise ValueError(f"{path} is a non-empty directory holding no checkpoint (no {' or '.join(_CHECKPOINT_MARKERS)}"
-                         "); refusing to replace it: pass a new or checkpoint directory")  # fmt: skip
 
 
 def save_open_clip_dir(model, path: str | os.PathLike, preprocess: PreprocessConfig) -> Path:
