@@ -90,6 +90,28 @@ def test_corrupt_safetensors_is_a_clear_error(tmp_path, content):
         load_state_dict(path)
 
 
+def _safetensors_with_header(header: dict, data: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        (2**62).to_bytes(8, "little") + b"{}",  # a header length far past the end of the file
+        _safetensors_with_header({"w": {"dtype": "F32", "shape": [1000, 1000], "data_offsets": [0, 4_000_000]}}),
+        _safetensors_with_header({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4),
+        _safetensors_with_header({"w": {"dtype": "EVIL", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+    ],
+    ids=["huge-header-length", "offsets-past-the-end", "shape-size-mismatch", "unknown-dtype"],
+)
+def test_hostile_safetensors_headers_are_refused(tmp_path, content):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_state_dict(path)
+
+
 def test_truncated_safetensors_is_a_clear_error(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in CLIP(CFG).state_dict().items()}, str(path))

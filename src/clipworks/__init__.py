@@ -6,6 +6,7 @@ from .config import CLIPConfig, ConvNeXtConfig, PreprocessConfig, ResNetConfig, 
 from .factory import create_model, create_model_and_transforms, get_tokenizer
 from .models.clip import CLIP, CLIPOutput
 from .presets import get_preset, list_models
+from .pretrained import PretrainedEntry, get_pretrained, list_pretrained
 from .tokenizer import TokenizedText, Tokenizer, default_tokenizer
 
 __version__ = "0.1.0"
@@ -15,4 +16,5 @@ __all__ = [
     "CLIP", "CLIPConfig", "CLIPOutput", "CheckpointError", "ConvNeXtConfig", "PreprocessConfig", "ResNetConfig",
     "TextConfig", "VisionTransformerConfig", "create_model", "create_model_and_transforms", "get_preset",
     "get_tokenizer", "list_models", "save_pretrained", "TokenizedText", "Tokenizer", "default_tokenizer",
+    "PretrainedEntry", "get_pretrained", "list_pretrained",
 ]  # fmt: skip

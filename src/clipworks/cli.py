@@ -11,11 +11,17 @@ CHECKPOINT_FORMATS = ("clipworks", "open_clip", "transformers")
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from .presets import PRESETS
+    from .pretrained import list_pretrained
 
+    tags: dict[str, list[str]] = {}
+    for model, tag in list_pretrained():
+        tags.setdefault(model, []).append(tag)
     for name, cfg in sorted(PRESETS.items()):
         v = cfg.vision
         size = f"{v.kind} {v.image_size}px"
         print(f"{name:<24} {size:<16} embed_dim={cfg.embed_dim:<5} text={cfg.text.width}x{cfg.text.layers}")
+        if args.pretrained and name in tags:
+            print(f"    pretrained: {', '.join(tags[name])}")
     return 0
 
 
@@ -64,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipworks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list the model presets")
+    p = sub.add_parser("models", help="list the model presets (and their pretrained tags)")
+    p.add_argument("--pretrained", action="store_true", help="also list each preset's pretrained weights tags")
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("demo", help="encode the shipped images and captions and print their similarities")
