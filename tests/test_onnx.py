@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import perturb_, tiny_config
 
-pytest.importorskip("onnx")
+import clipworks
+from clipworks.onnx_export import CONFIG_FILE, export_onnx, load_onnx
+
+# clipworks.onnx_export imports these only when called, so importing it above needs none of them
+onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
-
-import onnx  # noqa: E402
-from reference import perturb_, tiny_config  # noqa: E402
-
-import clipworks  # noqa: E402
-from clipworks.onnx_export import CONFIG_FILE, export_onnx, load_onnx  # noqa: E402
 
 TOLERANCE = 1e-4
 CAPTIONS = [
@@ -130,7 +129,7 @@ def test_refuses_bad_input(tmp_path):
         export_onnx(_tiny("ViT-B-32").to(torch.bfloat16), tmp_path / "b")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not an ONNX export"):
+    with pytest.raises(ValueError, match="holding no checkpoint"):
         export_onnx(model, tmp_path / "c")
     assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match=CONFIG_FILE):
@@ -144,3 +143,19 @@ def test_missing_dependency_names_the_extra(tmp_path, monkeypatch):
         export_onnx(_tiny("ViT-B-32"), tmp_path / "x")
     with pytest.raises(ImportError, match=r"clipworks\[onnx\]"):
         load_onnx(tmp_path / "x")
+
+
+def test_cli_convert_to_onnx(tmp_path, capsys):
+    import clipworks
+    from clipworks.cli import main
+
+    model = _tiny("ViT-B-32")
+    clipworks.save_pretrained(model, tmp_path / "ckpt")
+    assert main(["convert", str(tmp_path / "onnx"), "--model", f"local-dir:{tmp_path / 'ckpt'}", "--to", "onnx",
+                 "--normalize"]) == 0  # fmt: skip
+    assert "image_encoder.onnx" in capsys.readouterr().out
+    ids = clipworks.get_tokenizer("ViT-B-32")(["a cat"]).numpy()
+    got = load_onnx(tmp_path / "onnx").encode_text(ids)
+    with torch.no_grad():
+        want = model.encode_text(torch.from_numpy(ids), normalize=True).numpy()
+    assert abs(got - want).max() <= 1e-4

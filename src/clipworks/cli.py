@@ -58,7 +58,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .factory import create_model
 
     model = create_model(args.model, args.pretrained)
-    out = save_pretrained(model, args.out, format=args.to)
+    if args.to == "onnx":
+        from .onnx_export import export_onnx
+
+        out = export_onnx(model, args.out, opset=args.opset, normalize=args.normalize).path
+    else:
+        out = save_pretrained(model, args.out, format=args.to)
     weights = args.pretrained or (args.model if ":" in args.model else "random (untrained) weights")
     print(f"wrote {args.model} ({weights}) in the {args.to} layout to {out}:")
     for f in sorted(out.iterdir()):
@@ -86,11 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ViT-B-32")
     p.set_defaults(func=_cmd_tokenize)
 
-    p = sub.add_parser("convert", help="write a model as a clipworks, OpenCLIP or transformers checkpoint directory")
+    p = sub.add_parser("convert", help="write a model as a clipworks, OpenCLIP, transformers or ONNX directory")
     p.add_argument("out", help="directory to write (an existing checkpoint directory there is replaced)")
-    p.add_argument("--model", required=True, help="preset name or local-dir:DIR (a checkpoint directory)")
-    p.add_argument("--pretrained", default=None, help="weights file or checkpoint directory for a preset")
-    p.add_argument("--to", required=True, choices=CHECKPOINT_FORMATS, help="the layout to write")
+    p.add_argument("--model", required=True, help="preset, NAME:TAG, local-dir:DIR or hf-hub:ORG/REPO")
+    p.add_argument("--pretrained", default=None, help="registry tag, weights file or checkpoint directory")
+    p.add_argument("--to", required=True, choices=(*CHECKPOINT_FORMATS, "onnx"), help="the layout to write")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (18 or later; --to onnx only)")
+    p.add_argument("--normalize", action="store_true", help="ONNX graphs return unit-norm features")
     p.set_defaults(func=_cmd_convert)
     return parser
 
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, ImportError) as e:  # bad input, missing files, offline hub, missing extras
         print(f"clipworks {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -129,7 +129,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 
 # Files that mark a directory as a checkpoint one may overwrite: clipworks/transformers, and OpenCLIP configs.
-_CHECKPOINT_MARKERS = ("config.json", "open_clip_config.json")
+# (transformers and clipworks, OpenCLIP, clipworks ONNX exports)
+_CHECKPOINT_MARKERS = ("config.json", "open_clip_config.json", "onnx_config.json")
 
 
 def check_replaceable(path: Path) -> None:
