@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def best_rate(fn, items: int, repeats: int, warmup: int = 1) -> float:
-    """Items per second of the fastest of `repeats` timed calls, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return items / best
+from timing import best_rate  # noqa: E402
 
 
 def _models(name: str = "ViT-B-32"):

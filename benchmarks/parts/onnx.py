@@ -20,17 +20,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-
-def _best_rate(fn, items: int, repeats: int, warmup: int = 1) -> float:
-    """Items per second of the fastest of `repeats` timed calls, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return items / best
+from timing import best_rate  # noqa: E402
 
 
 def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:
@@ -81,9 +71,9 @@ def run(quick: bool = False) -> list[dict]:
             n = max(1, (8 if quick else 32) // batch)
             with torch.inference_mode():
                 ref = model.encode_image(images)
-                torch_rate = _best_rate(lambda x=images, n=n: [model.encode_image(x) for _ in range(n)], batch * n,
+                torch_rate = best_rate(lambda x=images, n=n: [model.encode_image(x) for _ in range(n)], batch * n,
                                         repeats)  # fmt: skip
-            rates = [_best_rate(lambda e=enc, x=pixels, n=n: [e.encode_image(x) for _ in range(n)], batch * n, repeats)
+            rates = [best_rate(lambda e=enc, x=pixels, n=n: [e.encode_image(x) for _ in range(n)], batch * n, repeats)
                      for enc in (default, pinned)]  # fmt: skip
             note = f"fp32; max|diff| (normalised) {_max_diff(default.encode_image(pixels), ref):.1e}"
             rows.append(_row(f"image encoding ViT-B-32, batch {batch}", "images/s", torch_rate, *rates, note))
@@ -93,8 +83,8 @@ def run(quick: bool = False) -> list[dict]:
         longest = int((tokens == 49407).int().argmax(-1).max()) + 1
         with torch.inference_mode():
             ref = model.encode_text(tokens)
-            torch_rate = _best_rate(lambda: model.encode_text(tokens), 256, repeats)
-        rates = [_best_rate(lambda e=enc: e.encode_text(ids), 256, repeats) for enc in (default, pinned)]
+            torch_rate = best_rate(lambda: model.encode_text(tokens), 256, repeats)
+        rates = [best_rate(lambda e=enc: e.encode_text(ids), 256, repeats) for enc in (default, pinned)]
         note = (f"captions of 5-20 words padded to 77: PyTorch trims to the longest ({longest} tokens), the ONNX "
                 f"graph runs all 77 positions; max|diff| (normalised) {_max_diff(default.encode_text(ids), ref):.1e}; "
                 f"export of both towers took {export_s:.0f} s")  # fmt: skip
