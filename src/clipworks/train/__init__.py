@@ -1,0 +1,1 @@
+"""Training: losses, data loading, the loop, run state."""
