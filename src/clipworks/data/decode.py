@@ -6,12 +6,15 @@ import io
 import os
 import struct
 import zlib
-from typing import BinaryIO, Union
+from typing import TYPE_CHECKING, BinaryIO, Callable, Optional, Union
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["DEFAULT_FORMATS", "DEFAULT_MAX_PIXELS", "ImageDecodeError", "ImageSource", "load_image"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DEFAULT_FORMATS", "DEFAULT_MAX_PIXELS", "Sample", "Transform", "load_sample", "ImageDecodeError", "ImageSource", "load_image"]
 
 # 2**26 pixels (8192 x 8192) holds any camera photo in common datasets (a 48 MP phone photo has 48.8M) and
 # stays below Pillow's own warning threshold (~89.5M), so by default we refuse before Pillow warns.
@@ -23,6 +26,8 @@ DEFAULT_MAX_PIXELS = 2**26
 DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "AVIF")
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+Sample = Optional[tuple["torch.Tensor", str]]  # None: a broken image or empty caption, skipped and counted
+Transform = Callable[..., "torch.Tensor"]
 
 _ORIENTATION = 0x0112  # the EXIF Orientation tag
 # Orientation -> the transpose that displays the stored pixels upright (EXIF 2.32, section 4.6.4).
@@ -182,3 +187,16 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     alpha = rgba[:, :, 3:]
     mixed = rgba[:, :, :3] * alpha + np.array(background, dtype=np.uint16) * (255 - alpha)
     return Image.fromarray(((mixed + 127) // 255).astype(np.uint8))  # round(mixed / 255), no ties
+
+
+def load_sample(source: ImageSource, caption: str, transform: Transform) -> Sample:
+    """A training sample (transformed image, stripped caption), or None for a broken image or empty caption:
+    datasets return None so the batch can skip and count it instead of crashing the run."""
+    caption = caption.strip()
+    if not caption:
+        return None
+    try:
+        image = load_image(source)
+    except ImageDecodeError:
+        return None
+    return transform(image), caption
