@@ -71,6 +71,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import load_config
+    from .train.loop import NonFiniteLossError, train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        train(cfg)
+    except NonFiniteLossError as e:
+        print(f"clipworks train: stopped: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipworks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,11 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (18 or later; --to onnx only)")
     p.add_argument("--normalize", action="store_true", help="ONNX graphs return unit-norm features")
     p.set_defaults(func=_cmd_convert)
+
+    epilog = ("Any --section.key value (sections model, data, optim, loss, run) overrides the config; with no "
+              "arguments it trains the built-in ten-minute synthetic run into runs/<timestamp>.")  # fmt: skip
+    p = sub.add_parser("train", allow_abbrev=False, epilog=epilog,
+                       help="train a CLIP model (default: a small one on synthetic shapes)")  # fmt: skip
+    p.add_argument("--config", default=None, help="a YAML run config; overrides apply on top of it")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return args.func(args)
     except (ValueError, OSError, ImportError) as e:  # bad input, missing files, offline hub, missing extras

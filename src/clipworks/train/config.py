@@ -1,0 +1,280 @@
+"""Typed training run configs: dataclasses loaded from YAML, overridden by `--section.key value`, validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SECTIONS = ("model", "data", "optim", "loss", "run")
+
+
+@dataclass
+class ModelConfig:
+    """Which CLIP to train.
+
+    Attributes:
+        name: a preset name (`clipworks.list_models()`), `local-dir:DIR`, or "tiny": a small ViT CLIP described
+            by the fields below (the default run's model).
+        pretrained: weights for a preset (tag, file or directory); None trains from scratch.
+        lock_image: freeze the image tower (LiT-style fine-tuning of the text tower).
+        lock_text: freeze the text tower.
+        grad_checkpointing: recompute activations in the backward pass to save memory.
+        embed_dim: "tiny" only: size of the shared embedding space.
+        image_size: "tiny" only: input side in pixels.
+        patch_size: "tiny" only: ViT patch side.
+        vision_width: "tiny" only: image tower hidden size.
+        vision_layers: "tiny" only: image tower blocks.
+        vision_heads: "tiny" only: image tower attention heads.
+        text_width: "tiny" only: text tower hidden size.
+        text_layers: "tiny" only: text tower blocks.
+        text_heads: "tiny" only: text tower attention heads.
+        context_length: "tiny" only: text positions; captions are tokenized to this length.
+    """
+
+    name: str = "tiny"
+    pretrained: str | None = None
+    lock_image: bool = False
+    lock_text: bool = False
+    grad_checkpointing: bool = False
+    embed_dim: int = 128
+    image_size: int = 64
+    patch_size: int = 16
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    context_length: int = 20
+
+
+@dataclass
+class DataConfig:
+    """Where the image-caption pairs come from.
+
+    Attributes:
+        train: a data source string (`synthetic:shapes?...`, `csv:PATH`, `folder:DIR`, `wds:PATTERN`).
+        batch_size: images per step on each process (the contrastive batch is batch_size x world size).
+        workers: DataLoader worker processes (0 loads in the main process).
+        eval_size: held-out synthetic scenes used for zero-shot accuracy and retrieval recall (0 disables).
+        augment: random resized crops for training images; false uses the deterministic evaluation transform.
+    """
+
+    train: str = "synthetic:shapes?size=200000&seed=0&image_size=64"
+    batch_size: int = 128
+    workers: int = 1
+    eval_size: int = 500
+    augment: bool = True
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule.
+
+    Attributes:
+        lr: peak learning rate, reached at the end of warmup.
+        weight_decay: decoupled weight decay for weight matrices (never gains, biases, embeddings, temperature).
+        betas: AdamW's moment decay rates.
+        eps: AdamW's denominator epsilon.
+        warmup_steps: linear warmup length from 0 to `lr`.
+        schedule: "cosine" decays to 0 at the last step; "constant" holds `lr` after warmup.
+        grad_clip: clip the gradients' global norm to this value; 0 disables.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    """The contrastive loss.
+
+    Attributes:
+        kind: "clip" (softmax, symmetric cross-entropy) or "siglip" (pairwise sigmoid).
+        local_loss: with several processes, compute only this process's rows of the logits.
+        gather_with_grad: gather other processes' features with gradients (exact global-batch gradients).
+        chunk_size: compute the logits in blocks of this many rows to save memory; None computes them at once.
+    """
+
+    kind: str = "clip"
+    local_loss: bool = False
+    gather_with_grad: bool = True
+    chunk_size: int | None = None
+
+
+@dataclass
+class RunConfig:
+    """How long to train, where outputs go, and what to watch.
+
+    Attributes:
+        steps: optimiser steps in total (a resumed run continues up to this count).
+        seed: seeds model initialisation, data order and augmentation.
+        precision: "fp32", or "bf16" autocast.
+        device: "auto" (CUDA when available), "cpu" or "cuda".
+        out_dir: the run directory; None makes `runs/<timestamp>`.
+        log_every: steps between metric rows in `metrics.csv`.
+        eval_every: steps between zero-shot evaluations (0: only at the end).
+        save_every: steps between run-state checkpoints (0: only at the end).
+        resume: "latest" (the newest complete checkpoint in `out_dir`, if any), a checkpoint path, or None.
+        nonfinite: on a NaN/inf loss, "stop" the run naming the step, or "skip" the step's update.
+        progress: show a progress bar.
+    """
+
+    steps: int = 2000
+    seed: int = 0
+    precision: str = "fp32"
+    device: str = "auto"
+    out_dir: str | None = None
+    log_every: int = 10
+    eval_every: int = 250
+    save_every: int = 500
+    resume: str | None = None
+    nonfinite: str = "stop"
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run: one config per section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (tuples as lists) for YAML."""
+        return {s: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(self, s)).items()}
+                for s in SECTIONS}  # fmt: skip
+
+    def validate(self) -> TrainConfig:
+        """Check the choice-valued fields; returns self. Raises ValueError naming the valid choices."""
+        checks = [("loss.kind", self.loss.kind, ("clip", "siglip")),
+                  ("optim.schedule", self.optim.schedule, ("cosine", "constant")),
+                  ("run.precision", self.run.precision, ("fp32", "bf16")),
+                  ("run.device", self.run.device, ("auto", "cpu", "cuda")),
+                  ("run.nonfinite", self.run.nonfinite, ("stop", "skip"))]  # fmt: skip
+        for name, value, choices in checks:
+            if value not in choices:
+                raise ValueError(f"{name}={value!r}: expected one of {list(choices)}")
+        if min(self.run.steps, self.run.log_every, self.data.batch_size) < 1:
+            raise ValueError("run.steps, run.log_every and data.batch_size must be at least 1")
+        if min(self.run.eval_every, self.run.save_every, self.data.workers, self.data.eval_size) < 0:
+            raise ValueError("run.eval_every, run.save_every, data.workers and data.eval_size must not be negative")
+        return self
+
+
+def _section(cfg: TrainConfig, name: str):
+    if name not in SECTIONS:
+        raise ValueError(f"unknown config section {name!r}; valid sections are {list(SECTIONS)}")
+    return getattr(cfg, name)
+
+
+def _field_type(section, key: str, where: str):
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        raise ValueError(f"unknown config key {where!r}; valid keys of [{where.split('.')[0]}] are {sorted(hints)}")
+    return hints[key]
+
+
+def _parse_scalar(tp, text: str, where: str):
+    if tp is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{where}={text!r}: expected true or false")
+    try:
+        return tp(text)
+    except ValueError as e:
+        raise ValueError(f"{where}={text!r}: expected a {tp.__name__}") from e
+
+
+def coerce(tp, value: Any, where: str) -> Any:
+    """`value` (a command-line string or a YAML value) as type `tp`; raises ValueError naming `where`."""
+    args = typing.get_args(tp)
+    if type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        if len(items) != len(args):
+            raise ValueError(f"{where}={value!r}: expected {len(args)} comma-separated values")
+        return tuple(coerce(a, v, where) for a, v in zip(args, items))
+    if isinstance(value, str):
+        return value if tp is str else _parse_scalar(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ValueError(f"{where}={value!r}: expected a {tp.__name__}")
+    return value
+
+
+def _set(cfg: TrainConfig, dotted: str, value: Any) -> None:
+    if "." not in dotted:
+        raise ValueError(f"config key {dotted!r} must be section.key, with section one of {list(SECTIONS)}")
+    sec_name, key = dotted.split(".", 1)
+    section = _section(cfg, sec_name)
+    setattr(section, key, coerce(_field_type(section, key, dotted), value, dotted))
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """`["--run.steps", "10", "--loss.kind=siglip"]` as `[("run.steps", "10"), ("loss.kind", "siglip")]`."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(args):
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        else:
+            raise ValueError(f"override {arg!r} has no value")
+        out.append((key, value))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The run config: defaults, then the YAML file at `path`, then `--section.key value` overrides.
+
+    Raises:
+        ValueError: an unknown section or key (named, with the valid keys), or a value of the wrong type.
+    """
+    import yaml
+
+    cfg = TrainConfig()
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of sections {list(SECTIONS)}")
+        for sec_name, values in data.items():
+            if not isinstance(values, dict):
+                _section(cfg, sec_name)
+                raise ValueError(f"{path}: section {sec_name!r} must be a mapping of keys to values")
+            for key, value in values.items():
+                _set(cfg, f"{sec_name}.{key}", value)
+    for key, value in parse_overrides(overrides or []):
+        _set(cfg, key, value)
+    return cfg.validate()
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (it loads back with `load_config`)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,307 @@
+"""The training loop: model, data, AdamW, contrastive loss, evaluation, checkpoints; one process or torchrun DDP."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import CLIPConfig, TextConfig, VisionTransformerConfig
+from .config import ModelConfig, TrainConfig, save_config
+from .optim import build_optimizer, build_scheduler
+from .state import DataPosition, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
+from .zeroshot import EvalResult, SyntheticEval
+
+# skipped: broken samples dropped by the data pipeline so far; skipped_steps: updates skipped for a non-finite loss.
+# zero_shot_top1: on held-out attribute combinations; zero_shot_seen_top1: on unseen scenes of seen combinations.
+METRIC_FIELDS = ("step", "loss", "lr", "logit_scale", "samples_per_s", "skipped", "skipped_steps", "zero_shot_top1",
+                 "zero_shot_seen_top1")  # fmt: skip
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite and `run.nonfinite` is "stop"."""
+
+
+@dataclass
+class Distributed:
+    """This process's place in the job: rank, world size, and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    step: int
+    loss: float
+    eval: EvalResult | None
+    wall_s: float
+    samples_per_s: float
+
+
+def setup_distributed(device: str = "auto") -> Distributed:
+    """Join the torchrun process group when `WORLD_SIZE` > 1 (nccl on CUDA, gloo on CPU)."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if world_size > 1:
+        if use_cuda:
+            torch.cuda.set_device(dev)
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return Distributed(rank, world_size, dev)
+
+
+def tiny_clip_config(m: ModelConfig, loss: str = "clip") -> CLIPConfig:
+    """The `CLIPConfig` of `model.name: tiny`, from the model section's size fields.
+
+    With the sigmoid loss the temperature starts at ln 10 and a logit bias at -10 (SigLIP paper, section 3).
+    """
+    vision = VisionTransformerConfig(image_size=m.image_size, patch_size=m.patch_size, width=m.vision_width,
+                                     layers=m.vision_layers, heads=m.vision_heads)  # fmt: skip
+    text = TextConfig(context_length=m.context_length, width=m.text_width, layers=m.text_layers, heads=m.text_heads)
+    if loss == "siglip":
+        return CLIPConfig(m.embed_dim, vision, text, init_logit_scale=math.log(10), init_logit_bias=-10.0)
+    return CLIPConfig(embed_dim=m.embed_dim, vision=vision, text=text)
+
+
+def build_model(m: ModelConfig, loss: str = "clip"):
+    """(model in train mode, its tokenizer) for the model section; locked towers get no gradients."""
+    from ..factory import create_model, get_tokenizer
+    from ..tokenizer import Tokenizer
+
+    if m.name == "tiny":
+        model, tokenizer = create_model(tiny_clip_config(m, loss), m.pretrained), Tokenizer(m.context_length)
+    else:
+        model, tokenizer = create_model(m.name, m.pretrained), get_tokenizer(m.name)
+    for locked, tower in ((m.lock_image, model.visual), (m.lock_text, model.text)):
+        if locked:
+            tower.requires_grad_(False)
+    if loss == "siglip" and model.logit_bias is None:
+        raise ValueError(f"loss.kind siglip needs a model with a logit bias; {m.name!r} has none (use loss.kind clip)")
+    model.set_grad_checkpointing(m.grad_checkpointing)
+    return model.train(), tokenizer
+
+
+class MetricsLog:
+    """Rows of `metrics.csv` in the run directory, appended (a resumed run continues the same file)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.exists():
+            with path.open("w", newline="") as f:
+                csv.writer(f).writerow(METRIC_FIELDS)
+
+    def write(self, **row) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow([_fmt(row.get(k)) for k in METRIC_FIELDS])
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+class Runner:
+    """One run's moving parts (model, optimiser, schedule, loss, data position); `fit()` trains it."""
+
+    def __init__(self, cfg: TrainConfig, dist: Distributed, run_dir: Path):
+        from ..transforms import image_transform
+        from .losses import build_loss
+
+        self.cfg, self.dist, self.run_dir = cfg, dist, run_dir
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+        model, self.tokenizer = build_model(cfg.model, cfg.loss.kind)
+        self.model = model.to(dist.device)
+        self.preprocess = model.preprocess_config
+        self.ddp = self.model
+        if dist.world_size > 1:
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.run.steps)
+        lc = cfg.loss
+        self.loss_fn = build_loss(lc.kind, local_loss=lc.local_loss, gather_with_grad=lc.gather_with_grad,
+                                  chunk_size=lc.chunk_size)  # fmt: skip
+        self.train_transform = image_transform(self.preprocess, train=cfg.data.augment)
+        self.heldout = None
+        if dist.main and cfg.data.eval_size > 0:
+            self.heldout = SyntheticEval(cfg.data.eval_size, image_transform(self.preprocess), self.tokenizer)
+        self.step, self.position, self.skipped, self.skipped_steps = 0, DataPosition(), 0, 0
+        self.loss, self.last_eval, self.train_s, self.samples = math.nan, None, 0.0, 0
+        self._resume()
+        if dist.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            self.metrics = MetricsLog(run_dir / "metrics.csv")
+
+    def _resume(self) -> None:
+        path = resolve_resume(self.cfg.run.resume, self.run_dir)
+        if path is None:
+            if self.cfg.run.resume is None and latest_checkpoint(self.run_dir) is not None:
+                raise ValueError(f"{self.run_dir} already holds checkpoints: continue it with --run.resume latest, "
+                                 "or pass a new --run.out_dir")  # fmt: skip
+            return
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.position = DataPosition(**state["data"])
+        set_rng_state(state["rng"])
+        if self.dist.main:
+            print(f"resumed from {path} at step {self.step}")
+
+    def _loader(self):
+        from ..data.datasets import make_loader
+
+        c, d = self.cfg, self.dist
+        return make_loader(c.data.train, self.train_transform, self.tokenizer, batch_size=c.data.batch_size,
+                           workers=c.data.workers, seed=c.run.seed, rank=d.rank, world_size=d.world_size,
+                           epoch=self.position.epoch, start_step=self.position.step_in_epoch)  # fmt: skip
+
+    def fit(self) -> TrainResult:
+        """Train up to `run.steps`, evaluate, save the final model; returns the result."""
+        from tqdm import tqdm
+
+        from ..data.datasets import set_epoch
+
+        steps, loader = self.cfg.run.steps, self._loader()
+        show = self.cfg.run.progress and self.dist.main
+        bar = tqdm(total=steps, initial=self.step, unit="step", mininterval=1.0, disable=not show)
+        self._tick = self._window_start = time.perf_counter()
+        self._window_samples = 0
+        while self.step < steps:
+            seen = 0
+            for seen, batch in enumerate(loader, 1):
+                self.loss = self._train_step(batch)
+                self.step, self.position.step_in_epoch = self.step + 1, self.position.step_in_epoch + 1
+                self._after_step(batch, bar)
+                if self.step >= steps:
+                    break
+            else:
+                if seen == 0 and self.position.step_in_epoch == 0:
+                    raise ValueError(f"{self.cfg.data.train} gives no full batch of {self.cfg.data.batch_size}")
+                self.position = DataPosition(self.position.epoch + 1, 0)
+                set_epoch(loader, self.position.epoch, 0)
+        bar.close()
+        return self._finish()
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.dist.world_size > 1:  # every rank stops (or skips) together
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _train_step(self, batch) -> float:
+        dev = self.dist.device
+        images, tokens = batch.images.to(dev, non_blocking=True), batch.tokens.to(dev, non_blocking=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.run.precision == "bf16"):
+            out = self.ddp(images, tokens)
+            loss = self.loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+        if not self._finite(loss):
+            if self.cfg.run.nonfinite == "stop":
+                raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at step {self.step + 1}; set "
+                                         "run.nonfinite: skip to skip such steps")  # fmt: skip
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.skipped_steps += 1
+            return loss.item()
+        loss.backward()
+        if self.cfg.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        with torch.no_grad():
+            from .losses import clamp_logit_scale_
+
+            clamp_logit_scale_(self.model)
+        return loss.item()
+
+    def _after_step(self, batch, bar) -> None:
+        now, run = time.perf_counter(), self.cfg.run
+        n = len(batch.images) * self.dist.world_size
+        self.train_s, self.samples, self._window_samples = self.train_s + now - self._tick, self.samples + n, \
+            self._window_samples + n  # fmt: skip
+        self.skipped += batch.skipped
+        rate = self._window_samples / max(now - self._window_start, 1e-9)
+        bar.set_postfix(loss=f"{self.loss:.4f}", samples_s=f"{rate:.0f}")
+        bar.update(1)
+        last = self.step == run.steps
+        evaluate = self.heldout is not None and ((run.eval_every and self.step % run.eval_every == 0) or last)
+        result = self.heldout.evaluate(self.model, self.dist.device) if evaluate else None
+        if result is not None:
+            self.last_eval = result
+            bar.write(f"step {self.step}: {result.format()}")
+        logged = self.dist.main and (self.step % run.log_every == 0 or result is not None or last)
+        if logged:
+            self.metrics.write(step=self.step, loss=self.loss, lr=self.scheduler.get_last_lr()[0],
+                               logit_scale=self.model.logit_scale.exp().item(), samples_per_s=rate,
+                               skipped=self.skipped, skipped_steps=self.skipped_steps,
+                               zero_shot_top1=result and result.top1,
+                               zero_shot_seen_top1=result and result.seen_top1)  # fmt: skip
+        if self.dist.main and ((run.save_every and self.step % run.save_every == 0) or last):
+            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.position)
+        self._tick = time.perf_counter()  # evaluation and saving count neither as training time nor in samples/s
+        if logged:
+            self._window_start, self._window_samples = self._tick, 0
+
+    def _finish(self) -> TrainResult:
+        from ..checkpoints.export import save_pretrained
+
+        if self.dist.main:
+            if self.heldout is not None and self.last_eval is None:
+                self.last_eval = self.heldout.evaluate(self.model, self.dist.device)
+            save_pretrained(self.model, self.run_dir / "model", preprocess=self.preprocess)
+        rate = self.samples / max(self.train_s, 1e-9)
+        result = TrainResult(self.run_dir, self.step, self.loss, self.last_eval, self.train_s, rate)
+        if self.dist.main:
+            print(f"trained to step {self.step}: loss {self.loss:.4f}, {rate:.0f} samples/s, "
+                  f"{self.train_s:.0f} s training")  # fmt: skip
+            if self.last_eval is not None:
+                print(f"held-out: {self.last_eval.format()}")
+            print(f"model: {self.run_dir / 'model'} (clipworks.create_model('local-dir:{self.run_dir / 'model'}'))")
+        return result
+
+
+def _run_dir(cfg: TrainConfig, dist: Distributed) -> Path:
+    if cfg.run.out_dir is not None:
+        return Path(cfg.run.out_dir)
+    if dist.world_size > 1:
+        raise ValueError("under torchrun set --run.out_dir, so that every process writes to the same run")
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train a CLIP model as `cfg` says; returns where the run went and how it ended.
+
+    Writes `config.yaml`, `metrics.csv`, `checkpoints/step_NNNNNNNN/` and the final model (`model/`, loadable
+    with `clipworks.create_model("local-dir:RUN/model")`) into the run directory.
+
+    Raises:
+        NonFiniteLossError: a NaN or infinite loss with `run.nonfinite: stop` (on every rank, naming the step).
+        ValueError: a bad config or data source.
+    """
+    cfg.validate()
+    dist = setup_distributed(cfg.run.device)
+    try:
+        return Runner(cfg, dist, _run_dir(cfg, dist)).fit()
+    finally:
+        if dist.world_size > 1:
+            torch.distributed.destroy_process_group()

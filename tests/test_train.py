@@ -1,0 +1,290 @@
+"""Training: run configs, optimiser groups, schedule, run state, zero-shot metrics, the loop, `clipworks train`."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import clipworks
+from clipworks.cli import main as cli_main
+from clipworks.train import state as run_state
+from clipworks.train.config import TrainConfig, load_config, save_config
+from clipworks.train.loop import NonFiniteLossError, build_model, train
+from clipworks.train.optim import WarmupCosine, build_optimizer, param_groups
+from clipworks.train.zeroshot import accuracy, build_classifier, retrieval_recall
+
+# A model and data small enough that a step takes milliseconds on a loaded 2-core CPU.
+TINY = ["--model.embed_dim", "32", "--model.image_size", "32", "--model.patch_size", "8",
+        "--model.vision_width", "32", "--model.vision_layers", "1", "--model.vision_heads", "2",
+        "--model.text_width", "32", "--model.text_layers", "1", "--model.text_heads", "2",
+        "--data.train", "synthetic:shapes?size=256&seed=0&image_size=32", "--data.batch_size", "16",
+        "--data.workers", "0", "--run.progress", "false"]  # fmt: skip
+
+
+def tiny_config(out_dir: Path, *extra: str) -> TrainConfig:
+    return load_config(None, [*TINY, "--run.out_dir", str(out_dir), *extra])
+
+
+# --- configs ------------------------------------------------------------------------------------------------
+
+
+def test_config_yaml_then_overrides_typed(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1\n  betas: [0.8, 0.9]\nrun:\n  steps: 7\n  resume: latest\n")
+    cfg = load_config(path, ["--run.steps", "9", "--model.lock_image", "true", "--optim.betas", "0.5,0.6",
+                             "--loss.chunk_size=64", "--run.resume", "none"])  # fmt: skip
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == (0.5, 0.6) and cfg.run.steps == 9 and cfg.model.lock_image is True
+    assert cfg.loss.chunk_size == 64 and cfg.run.resume is None
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--model.widht", "3"], "model.widht"),
+        (["--optimizer.lr", "3"], "optimizer"),
+        (["--run.steps", "ten"], "run.steps"),
+        (["--loss.kind", "triplet"], "siglip"),
+        (["--run.steps"], "no value"),
+    ],
+)
+def test_config_rejects_bad_keys_and_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    (tmp_path / "run.yaml").write_text("data:\n  batchsize: 3\n")
+    with pytest.raises(ValueError, match=r"data\.batchsize.*batch_size"):
+        load_config(tmp_path / "run.yaml")
+
+
+def test_cli_rejects_unknown_key(capsys):
+    assert cli_main(["train", "--run.stpes", "3"]) == 2
+    assert "run.stpes" in capsys.readouterr().err
+
+
+# --- optimiser and schedule ------------------------------------------------------------------------------------
+
+
+def test_no_decay_on_gains_biases_embeddings_and_temperature():
+    model, _ = build_model(tiny_config(Path("unused")).model)
+    decayed, plain = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert {"logit_scale", "visual.class_token", "visual.pos_embed", "text.pos_embed",
+            "text.token_embed.weight"} <= plain_names  # fmt: skip
+    assert all(n.endswith(("bias", "weight")) or "embed" in n or n in ("logit_scale", "visual.class_token")
+               for n in plain_names)  # fmt: skip
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decayed["params"])
+    assert all("embed.weight" not in names[id(p)] or "patch" in names[id(p)] for p in decayed["params"])
+
+
+def test_locked_tower_is_not_optimised():
+    cfg = tiny_config(Path("unused"), "--model.lock_image", "true")
+    model, _ = build_model(cfg.model)
+    opt = build_optimizer(model, cfg.optim)
+    optimised = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(p) in optimised for p in model.visual.parameters())
+    assert all(id(p) in optimised for p in model.text.parameters())
+
+
+def test_warmup_then_cosine():
+    f = WarmupCosine(warmup_steps=10, total_steps=110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-12)
+    assert WarmupCosine(10, 110, "constant")(100) == 1.0
+
+
+# --- zero-shot helpers -----------------------------------------------------------------------------------------
+
+
+def test_classifier_averages_normalised_templates():
+    model, tokenizer = build_model(tiny_config(Path("unused")).model)
+    model.eval()
+    w = build_classifier(model, tokenizer, ["red circle", "blue square"], ["a {}.", "a photo of a {}."])
+    assert w.shape == (2, 32)
+    torch.testing.assert_close(w.norm(dim=-1), torch.ones(2))
+    one = torch.nn.functional.normalize(model.encode_text(tokenizer(["a red circle."])), dim=-1)
+    two = torch.nn.functional.normalize(model.encode_text(tokenizer(["a photo of a red circle."])), dim=-1)
+    torch.testing.assert_close(w[0], torch.nn.functional.normalize(one + two, dim=-1)[0], atol=1e-5, rtol=0)
+
+
+def test_accuracy_and_recall():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.2]])
+    assert accuracy(logits, torch.tensor([1, 2]), topk=(1, 2)) == {1: 0.5, 2: 1.0}
+    feats = torch.eye(3)
+    texts = torch.eye(3)[[0, 2, 1]]  # image 1 is closest to text 2, image 2 to text 1
+    r = retrieval_recall(feats, texts, ks=(1, 3))
+    assert r["image_to_text@1"] == pytest.approx(1 / 3) and r["image_to_text@3"] == 1.0
+    same = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 1, 1]], dtype=torch.bool)  # texts 1 and 2 are equal captions
+    assert retrieval_recall(feats, texts, same, ks=(1,))["text_to_image@1"] == 1.0
+
+
+# --- run state -------------------------------------------------------------------------------------------------
+
+
+def test_rng_state_roundtrip_loads_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+
+    saved = run_state.rng_state()
+    torch.save(saved, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    run_state.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_latest_ignores_incomplete_checkpoints(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(1, 10))
+    done = run_state.save_checkpoint(tmp_path, 5, model, opt, sched, run_state.DataPosition(1, 2))
+    # A crash mid-save: a newer directory without its completion marker, and a leftover temporary directory.
+    half = run_state.checkpoint_dir(tmp_path, 9)
+    half.mkdir()
+    (half / run_state.STATE_FILE).write_bytes(b"trunc")
+    (tmp_path / "checkpoints" / ".step_00000012.abcd").mkdir()
+    assert run_state.latest_checkpoint(tmp_path) == done
+    state = run_state.load_checkpoint(done)
+    assert state["step"] == 5 and state["data"] == {"epoch": 1, "step_in_epoch": 2}
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        run_state.resolve_resume(str(half), tmp_path)
+    assert run_state.resolve_resume("latest", tmp_path / "fresh") is None
+
+
+# --- the loop and the command ----------------------------------------------------------------------------------
+
+
+def test_cli_train_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--run.out_dir", str(out), "--run.steps", "24", "--run.log_every", "4",
+            "--run.eval_every", "12", "--run.save_every", "12", "--data.eval_size", "40"]  # fmt: skip
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot top-1" in printed and "image_to_text@1" in printed
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [4, 8, 12, 16, 20, 24]
+    assert rows[2]["zero_shot_top1"] != "" and rows[0]["zero_shot_top1"] == ""
+    assert all(math.isfinite(float(r["loss"])) and float(r["logit_scale"]) <= 100 + 1e-4 for r in rows)
+    assert load_config(out / "config.yaml").run.steps == 24
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000012", "step_00000024"]
+    model = clipworks.create_model(f"local-dir:{out / 'model'}")
+    tokens = clipworks.get_tokenizer(f"local-dir:{out / 'model'}")(["a red circle"])
+    assert model.encode_text(tokens).shape == (1, 32)
+
+
+_RESUME_CHILD = """
+import sys, torch
+from clipworks.train.config import load_config
+from clipworks.train.loop import train
+cfg = load_config(None, sys.argv[1:])
+train(cfg)
+"""
+
+
+def test_resume_in_new_process_matches_uninterrupted_run(tmp_path):
+    n = 6
+    whole = train(tiny_config(tmp_path / "whole", "--run.steps", str(2 * n), "--run.save_every", str(n),
+                              "--data.eval_size", "0", "--data.batch_size", "48"))  # fmt: skip
+    first_half = run_state.checkpoint_dir(whole.run_dir, n)
+    # Steps n+1..2n again in a fresh interpreter, from the step-n checkpoint (what a restart after a crash does).
+    # 256 samples / 48 per batch = 5 batches per epoch: the resumed run also crosses an epoch boundary.
+    args = [*TINY, "--run.out_dir", str(tmp_path / "resumed"), "--run.steps", str(2 * n), "--run.save_every",
+            str(n), "--data.eval_size", "0", "--data.batch_size", "48", "--run.resume", str(first_half)]  # fmt: skip
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    subprocess.run([sys.executable, "-c", _RESUME_CHILD, *args], check=True, env=env, timeout=120)
+    expected = run_state.load_checkpoint(run_state.checkpoint_dir(whole.run_dir, 2 * n))
+    got = run_state.load_checkpoint(run_state.checkpoint_dir(tmp_path / "resumed", 2 * n))
+    assert got["data"] == expected["data"] and got["step"] == 2 * n
+    for key, value in expected["model"].items():
+        assert torch.equal(got["model"][key], value), key
+    assert got["optimizer"]["state"][0]["step"] == expected["optimizer"]["state"][0]["step"]
+
+
+class _NanAt:
+    """A CLIP loss that turns NaN at one call, to exercise the non-finite handling."""
+
+    def __init__(self, at: int):
+        from clipworks.train.losses import ClipLoss
+
+        self.loss, self.calls, self.at = ClipLoss(), 0, at
+
+    def __call__(self, *args):
+        self.calls += 1
+        value = self.loss(*args)
+        return value * float("nan") if self.calls == self.at else value
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss(tmp_path, monkeypatch, policy):
+    from clipworks.train import losses
+
+    monkeypatch.setattr(losses, "build_loss", lambda kind, **kw: _NanAt(3))
+    cfg = tiny_config(tmp_path, "--run.steps", "4", "--data.eval_size", "0", "--run.nonfinite", policy)
+    if policy == "stop":
+        with pytest.raises(NonFiniteLossError, match="at step 3"):
+            train(cfg)
+    else:
+        result = train(cfg)
+        assert result.step == 4 and math.isfinite(result.loss)
+        rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+        assert rows[-1]["skipped_steps"] == "1" and rows[-1]["skipped"] == "0"
+
+
+def test_existing_run_needs_resume(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(1, 10))
+    run_state.save_checkpoint(tmp_path, 1, model, opt, sched, run_state.DataPosition())
+    with pytest.raises(ValueError, match="resume latest"):
+        train(tiny_config(tmp_path, "--run.steps", "2", "--data.eval_size", "0"))
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_default_run_directory_is_timestamped(monkeypatch, tmp_path):
+    from clipworks.train.loop import Distributed, _run_dir
+
+    cfg = TrainConfig()
+    assert cfg.run.out_dir is None and cfg.data.train.startswith("synthetic:shapes")
+    assert _run_dir(cfg, Distributed()).parent == Path("runs")
+    with pytest.raises(ValueError, match="out_dir"):
+        _run_dir(cfg, Distributed(rank=1, world_size=2))
+
+
+def test_short_default_run_learns(tmp_path):
+    """The default model, data and batch for 40 steps: held-out zero-shot accuracy far above chance."""
+    overrides = ["--run.out_dir", str(tmp_path), "--run.steps", "40", "--optim.warmup_steps", "10",
+                 "--run.eval_every", "0", "--data.eval_size", "300", "--run.progress", "false"]  # fmt: skip
+    cfg = load_config(None, overrides)
+    result = train(cfg)
+    assert result.eval.top1 > 3 * result.eval.chance, result.eval.format()
+    assert result.eval.recall["text_to_image@5"] > 0.15, result.eval.format()
+
+
+def test_two_process_gloo_step_matches_one_process(tmp_path):
+    """torchrun with 2 CPU processes x 16 images gives the same weights as 1 process x 32 (the same samples)."""
+    # With a large eps AdamW's update is about lr * gradient / eps, so a gradient scaled wrongly across ranks shows.
+    common = [*TINY, "--run.steps", "2", "--run.save_every", "1", "--data.eval_size", "0", "--data.augment", "false",
+              "--optim.lr", "1", "--optim.eps", "1", "--optim.warmup_steps", "0", "--optim.grad_clip", "0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    subprocess.run([*torchrun, "-m", "clipworks.cli", "train", *common, "--data.batch_size", "16",
+                    "--run.out_dir", str(tmp_path / "ddp")], check=True, env=env, timeout=300)  # fmt: skip
+    train(load_config(None, [*common, "--data.batch_size", "32", "--run.out_dir", str(tmp_path / "one")]))
+    ddp = run_state.load_checkpoint(run_state.checkpoint_dir(tmp_path / "ddp", 2))["model"]
+    one = run_state.load_checkpoint(run_state.checkpoint_dir(tmp_path / "one", 2))["model"]
+    before = run_state.load_checkpoint(run_state.checkpoint_dir(tmp_path / "one", 1))["model"]
+    assert max((one[k] - before[k]).abs().max().item() for k in one) > 1e-3  # the second step moved the weights
+    for key, value in one.items():
+        torch.testing.assert_close(ddp[key], value, atol=2e-6, rtol=1e-5, msg=key)
