@@ -179,7 +179,19 @@ def _pair_logits(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor | None) -> Te
     return z if bias is None else z + bias
 
 
-class ClipLoss(nn.Module):
+class _PairLoss(nn.Module):
+    """What both losses take: where the negatives come from and how the logits are blocked."""
+
+    def __init__(self, *, local_loss: bool = False, gather_with_grad: bool = True, chunk_size: int | None = None):
+        super().__init__()
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.chunk_size = chunk_size
+
+
+class ClipLoss(_PairLoss):
     """CLIP's symmetric softmax cross-entropy (Radford et al. 2021, fig. 3), matching OpenCLIP's ``ClipLoss``.
 
     Image i's positive is text i and every other text in the global batch is a negative, and vice versa;
@@ -196,14 +208,6 @@ class ClipLoss(nn.Module):
             holding the full (B_global, B_global) logits, in the forward or the backward. Same value and
             gradients up to rounding; computed in at least float32 (the loss is float32 for bf16 features).
     """
-
-    def __init__(self, *, local_loss: bool = False, gather_with_grad: bool = True, chunk_size: int | None = None):
-        super().__init__()
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-        self.local_loss = local_loss
-        self.gather_with_grad = gather_with_grad
-        self.chunk_size = chunk_size
 
     def forward(
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor | None = None
@@ -263,7 +267,7 @@ class ClipLoss(nn.Module):
         return loss
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(_PairLoss):
     """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, algorithm 1), matching OpenCLIP's ``SigLipLoss``.
 
     loss = -1/B * sum_{i, j} log sigmoid(y_ij * (scale * I_i . T_j + bias)), with y_ij = +1 for a matching pair
@@ -279,14 +283,6 @@ class SigLipLoss(nn.Module):
         chunk_size: if set, compute the loss over blocks of this many image rows without holding the
             (B, B_global) logits in the forward or the backward; computed in at least float32.
     """
-
-    def __init__(self, *, local_loss: bool = False, gather_with_grad: bool = True, chunk_size: int | None = None):
-        super().__init__()
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-        self.local_loss = local_loss
-        self.gather_with_grad = gather_with_grad
-        self.chunk_size = chunk_size
 
     def forward(
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor | None = None
