@@ -288,3 +288,17 @@ def test_two_process_gloo_step_matches_one_process(tmp_path):
     assert max((one[k] - before[k]).abs().max().item() for k in one) > 1e-3  # the second step moved the weights
     for key, value in one.items():
         torch.testing.assert_close(ddp[key], value, atol=2e-6, rtol=1e-5, msg=key)
+
+
+def test_batches_of_only_broken_samples_are_skipped_and_counted(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "broken.jpg").write_bytes(b"not an image")
+    (data / "captions.csv").write_text("filepath,caption\n" + "broken.jpg,a broken image\n" * 8)
+    run = tmp_path / "run"
+    cfg = tiny_config(run, "--run.steps", "2", "--data.eval_size", "0", "--data.train", f"csv:{data / 'captions.csv'}",
+                      "--data.batch_size", "4", "--data.workers", "0")  # fmt: skip
+    result = train(cfg)
+    assert result.step == 2
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert rows[-1]["skipped_steps"] == "2" and rows[-1]["skipped"] == "8"

@@ -202,25 +202,32 @@ class Runner:
         bar.close()
         return self._finish()
 
-    def _finite(self, loss: torch.Tensor) -> bool:
-        flag = torch.isfinite(loss.detach()).float().reshape(1)
-        if self.dist.world_size > 1:  # every rank stops (or skips) together
+    def _everywhere(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank: ranks stop or skip a step together, or DDP would hang."""
+        flag = torch.tensor([float(ok)], device=self.dist.device)
+        if self.dist.world_size > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
+    def _skip_update(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.skipped_steps += 1
+
     def _train_step(self, batch) -> float:
         dev = self.dist.device
+        if not self._everywhere(len(batch.images) > 0):  # every sample of a batch was broken (and counted)
+            self._skip_update()
+            return float("nan")
         images, tokens = batch.images.to(dev, non_blocking=True), batch.tokens.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.run.precision == "bf16"):
             out = self.ddp(images, tokens)
             loss = self.loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
-        if not self._finite(loss):
+        if not self._everywhere(bool(torch.isfinite(loss.detach()))):
             if self.cfg.run.nonfinite == "stop":
                 raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at step {self.step + 1}; set "
                                          "run.nonfinite: skip to skip such steps")  # fmt: skip
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            self.skipped_steps += 1
+            self._skip_update()
             return loss.item()
         loss.backward()
         if self.cfg.optim.grad_clip > 0:
