@@ -302,3 +302,52 @@ def test_batches_of_only_broken_samples_are_skipped_and_counted(tmp_path):
     assert result.step == 2
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert rows[-1]["skipped_steps"] == "2" and rows[-1]["skipped"] == "8"
+
+
+_KILLED_SAVE = """
+import sys, time, torch
+from clipworks.train import state as run_state
+run_dir, ready = sys.argv[1], sys.argv[2]
+model = torch.nn.Linear(4, 4)
+opt = torch.optim.AdamW(model.parameters())
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+real_save = torch.save
+
+def slow_save(obj, f, *args, **kwargs):
+    with open(f, "wb") as out:
+        out.write(b"half of a checkpoint")  # a partial file, then the process dies mid-write
+        out.flush()
+    open(ready, "w").close()
+    time.sleep(600)
+
+torch.save = slow_save
+run_state.save_checkpoint(run_dir, 2, model, opt, sched, run_state.DataPosition())
+"""
+
+
+def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    import signal
+    import time
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    first = run_state.save_checkpoint(tmp_path, 1, model, opt, sched, run_state.DataPosition())
+    ready = tmp_path / "writing"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(tmp_path), str(ready)])
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert child.poll() is None, "the saving process ended before it started writing"
+            assert time.monotonic() < deadline, "the saving process never started writing"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert any(p.name.startswith(".") for p in (tmp_path / "checkpoints").iterdir())  # the torn write is there
+    latest = run_state.latest_checkpoint(tmp_path)
+    assert latest == first
+    loaded = run_state.load_checkpoint(latest)
+    assert loaded["step"] == 1 and torch.equal(loaded["model"]["weight"], model.weight.detach())
