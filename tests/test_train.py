@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import clipworks
 from clipworks.cli import main as cli_main
@@ -182,6 +183,11 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     model = clipworks.create_model(f"local-dir:{out / 'model'}")
     tokens = clipworks.get_tokenizer(f"local-dir:{out / 'model'}")(["a red circle"])
     assert model.encode_text(tokens).shape == (1, 32)
+    curves = Image.open(out / "curves.png")  # loss and zero-shot curves, drawn at the end of the run
+    assert curves.format == "PNG" and curves.size == (1040, 300)
+    blue, red, green = (31, 119, 180), (214, 39, 40), (44, 160, 44)  # loss; held-out and seen zero-shot lines
+    assert blue in {c for _, c in curves.crop((0, 0, 520, 300)).getcolors(2**16)}
+    assert {red, green} & {c for _, c in curves.crop((520, 0, 1040, 300)).getcolors(2**16)}  # may coincide
 
 
 _RESUME_CHILD = """

@@ -276,6 +276,9 @@ class Runner:
             if self.heldout is not None and self.last_eval is None:
                 self.last_eval = self.heldout.evaluate(self.model, self.dist.device)
             save_pretrained(self.model, self.run_dir / "model", preprocess=self.preprocess)
+            from .plot import plot_metrics
+
+            plot_metrics(self.metrics.path, self.run_dir / "curves.png")
         rate = self.samples / max(self.train_s, 1e-9)
         result = TrainResult(self.run_dir, self.step, self.loss, self.last_eval, self.train_s, rate)
         if self.dist.main:
@@ -298,7 +301,8 @@ def _run_dir(cfg: TrainConfig, dist: Distributed) -> Path:
 def train(cfg: TrainConfig) -> TrainResult:
     """Train a CLIP model as `cfg` says; returns where the run went and how it ended.
 
-    Writes `config.yaml`, `metrics.csv`, `checkpoints/step_NNNNNNNN/` and the final model (`model/`, loadable
+    Writes `config.yaml`, `metrics.csv`, `curves.png` (loss and zero-shot curves), `checkpoints/step_NNNNNNNN/`
+    and the final model (`model/`, loadable
     with `clipworks.create_model("local-dir:RUN/model")`) into the run directory.
 
     Raises:
