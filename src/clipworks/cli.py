@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 # clipworks.checkpoints.export.FORMATS, spelled out so that building the parser does not import torch.
 CHECKPOINT_FORMATS = ("clipworks", "open_clip", "transformers")
+# Subsystems that own their subcommands: each module has `add_commands(subparsers)`.
+COMMAND_MODULES = ("clipworks.eval.commands", "clipworks.search.commands", "clipworks.serve.commands")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -119,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train a CLIP model (default: a small one on synthetic shapes)")  # fmt: skip
     p.add_argument("--config", default=None, help="a YAML run config; overrides apply on top of it")
     p.set_defaults(func=_cmd_train)
+
+    for module in COMMAND_MODULES:  # each adds its subcommands; none imports torch at this point
+        importlib.import_module(module).add_commands(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Search: embedding collections into shards, and a FAISS vector index over them."""
