@@ -63,3 +63,9 @@ def test_registry_tag_downloads_builds_the_quickgelu_variant_and_carries_preproc
     assert loaded.preprocess_config == entry.preprocess == preprocess.cfg
     _same_outputs(model, loaded)
     _same_outputs(model, again)
+
+
+def test_get_tokenizer_accepts_model_config_and_tagged_names():
+    model = clipworks.create_model(clipworks.get_preset("ViT-B-32"))
+    for source in (model, model.config, "ViT-B-32:openai", "ViT-B-32"):
+        assert clipworks.get_tokenizer(source)(["a cat"]).shape == (1, 77)

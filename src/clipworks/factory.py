@@ -182,18 +182,30 @@ def create_model_and_transforms(
     return model, image_transform(cfg, train=True, augment=augment), image_transform(cfg)
 
 
-def get_tokenizer(name: str = "ViT-B-32"):
+def get_tokenizer(name: str | CLIPConfig | CLIP = "ViT-B-32"):
     """The tokenizer a model's text tower was trained with.
+
+    Args:
+        name: anything `create_model` takes as a name (a preset, "NAME:TAG", `local-dir:DIR`, `hf-hub:REPO`), a
+            `CLIPConfig`, or a built `CLIP` model.
 
     Raises:
         ValueError: the model's tokenizer is not available (SigLIP's SentencePiece tokenizer is not shipped).
     """
     from .tokenizer import Tokenizer, default_tokenizer
 
-    if name.startswith(LOCAL_DIR):
+    if isinstance(name, CLIP):
+        cfg = name.config
+    elif isinstance(name, CLIPConfig):
+        cfg = name
+    elif name.startswith(LOCAL_DIR):
         cfg = _dir_config(Path(name[len(LOCAL_DIR) :]).expanduser())
+    elif name.startswith(HF_HUB):
+        from .hub import download_repo
+
+        cfg = _dir_config(download_repo(name[len(HF_HUB) :]))
     else:
-        cfg = get_preset(name)
+        cfg = get_preset(_split_tag(name, None)[0])
     context = cfg.text.context_length
     if cfg.text.vocab_size != Tokenizer.vocab_size:
         raise ValueError(f"{name!r} uses a {cfg.text.vocab_size}-token vocabulary; clipworks ships only the "
