@@ -183,6 +183,12 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     model = clipworks.create_model(f"local-dir:{out / 'model'}")
     tokens = clipworks.get_tokenizer(f"local-dir:{out / 'model'}")(["a red circle"])
     assert model.encode_text(tokens).shape == (1, 32)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [4, 8, 12, 16, 20, 24]
+    assert [e.step for e in events.Scalars("train/zero_shot_top1")] == [12, 24]
+    assert events.Scalars("train/loss")[-1].value == pytest.approx(float(rows[-1]["loss"]), rel=1e-5)
     curves = Image.open(out / "curves.png")  # loss and zero-shot curves, drawn at the end of the run
     assert curves.format == "PNG" and curves.size == (1040, 300)
     blue, red, green = (31, 119, 180), (214, 39, 40), (44, 160, 44)  # loss; held-out and seen zero-shot lines
@@ -278,14 +284,16 @@ def test_short_default_run_learns(tmp_path):
     assert result.eval.recall["text_to_image@5"] > 0.15, result.eval.format()
 
 
-def test_two_process_gloo_step_matches_one_process(tmp_path):
-    """torchrun with 2 CPU processes x 16 images gives the same weights as 1 process x 32 (the same samples)."""
+@pytest.mark.parametrize("extra", [[], ["--optim.accum_steps", "2"]], ids=["ddp", "ddp-accum"])
+def test_two_process_gloo_step_matches_one_process(tmp_path, extra):
+    """torchrun with 2 CPU processes x 16 images gives the same weights as 1 process x 32 (the same samples),
+    also when each process splits its batch into micro-batches (features gathered across processes)."""
     # With a large eps AdamW's update is about lr * gradient / eps, so a gradient scaled wrongly across ranks shows.
     common = [*TINY, "--run.steps", "2", "--run.save_every", "1", "--data.eval_size", "0", "--data.augment", "false",
               "--optim.lr", "1", "--optim.eps", "1", "--optim.warmup_steps", "0", "--optim.grad_clip", "0"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    subprocess.run([*torchrun, "-m", "clipworks.cli", "train", *common, "--data.batch_size", "16",
+    subprocess.run([*torchrun, "-m", "clipworks.cli", "train", *common, "--data.batch_size", "16", *extra,
                     "--run.out_dir", str(tmp_path / "ddp")], check=True, env=env, timeout=300)  # fmt: skip
     train(load_config(None, [*common, "--data.batch_size", "32", "--run.out_dir", str(tmp_path / "one")]))
     ddp = run_state.load_checkpoint(run_state.checkpoint_dir(tmp_path / "ddp", 2))["model"]
@@ -357,3 +365,62 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_p
     assert latest == first
     loaded = run_state.load_checkpoint(latest)
     assert loaded["step"] == 1 and torch.equal(loaded["model"]["weight"], model.weight.detach())
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_gradient_accumulation_keeps_the_contrastive_batch_whole(tmp_path, loss):
+    """4 micro-batches with cached features give the update of the whole batch in one pass."""
+    common = ["--run.steps", "2", "--run.save_every", "1", "--data.eval_size", "0", "--data.augment", "false",
+              "--optim.lr", "1", "--optim.eps", "1", "--optim.warmup_steps", "0", "--loss.kind", loss]  # fmt: skip
+    train(tiny_config(tmp_path / "whole", *common))
+    train(tiny_config(tmp_path / "accum", *common, "--optim.accum_steps", "4"))
+    whole = run_state.load_checkpoint(run_state.checkpoint_dir(tmp_path / "whole", 2))["model"]
+    accum = run_state.load_checkpoint(run_state.checkpoint_dir(tmp_path / "accum", 2))["model"]
+    before = run_state.load_checkpoint(run_state.checkpoint_dir(tmp_path / "whole", 1))["model"]
+    assert max((whole[k] - before[k]).abs().max().item() for k in whole) > 1e-3
+    for key, value in whole.items():
+        torch.testing.assert_close(accum[key], value, atol=2e-6, rtol=1e-5, msg=key)
+    # Micro-batches of 4 see only 3 negatives each: without the cache the update would differ.
+    rows = list(csv.DictReader((tmp_path / "accum" / "metrics.csv").open()))
+    first = list(csv.DictReader((tmp_path / "whole" / "metrics.csv").open()))
+    assert rows[0]["loss"] == first[0]["loss"]
+
+
+def _final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return run_state.load_checkpoint(run_state.checkpoint_dir(run_dir, step))["model"]
+
+
+_STEPS = ["--run.steps", "2", "--data.eval_size", "0", "--data.augment", "false", "--optim.warmup_steps", "0"]
+
+
+def test_gradient_checkpointing_gives_the_same_run(tmp_path):
+    plain = train(tiny_config(tmp_path / "plain", *_STEPS))
+    ckpt = train(tiny_config(tmp_path / "ckpt", *_STEPS, "--model.grad_checkpointing", "true"))
+    assert ckpt.loss == pytest.approx(plain.loss, abs=1e-6)
+    a, b = _final_weights(tmp_path / "plain", 2), _final_weights(tmp_path / "ckpt", 2)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path):
+    fp32 = train(tiny_config(tmp_path / "fp32", *_STEPS))
+    bf16 = train(tiny_config(tmp_path / "bf16", *_STEPS, "--run.precision", "bf16"))
+    assert math.isfinite(bf16.loss) and bf16.loss != fp32.loss  # computed in bf16: close, not equal
+    assert bf16.loss == pytest.approx(fp32.loss, abs=0.05)
+    weights = _final_weights(tmp_path / "bf16", 2)
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("locked", ["text", "image"])
+def test_locked_tower_keeps_its_weights_in_the_loop(tmp_path, locked):
+    cfg = tiny_config(tmp_path, *_STEPS, f"--model.lock_{locked}", "true")
+    torch.manual_seed(cfg.run.seed)  # the loop seeds the same way before building the model
+    initial = build_model(cfg.model)[0].state_dict()
+    train(cfg)
+    final = _final_weights(tmp_path, 2)
+    prefix = "text." if locked == "text" else "visual."
+    frozen = [k for k in final if k.startswith(prefix)]
+    trained = [k for k in final if k.startswith("visual." if locked == "text" else "text.")]
+    assert frozen and trained
+    assert all(torch.equal(final[k], initial[k]) for k in frozen)
+    assert any(not torch.equal(final[k], initial[k]) for k in trained)

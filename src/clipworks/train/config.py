@@ -82,6 +82,11 @@ class OptimConfig:
         warmup_steps: linear warmup length from 0 to `lr`.
         schedule: "cosine" decays to 0 at the last step; "constant" holds `lr` after warmup.
         grad_clip: clip the gradients' global norm to this value; 0 disables.
+        accum_steps: split each batch into this many micro-batches to save memory while keeping the contrastive
+            batch whole (GradCache): features of the whole batch are computed without gradients, the loss over
+            the whole batch gives each feature's gradient, then each micro-batch runs again with gradients. The
+            update equals the one-pass update; it costs one extra forward pass. `data.batch_size` stays the
+            contrastive batch and must be divisible by it.
     """
 
     lr: float = 1e-3
@@ -91,6 +96,7 @@ class OptimConfig:
     warmup_steps: int = 100
     schedule: str = "cosine"
     grad_clip: float = 1.0
+    accum_steps: int = 1
 
 
 @dataclass
@@ -126,6 +132,9 @@ class RunConfig:
         resume: "latest" (the newest complete checkpoint in `out_dir`, if any), a checkpoint path, or None.
         nonfinite: on a NaN/inf loss, "stop" the run naming the step, or "skip" the step's update.
         progress: show a progress bar.
+        tensorboard: also write the metrics as TensorBoard scalars to `<run>/tensorboard` (needs `tensorboard`).
+        parallel: with several processes, "ddp" (a full model copy per process) or "fsdp" (parameters, gradients
+            and optimiser state sharded across processes, for models that do not fit one device).
     """
 
     steps: int = 2000
@@ -139,6 +148,8 @@ class RunConfig:
     resume: str | None = None
     nonfinite: str = "stop"
     progress: bool = True
+    tensorboard: bool = True
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -162,12 +173,16 @@ class TrainConfig:
                   ("optim.schedule", self.optim.schedule, ("cosine", "constant")),
                   ("run.precision", self.run.precision, ("fp32", "bf16")),
                   ("run.device", self.run.device, ("auto", "cpu", "cuda")),
-                  ("run.nonfinite", self.run.nonfinite, ("stop", "skip"))]  # fmt: skip
+                  ("run.nonfinite", self.run.nonfinite, ("stop", "skip")),
+                  ("run.parallel", self.run.parallel, ("ddp", "fsdp"))]  # fmt: skip
         for name, value, choices in checks:
             if value not in choices:
                 raise ValueError(f"{name}={value!r}: expected one of {list(choices)}")
         if min(self.run.steps, self.run.log_every, self.data.batch_size) < 1:
             raise ValueError("run.steps, run.log_every and data.batch_size must be at least 1")
+        if not 1 <= self.optim.accum_steps <= self.data.batch_size or self.data.batch_size % self.optim.accum_steps:
+            raise ValueError(f"optim.accum_steps={self.optim.accum_steps}: expected a divisor of data.batch_size="
+                             f"{self.data.batch_size} (the micro-batch count; the contrastive batch stays whole)")
         if min(self.run.eval_every, self.run.save_every, self.data.workers, self.data.eval_size) < 0:
             raise ValueError("run.eval_every, run.save_every, data.workers and data.eval_size must not be negative")
         return self

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,17 +100,35 @@ def build_model(m: ModelConfig, loss: str = "clip"):
 
 
 class MetricsLog:
-    """Rows of `metrics.csv` in the run directory, appended (a resumed run continues the same file)."""
+    """Rows of `metrics.csv` in the run directory, appended (a resumed run continues the same file), and the same
+    numbers as TensorBoard scalars when `tensorboard_dir` is given."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+        self.path, self.tensorboard = path, None
         if not path.exists():
             with path.open("w", newline="") as f:
                 csv.writer(f).writerow(METRIC_FIELDS)
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("run.tensorboard is on but the tensorboard package is missing (pip install "
+                              "'clipworks[train]'); metrics go to metrics.csv only", stacklevel=2)  # fmt: skip
+            else:
+                self.tensorboard = SummaryWriter(str(tensorboard_dir))
 
     def write(self, **row) -> None:
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow([_fmt(row.get(k)) for k in METRIC_FIELDS])
+        if self.tensorboard is not None:
+            for key in METRIC_FIELDS[1:]:
+                if row.get(key) is not None:
+                    self.tensorboard.add_scalar(f"train/{key}", row[key], row["step"])
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _fmt(value) -> str:
@@ -148,7 +168,8 @@ class Runner:
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
-            self.metrics = MetricsLog(run_dir / "metrics.csv")
+            tensorboard = run_dir / "tensorboard" if cfg.run.tensorboard else None
+            self.metrics = MetricsLog(run_dir / "metrics.csv", tensorboard)
 
     def _resume(self) -> None:
         path = resolve_resume(self.cfg.run.resume, self.run_dir)
@@ -214,22 +235,29 @@ class Runner:
         self.scheduler.step()
         self.skipped_steps += 1
 
+    def _autocast(self):
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.cfg.run.precision == "bf16")
+
     def _train_step(self, batch) -> float:
         dev = self.dist.device
         if not self._everywhere(len(batch.images) > 0):  # every sample of a batch was broken (and counted)
             self._skip_update()
             return float("nan")
         images, tokens = batch.images.to(dev, non_blocking=True), batch.tokens.to(dev, non_blocking=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.run.precision == "bf16"):
-            out = self.ddp(images, tokens)
-            loss = self.loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+        with self._autocast():
+            if self.cfg.optim.accum_steps > 1:
+                loss, backward = self._cached_loss(images, tokens)
+            else:
+                out = self.ddp(images, tokens)
+                loss = self.loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+                backward = loss.backward
         if not self._everywhere(bool(torch.isfinite(loss.detach()))):
             if self.cfg.run.nonfinite == "stop":
                 raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at step {self.step + 1}; set "
                                          "run.nonfinite: skip to skip such steps")  # fmt: skip
             self._skip_update()
             return loss.item()
-        loss.backward()
+        backward()
         if self.cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
@@ -240,6 +268,39 @@ class Runner:
 
             clamp_logit_scale_(self.model)
         return loss.item()
+
+    def _cached_loss(self, images: torch.Tensor, tokens: torch.Tensor):
+        """The whole batch's loss from features computed in micro-batches without gradients, and a function that
+        back-propagates it micro-batch by micro-batch (GradCache: the loss gives each cached feature's gradient,
+        then each micro-batch runs again with gradients and receives its share). Same gradients as one pass."""
+        chunks = [c for c in zip(images.tensor_split(self.cfg.optim.accum_steps), tokens.tensor_split(
+            self.cfg.optim.accum_steps)) if len(c[0])]  # fmt: skip
+        with torch.no_grad():
+            outs = [self.model(i, t) for i, t in chunks]
+        image_f = torch.cat([o.image_features for o in outs]).requires_grad_()
+        text_f = torch.cat([o.text_features for o in outs]).requires_grad_()
+        scale = outs[0].logit_scale.detach().requires_grad_()
+        bias = None if outs[0].logit_bias is None else outs[0].logit_bias.detach().requires_grad_()
+        loss = self.loss_fn(image_f, text_f, scale, bias)
+
+        def backward() -> None:
+            loss.backward()
+            sizes = [len(i) for i, _ in chunks]
+            grads = list(zip(image_f.grad.split(sizes), text_f.grad.split(sizes)))
+            for j, (i, t) in enumerate(chunks):
+                last = j == len(chunks) - 1
+                # DDP all-reduces gradients once, after the last micro-batch
+                sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
+                with sync:
+                    with self._autocast():
+                        out = self.ddp(i, t)
+                    pairs = [(out.image_features, grads[j][0]), (out.text_features, grads[j][1])]
+                    if last:  # the temperature (and bias) enter once, with their gradient from the whole loss
+                        pairs += [(out.logit_scale, scale.grad), (out.logit_bias, None if bias is None else bias.grad)]
+                    pairs = [(x, g) for x, g in pairs if x is not None and x.requires_grad]
+                    torch.autograd.backward([x for x, _ in pairs], [g for _, g in pairs])
+
+        return loss, backward
 
     def _after_step(self, batch, bar) -> None:
         now, run = time.perf_counter(), self.cfg.run
@@ -279,6 +340,7 @@ class Runner:
             from .plot import plot_metrics
 
             plot_metrics(self.metrics.path, self.run_dir / "curves.png")
+            self.metrics.close()
         rate = self.samples / max(self.train_s, 1e-9)
         result = TrainResult(self.run_dir, self.step, self.loss, self.last_eval, self.train_s, rate)
         if self.dist.main:
