@@ -146,11 +146,15 @@ def test_rng_state_roundtrip_loads_weights_only(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
+def _states(model, optimizer, scheduler) -> tuple[dict, dict, dict]:
+    return model.state_dict(), optimizer.state_dict(), scheduler.state_dict()
+
+
 def test_latest_ignores_incomplete_checkpoints(tmp_path):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(1, 10))
-    done = run_state.save_checkpoint(tmp_path, 5, model, opt, sched, run_state.DataPosition(1, 2))
+    done = run_state.save_checkpoint(tmp_path, 5, *_states(model, opt, sched), run_state.DataPosition(1, 2))
     # A crash mid-save: a newer directory without its completion marker, and a leftover temporary directory.
     half = run_state.checkpoint_dir(tmp_path, 9)
     half.mkdir()
@@ -221,7 +225,9 @@ def test_resume_in_new_process_matches_uninterrupted_run(tmp_path):
     assert got["data"] == expected["data"] and got["step"] == 2 * n
     for key, value in expected["model"].items():
         assert torch.equal(got["model"][key], value), key
-    assert got["optimizer"]["state"][0]["step"] == expected["optimizer"]["state"][0]["step"]
+    assert got["optimizer"]["state"]["visual.patch_embed.weight"]["step"] == 2 * n  # state keyed by parameter name
+    for name, value in expected["optimizer"]["state"].items():
+        assert torch.equal(got["optimizer"]["state"][name]["exp_avg_sq"], value["exp_avg_sq"]), name
 
 
 class _NanAt:
@@ -258,7 +264,7 @@ def test_existing_run_needs_resume(tmp_path):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(1, 10))
-    run_state.save_checkpoint(tmp_path, 1, model, opt, sched, run_state.DataPosition())
+    run_state.save_checkpoint(tmp_path, 1, *_states(model, opt, sched), run_state.DataPosition())
     with pytest.raises(ValueError, match="resume latest"):
         train(tiny_config(tmp_path, "--run.steps", "2", "--data.eval_size", "0"))
     assert not (tmp_path / "config.yaml").exists()
@@ -284,7 +290,8 @@ def test_short_default_run_learns(tmp_path):
     assert result.eval.recall["text_to_image@5"] > 0.15, result.eval.format()
 
 
-@pytest.mark.parametrize("extra", [[], ["--optim.accum_steps", "2"]], ids=["ddp", "ddp-accum"])
+@pytest.mark.parametrize("extra", [[], ["--optim.accum_steps", "2"], ["--run.parallel", "fsdp", "--optim.grad_clip",
+                                   "0.05"]], ids=["ddp", "ddp-accum", "fsdp"])  # fmt: skip
 def test_two_process_gloo_step_matches_one_process(tmp_path, extra):
     """torchrun with 2 CPU processes x 16 images gives the same weights as 1 process x 32 (the same samples),
     also when each process splits its batch into micro-batches (features gathered across processes)."""
@@ -295,7 +302,9 @@ def test_two_process_gloo_step_matches_one_process(tmp_path, extra):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     subprocess.run([*torchrun, "-m", "clipworks.cli", "train", *common, "--data.batch_size", "16", *extra,
                     "--run.out_dir", str(tmp_path / "ddp")], check=True, env=env, timeout=300)  # fmt: skip
-    train(load_config(None, [*common, "--data.batch_size", "32", "--run.out_dir", str(tmp_path / "one")]))
+    clip = extra[-1:] if "fsdp" in extra else []  # FSDP: also the global gradient norm over shards
+    train(load_config(None, [*common, "--data.batch_size", "32", "--run.out_dir", str(tmp_path / "one"),
+                             *(["--optim.grad_clip", *clip] if clip else [])]))
     ddp = run_state.load_checkpoint(run_state.checkpoint_dir(tmp_path / "ddp", 2))["model"]
     one = run_state.load_checkpoint(run_state.checkpoint_dir(tmp_path / "one", 2))["model"]
     before = run_state.load_checkpoint(run_state.checkpoint_dir(tmp_path / "one", 1))["model"]
@@ -335,7 +344,8 @@ def slow_save(obj, f, *args, **kwargs):
     time.sleep(600)
 
 torch.save = slow_save
-run_state.save_checkpoint(run_dir, 2, model, opt, sched, run_state.DataPosition())
+run_state.save_checkpoint(run_dir, 2, model.state_dict(), opt.state_dict(), sched.state_dict(),
+                          run_state.DataPosition())
 """
 
 
@@ -346,7 +356,7 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_p
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    first = run_state.save_checkpoint(tmp_path, 1, model, opt, sched, run_state.DataPosition())
+    first = run_state.save_checkpoint(tmp_path, 1, *_states(model, opt, sched), run_state.DataPosition())
     ready = tmp_path / "writing"
     child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(tmp_path), str(ready)])
     try:

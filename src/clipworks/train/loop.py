@@ -5,10 +5,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
-import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +15,15 @@ from torch import nn
 
 from ..config import CLIPConfig, TextConfig, VisionTransformerConfig
 from .config import ModelConfig, TrainConfig, save_config
+from .distributed import (
+    Distributed,
+    full_model_state,
+    full_optimizer_state,
+    load_full_state,
+    setup_distributed,
+    sync_replicated_grads,
+    wrap_model,
+)
 from .optim import build_optimizer, build_scheduler
 from .state import DataPosition, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
 from .zeroshot import EvalResult, SyntheticEval
@@ -31,19 +39,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class Distributed:
-    """This process's place in the job: rank, world size, and its device."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-@dataclass
 class TrainResult:
     """What a finished run produced."""
 
@@ -53,19 +48,6 @@ class TrainResult:
     eval: EvalResult | None
     wall_s: float
     samples_per_s: float
-
-
-def setup_distributed(device: str = "auto") -> Distributed:
-    """Join the torchrun process group when `WORLD_SIZE` > 1 (nccl on CUDA, gloo on CPU)."""
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if world_size > 1:
-        if use_cuda:
-            torch.cuda.set_device(dev)
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    return Distributed(rank, world_size, dev)
 
 
 def tiny_clip_config(m: ModelConfig, loss: str = "clip") -> CLIPConfig:
@@ -149,10 +131,7 @@ class Runner:
         model, self.tokenizer = build_model(cfg.model, cfg.loss.kind)
         self.model = model.to(dist.device)
         self.preprocess = model.preprocess_config
-        self.ddp = self.model
-        if dist.world_size > 1:
-            ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.ddp = wrap_model(self.model, dist)  # what the steps call: the model, DDP around it, or FSDP-sharded
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.run.steps)
         lc = cfg.loss
@@ -160,7 +139,7 @@ class Runner:
                                   chunk_size=lc.chunk_size)  # fmt: skip
         self.train_transform = image_transform(self.preprocess, train=cfg.data.augment)
         self.heldout = None
-        if dist.main and cfg.data.eval_size > 0:
+        if (dist.main or dist.sharded) and cfg.data.eval_size > 0:  # a sharded model evaluates on every rank
             self.heldout = SyntheticEval(cfg.data.eval_size, image_transform(self.preprocess), self.tokenizer)
         self.step, self.position, self.skipped, self.skipped_steps = 0, DataPosition(), 0, 0
         self.loss, self.last_eval, self.train_s, self.samples = math.nan, None, 0.0, 0
@@ -179,8 +158,7 @@ class Runner:
                                  "or pass a new --run.out_dir")  # fmt: skip
             return
         state = load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.position = DataPosition(**state["data"])
@@ -258,6 +236,7 @@ class Runner:
             self._skip_update()
             return loss.item()
         backward()
+        sync_replicated_grads(self.model, self.dist)
         if self.cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
@@ -316,7 +295,8 @@ class Runner:
         result = self.heldout.evaluate(self.model, self.dist.device) if evaluate else None
         if result is not None:
             self.last_eval = result
-            bar.write(f"step {self.step}: {result.format()}")
+            if self.dist.main:
+                bar.write(f"step {self.step}: {result.format()}")
         logged = self.dist.main and (self.step % run.log_every == 0 or result is not None or last)
         if logged:
             self.metrics.write(step=self.step, loss=self.loss, lr=self.scheduler.get_last_lr()[0],
@@ -324,19 +304,43 @@ class Runner:
                                skipped=self.skipped, skipped_steps=self.skipped_steps,
                                zero_shot_top1=result and result.top1,
                                zero_shot_seen_top1=result and result.seen_top1)  # fmt: skip
-        if self.dist.main and ((run.save_every and self.step % run.save_every == 0) or last):
-            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.position)
+        if (run.save_every and self.step % run.save_every == 0) or last:
+            self._save()
         self._tick = time.perf_counter()  # evaluation and saving count neither as training time nor in samples/s
         if logged:
             self._window_start, self._window_samples = self._tick, 0
 
+    def _save(self) -> None:
+        """A run-state checkpoint (gathering the whole state from every rank under FSDP; rank 0 writes)."""
+        if not (self.dist.main or self.dist.sharded):
+            return
+        model_state = full_model_state(self.model, self.dist)
+        optim_state = full_optimizer_state(self.model, self.optimizer, self.dist)
+        if self.dist.main:
+            save_checkpoint(self.run_dir, self.step, model_state, optim_state, self.scheduler.state_dict(),
+                            self.position)  # fmt: skip
+
+    def _final_model(self) -> nn.Module | None:
+        """The trained model, whole, on rank 0 (None elsewhere); under FSDP gathered from every rank."""
+        if not self.dist.sharded:
+            return self.model if self.dist.main else None
+        from ..models.clip import CLIP
+
+        state = full_model_state(self.model, self.dist)
+        if not self.dist.main:
+            return None
+        model = CLIP(self.model.config)
+        model.load_state_dict(state)
+        return model
+
     def _finish(self) -> TrainResult:
         from ..checkpoints.export import save_pretrained
 
+        if self.heldout is not None and self.last_eval is None:
+            self.last_eval = self.heldout.evaluate(self.model, self.dist.device)
+        final = self._final_model()
         if self.dist.main:
-            if self.heldout is not None and self.last_eval is None:
-                self.last_eval = self.heldout.evaluate(self.model, self.dist.device)
-            save_pretrained(self.model, self.run_dir / "model", preprocess=self.preprocess)
+            save_pretrained(final, self.run_dir / "model", preprocess=self.preprocess)
             from .plot import plot_metrics
 
             plot_metrics(self.metrics.path, self.run_dir / "curves.png")
@@ -372,7 +376,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         ValueError: a bad config or data source.
     """
     cfg.validate()
-    dist = setup_distributed(cfg.run.device)
+    dist = setup_distributed(cfg.run.device, cfg.run.parallel)
     try:
         return Runner(cfg, dist, _run_dir(cfg, dist)).fit()
     finally:

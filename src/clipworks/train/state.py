@@ -59,9 +59,11 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, optimizer, scheduler,
-                    position: DataPosition) -> Path:  # fmt: skip
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict, optimizer_state: dict,
+                    scheduler_state: dict, position: DataPosition) -> Path:  # fmt: skip
     """Write the run state after `step` optimiser steps; returns the checkpoint directory.
+
+    The states are whole (unsharded) state dicts; `clipworks.train.distributed` gathers them under FSDP.
 
     The files go into a temporary sibling directory, which is renamed into place only once complete, so a
     process killed mid-save leaves the previous checkpoints as they were.
@@ -69,9 +71,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     path = checkpoint_dir(run_dir, step)
     state = {
         "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "scheduler": scheduler_state,
         "data": {"epoch": position.epoch, "step_in_epoch": position.step_in_epoch},
         "rng": rng_state(),
     }
