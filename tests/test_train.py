@@ -211,13 +211,15 @@ train(cfg)
 
 def test_resume_in_new_process_matches_uninterrupted_run(tmp_path):
     n = 6
+    # With augmentation and a worker process: each sample's augmentation is seeded by itself, not by the worker.
     whole = train(tiny_config(tmp_path / "whole", "--run.steps", str(2 * n), "--run.save_every", str(n),
-                              "--data.eval_size", "0", "--data.batch_size", "48"))  # fmt: skip
+                              "--data.eval_size", "0", "--data.batch_size", "48", "--data.workers", "1"))  # fmt: skip
     first_half = run_state.checkpoint_dir(whole.run_dir, n)
     # Steps n+1..2n again in a fresh interpreter, from the step-n checkpoint (what a restart after a crash does).
     # 256 samples / 48 per batch = 5 batches per epoch: the resumed run also crosses an epoch boundary.
     args = [*TINY, "--run.out_dir", str(tmp_path / "resumed"), "--run.steps", str(2 * n), "--run.save_every",
-            str(n), "--data.eval_size", "0", "--data.batch_size", "48", "--run.resume", str(first_half)]  # fmt: skip
+            str(n), "--data.eval_size", "0", "--data.batch_size", "48", "--run.resume", str(first_half),
+            "--data.workers", "1"]  # fmt: skip
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     subprocess.run([sys.executable, "-c", _RESUME_CHILD, *args], check=True, env=env, timeout=120)
     expected = run_state.load_checkpoint(run_state.checkpoint_dir(whole.run_dir, 2 * n))

@@ -31,7 +31,7 @@ from .decode import Sample, Transform, load_sample
 from .wds import ShardError, WebDataset, expand_braces, mix_seed
 
 __all__ = [
-    "SCHEMES", "Batch", "Collate", "DataSpec", "EpochSampler", "FolderDataset", "ShardError", "TableDataset",
+    "SCHEMES", "Batch", "Collate", "DataSpec", "EpochSampler", "FolderDataset", "SeededSamples", "ShardError", "TableDataset",
     "WebDataset", "build_dataset", "collate", "expand_braces", "make_loader", "parse_data_spec", "set_epoch",
 ]  # fmt: skip
 
@@ -242,12 +242,31 @@ def collate(tokenizer: Callable[[list[str]], torch.Tensor]) -> Collate:
     return Collate(tokenizer)
 
 
-class EpochSampler(Sampler[int]):
+class SeededSamples(Dataset):
+    """A map-style dataset read at `(index, seed)` keys: each sample's random augmentation draws from torch's RNG
+    seeded with its own `seed`, whatever worker process reads it and whatever it read before, so a run resumed
+    mid-epoch (with fresh workers) augments every later sample exactly as the uninterrupted run did."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
     """This rank's share of a per-epoch permutation, like `DistributedSampler`, resumable at a batch.
 
     The permutation of all indices is drawn with `seed + epoch` (the same on every rank), trimmed (drop_last)
     or padded by wrapping around to a multiple of `world_size`, and rank r takes positions r, r + world, ...
     The first `start_step * batch_size` of those are sliced off, so a resumed epoch picks up where it stopped.
+    It yields `(index, sample_seed)` keys for `SeededSamples`, the seed a function of (seed, epoch, index).
     """
 
     def __init__(self, size: int, *, batch_size: int, seed=0, rank=0, world_size=1, shuffle=True, drop_last=True):
@@ -271,8 +290,9 @@ class EpochSampler(Sampler[int]):
             order += (order * self.world_size)[: self.world_size - self.size % self.world_size]
         return order[self.rank :: self.world_size][self.start_step * self.batch_size :]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices())
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        # tuple hashes of ints are fixed across processes and runs (no hash randomisation for ints)
+        return iter([(i, hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF) for i in self.indices()])
 
     def __len__(self) -> int:
         return len(self.indices())
@@ -312,6 +332,7 @@ def make_loader(
     else:
         sampler = EpochSampler(len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                                shuffle=shuffle, drop_last=drop_last)  # fmt: skip
+        dataset = SeededSamples(dataset)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
