@@ -1,9 +1,262 @@
-"""Subcommands of `clipworks` for this package (registered by `clipworks.cli`)."""
+"""Subcommands of `clipworks` for this package (registered by `clipworks.cli`): classify, score and eval."""
 
 from __future__ import annotations
 
 import argparse
+import os
+
+EVAL_TASKS = ("zeroshot", "retrieval", "linear-probe", "compositional", "clipscore", "fit-score")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="preset, NAME:TAG, local-dir:DIR or hf-hub:ORG/REPO")
+    p.add_argument("--pretrained", default=None, help="registry tag, weights file or checkpoint directory")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random initialisation (no --pretrained)")
+
+
+def _eval_args(p: argparse.ArgumentParser, out_help: str = "write results.json, results.md and a figure here") -> None:
+    _model_args(p)
+    p.add_argument("--data", required=True, help="evaluation data: folder:DIR, csv:FILE?..., coco:FILE, synthetic:shapes")
+    p.add_argument("--out", default=None, help=out_help)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding images")
+    p.add_argument("--cache-dir", default="~/.cache/clipworks/features", help="feature cache directory")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add this package's subcommands to the `clipworks` parser (none yet)."""
+    """Add `classify`, `score` and `eval` to the `clipworks` parser."""
+    p = sub.add_parser("classify", help="zero-shot classify images among class names, or rank a caption bank")
+    _model_args(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog,car"')
+    group.add_argument("--captions", help="a file of captions, one a line, to rank for each image")
+    p.add_argument("--top", type=int, default=5, help="how many classes or captions to print per image")
+    p.add_argument("--templates", default="imagenet",
+                   help="prompt templates: imagenet (OpenAI's 80), simple (their best 7), photo, or a FILE")  # fmt: skip
+    p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser("score", help="score images with a head fit by `clipworks eval fit-score`")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--head", required=True, help="a .safetensors head from `clipworks eval fit-score`")
+    p.add_argument("--model", default=None, help="the embedding model (default: the one the head was fit on)")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("eval", help="evaluate a model: " + ", ".join(EVAL_TASKS))
+    tasks = p.add_subparsers(dest="task", required=True)
+    t = tasks.add_parser("zeroshot", help="zero-shot classification: top-1, top-5, mean per-class recall")
+    _eval_args(t)
+    t.add_argument("--templates", default="imagenet", help="imagenet, simple, photo, or a FILE of templates")
+    t = tasks.add_parser("retrieval", help="image-text retrieval recall@1/5/10 in both directions")
+    _eval_args(t)
+    t.add_argument("--images", default=None, help="image folder for coco: caption files")
+    t = tasks.add_parser("linear-probe", help="logistic regression on features, L2 chosen on a validation split")
+    _eval_args(t)
+    t.add_argument("--test-data", required=True, help="labelled test data (classes matched by name)")
+    t.add_argument("--l2", type=float, nargs="+", default=None, help="L2 strengths to try (default 1e-6..10)")
+    t = tasks.add_parser("compositional", help="true caption vs hard negatives (swapped attributes/relations)")
+    _eval_args(t)
+    t = tasks.add_parser("clipscore", help="CLIP score 100*max(cos, 0) of image-caption pairs")
+    _eval_args(t)
+    t.add_argument("--images", default=None, help="image folder for coco: caption files")
+    t = tasks.add_parser("fit-score", help="fit a scoring head on embeddings from csv:FILE?score=COL")
+    _eval_args(t, out_help="the head to write (.safetensors)")
+    t.add_argument("--hidden", type=int, default=0, help="MLP hidden width (0: a linear head)")
+    t.add_argument("--epochs", type=int, default=300)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _device(name: str | None):
+    import torch
+
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _init_distributed(device) -> None:
+    """Join the process group `torchrun` describes (WORLD_SIZE > 1), unless already joined."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)  # NCCL gathers through the current device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+
+    from ..factory import create_model_and_transforms, get_tokenizer
+
+    device = _device(args.device)
+    torch.manual_seed(args.seed)  # random weights are the same on every rank and every run
+    model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
+    return model, preprocess, get_tokenizer(model), device
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from .classify import classify, rank_captions, read_captions
+    from .prompts import load_templates, parse_labels
+
+    if args.top < 1:
+        raise ValueError(f"--top {args.top}: expected at least 1")
+    labels = parse_labels(args.labels) if args.labels else None
+    templates = load_templates(args.templates) if labels else None
+    captions = read_captions(args.captions) if args.captions else None
+    model, preprocess, tokenizer, device = _load_model(args)
+    if labels:
+        rankings = classify(model, preprocess, tokenizer, args.images, labels, templates, args.top, device)
+    else:
+        rankings = rank_captions(model, preprocess, tokenizer, args.images, captions, args.top, device)
+    print("\n".join(r.format() for r in rankings))
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .classify import encode_image_files
+    from .scoring import load_head
+
+    loaded = load_head(args.head)
+    if args.model is None:
+        args.model, args.pretrained = loaded.model, loaded.pretrained
+    model, preprocess, _, device = _load_model(args)
+    if model.config.embed_dim != loaded.head[0].in_features:
+        raise ValueError(f"{args.head} reads {loaded.head[0].in_features}-d embeddings; {args.model} gives "
+                         f"{model.config.embed_dim}-d (it was fit on {loaded.model})")  # fmt: skip
+    scores = loaded.head(encode_image_files(model, preprocess, args.images, device)).tolist()
+    for path, s in zip(args.images, scores):
+        print(f"{s:10.4f}  {path}")
+    return 0
+
+
+def _embedder(args: argparse.Namespace):
+    from .embed import Embedder, model_identity
+
+    model, preprocess, tokenizer, device = _load_model(args)
+    _init_distributed(device)
+    identity = model_identity(args.model, args.pretrained)
+    cache = None if args.no_cache else args.cache_dir
+    return Embedder(model, preprocess, tokenizer, identity=identity, cache_dir=cache, batch_size=args.batch_size,
+                    workers=args.workers, device=device, show_progress=not args.no_progress)  # fmt: skip
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import sources
+
+    if args.batch_size < 1 or args.workers < 0:
+        raise ValueError(f"--batch-size {args.batch_size} --workers {args.workers}: expected >= 1 and >= 0")
+    # Read the data first: a bad path or spec fails before a model is built.
+    if args.task == "zeroshot":
+        from .prompts import load_templates
+
+        data = (sources.load_classification(args.data), load_templates(args.templates))
+    elif args.task == "linear-probe":
+        data = (sources.load_classification(args.data), sources.load_classification(args.test_data))
+    elif args.task in ("retrieval", "clipscore"):
+        data = (sources.load_captioned(args.data, args.images),)
+    elif args.task == "compositional":
+        data = (sources.load_with_negatives(args.data),)
+    else:
+        if not args.out:
+            raise ValueError("fit-score needs --out HEAD.safetensors")
+        data = (sources.load_scored(args.data),)
+    embedder = _embedder(args)
+    return _RUNNERS[args.task](args, embedder, *data)
+
+
+def _report(args: argparse.Namespace, embedder, evaluation, figure=None, **info) -> int:
+    from .report import print_table, write_results
+
+    if embedder.rank != 0:
+        return 0
+    details = {"model": args.model, "pretrained": args.pretrained, "data": args.data, "images": evaluation.images,
+               "unreadable images skipped": evaluation.skipped, "processes": embedder.world_size, **info}  # fmt: skip
+    done = embedder.embedded
+    print(f"clipworks eval {args.task}: {args.model} on {args.data}: {evaluation.images} images, "
+          f"{evaluation.skipped} unreadable (skipped); embedded {done['images']} images and {done['texts']} texts, "
+          f"{embedder.cache_hits} feature set(s) read from the cache")  # fmt: skip
+    print_table(evaluation.metrics)
+    if args.out:
+        out = write_results(args.out, args.task, evaluation.metrics, details)
+        if figure is not None:
+            figure(out)
+        print(f"wrote {out}/results.json and results.md")
+    return 0
+
+
+def _run_zeroshot(args, embedder, data, templates) -> int:
+    from .report import confusion_png
+    from .tasks import zeroshot
+
+    ev = zeroshot(embedder, data, templates)
+
+    def figure(out):
+        confusion_png(ev.extra["confusion"], data.class_names, out / "confusion.png")
+
+    return _report(args, embedder, ev, figure, classes=len(data.class_names), templates=len(templates))
+
+
+def _run_retrieval(args, embedder, data) -> int:
+    from .report import retrieval_grid_png
+    from .tasks import retrieval
+
+    ev = retrieval(embedder, data)
+
+    def figure(out):
+        grid = ev.extra["grid"]
+        retrieval_grid_png([g[0] for g in grid], [g[1] for g in grid], [g[2] for g in grid], data.images.load,
+                           out / "retrieval.png")  # fmt: skip
+
+    return _report(args, embedder, ev, figure)
+
+
+def _run_linear_probe(args, embedder, train, test) -> int:
+    from .linear_probe import DEFAULT_L2_GRID
+    from .tasks import linear_probe_eval
+
+    ev = linear_probe_eval(embedder, train, test, args.l2 or DEFAULT_L2_GRID, seed=args.seed)
+    return _report(args, embedder, ev, test_data=args.test_data, classes=len(train.class_names))
+
+
+def _run_compositional(args, embedder, data) -> int:
+    from .tasks import compositional
+
+    return _report(args, embedder, compositional(embedder, data), negative_kinds=", ".join(data.kinds))
+
+
+def _run_clipscore(args, embedder, data) -> int:
+    from .tasks import clipscore
+
+    return _report(args, embedder, clipscore(embedder, data))
+
+
+def _run_fit_score(args, embedder, data) -> int:
+    import torch
+
+    from .scoring import fit_head, save_head
+
+    feats = embedder.images(data.images)
+    scores = torch.tensor(data.scores)[feats.valid]
+    result = fit_head(feats.features[feats.valid], scores, args.hidden, args.epochs, seed=args.seed)
+    if embedder.rank == 0:
+        save_head(result.head, args.out, args.model, args.pretrained)
+        print(f"clipworks eval fit-score: {len(scores)} images ({feats.skipped} unreadable, skipped); "
+              f"RMSE train {result.train_rmse:.4g}, validation {result.val_rmse:.4g} (predicting the mean: "
+              f"{result.baseline_rmse:.4g}); wrote {args.out}")  # fmt: skip
+    return 0
+
+
+_RUNNERS = {"zeroshot": _run_zeroshot, "retrieval": _run_retrieval, "linear-probe": _run_linear_probe,
+            "compositional": _run_compositional, "clipscore": _run_clipscore, "fit-score": _run_fit_score}  # fmt: skip
+

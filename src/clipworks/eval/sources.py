@@ -1,0 +1,335 @@
+"""Evaluation sets named by a `--data` string: labelled, captioned, negative-captioned or scored images.
+
+A spec is `SCHEME:PATH[?key=value&...]`:
+
+- `folder:DIR`: classification with one sub-folder per class (the class name is the folder name with "_" as
+  a space); every image under a class folder, recursively.
+- `csv:FILE` / `tsv:FILE`: image paths (column `filepath`, relative to the file) with `label`, `caption`,
+  negative-caption or `score` columns, renamed with `?image=COL&label=COL&caption=COL&negatives=A,B&score=COL`.
+  For retrieval an image may repeat on several rows, one caption each.
+- `coco:FILE`: a COCO caption JSON (`images[{id, file_name}]`, `annotations[{image_id, caption}]`); images
+  are read from `?images=DIR` (default: the JSON's folder).
+- `synthetic:shapes[?size=N&seed=S&image_size=64&split=heldout]`: the built-in generator's held-out scenes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from ..data.decode import load_image
+from .prompts import check_unique
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+OPTIONS: dict[str, dict[str, str]] = {
+    "folder": {},
+    "csv": {"image": "filepath", "label": "label", "caption": "caption", "negatives": "", "score": "score"},
+    "tsv": {"image": "filepath", "label": "label", "caption": "caption", "negatives": "", "score": "score"},
+    "coco": {"images": ""},
+    "synthetic": {"size": "500", "seed": "0", "image_size": "64", "split": "heldout"},
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed evaluation data string."""
+
+    scheme: str
+    path: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        query = "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.scheme}:{self.path}" + (f"?{query}" if query else "")
+
+
+def parse_spec(text: str, allowed: tuple[str, ...] = tuple(OPTIONS)) -> Spec:
+    """Parse `SCHEME:PATH[?key=value&...]` with SCHEME among `allowed`; the scheme's defaults filled in.
+
+    Raises:
+        ValueError: an unknown scheme or option.
+    """
+    scheme, sep, rest = text.partition(":")
+    if not sep or scheme not in allowed:
+        raise ValueError(f"bad data spec {text!r}: expected SCHEME:PATH with SCHEME one of {', '.join(allowed)}")
+    path, _, query = rest.partition("?")
+    if not path:
+        raise ValueError(f"bad data spec {text!r}: no path after {scheme!r}")
+    options = dict(OPTIONS[scheme])
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if key not in options or not eq:
+            valid = ", ".join(f"{k}=..." for k in OPTIONS[scheme]) or "none"
+            raise ValueError(f"bad data spec {text!r}: option {item!r}; {scheme!r} takes: {valid}")
+        options[key] = value
+    return Spec(scheme, path, options)
+
+
+# --- images -------------------------------------------------------------------------------------------------
+
+
+class ImageSet:
+    """The images of an evaluation set: `load(i)` decodes image i (raising `ImageDecodeError` when broken)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def name(self, i: int) -> str:
+        """A short name of image i for reports."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A hash that changes when the images may have changed (paths, sizes, modification times)."""
+        raise NotImplementedError
+
+
+class FileImages(ImageSet):
+    """Image files."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> Image.Image:
+        return load_image(self.paths[i])
+
+    def name(self, i: int) -> str:
+        return str(self.paths[i])
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for p in self.paths:
+            try:
+                st = p.stat()
+                h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p}\0missing\n".encode())
+        return h.hexdigest()
+
+
+class SyntheticImages(ImageSet):
+    """Images drawn by the `synthetic:shapes` generator (a `ShapesDataset`)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, i: int) -> Image.Image:
+        return self.dataset[i][0]
+
+    def name(self, i: int) -> str:
+        return f"shapes/{self.dataset.split}/{i}"
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(repr(self.dataset).encode()).hexdigest()
+
+
+# --- tasks --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Classification:
+    """Images with class labels (indices into `class_names`)."""
+
+    images: ImageSet
+    labels: list[int]
+    class_names: list[str]
+
+
+@dataclass
+class Captioned:
+    """Images with captions; caption j describes image `caption_image[j]` (an image may have several)."""
+
+    images: ImageSet
+    captions: list[str]
+    caption_image: list[int]
+
+
+@dataclass
+class WithNegatives:
+    """Images, each with its true caption and hard negatives; `kinds` names what each negative column swaps."""
+
+    images: ImageSet
+    captions: list[str]
+    negatives: list[list[str]]
+    kinds: list[str]
+
+
+@dataclass
+class Scored:
+    """Images with a numeric score each (quality, aesthetics, ...)."""
+
+    images: ImageSet
+    scores: list[float]
+
+
+def _exists(path: str, kind: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{kind} not found: {path!r}")
+    return p
+
+
+def read_table(spec: Spec, columns: list[str]) -> tuple[Path, list[dict[str, str]]]:
+    """(the file's folder, its rows) of a csv/tsv spec, checking that `columns` are present."""
+    file = _exists(spec.path, "data file")
+    with open(file, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
+        reader = csv.DictReader(f, delimiter="," if spec.scheme == "csv" else "\t")
+        found = reader.fieldnames or []
+        missing = [c for c in columns if c not in found]
+        if missing:
+            raise ValueError(f"{spec.path}: missing column(s) {', '.join(map(repr, missing))} (columns found: "
+                             f"{', '.join(found) or 'none'}); name them with ?image=COL&label=COL&caption=COL...")  # fmt: skip
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{spec.path}: no rows")
+    return file.parent, rows
+
+
+def load_classification(text: str) -> Classification:
+    """A labelled image set from `folder:DIR`, `csv:FILE`, `tsv:FILE` (classes sorted by name) or
+    `synthetic:shapes` (single-object scenes labelled with their colour-shape pair among all 36)."""
+    spec = parse_spec(text, ("folder", "csv", "tsv", "synthetic"))
+    if spec.scheme == "folder":
+        return _class_folders(spec.path)
+    if spec.scheme == "synthetic":
+        from ..data.synthetic import zero_shot_task
+
+        args = _synthetic_args(spec)
+        task = zero_shot_task(spec.options["split"], args["size"], args["config"])
+        return Classification(SyntheticImages(task.dataset), [label for _, label in task.samples], task.class_names)
+    root, rows = read_table(spec, [spec.options["image"], spec.options["label"]])
+    names = [(row[spec.options["label"]] or "").strip() for row in rows]
+    if any(not n for n in names):
+        raise ValueError(f"{spec.path}: {sum(not n for n in names)} row(s) with an empty {spec.options['label']!r}")
+    class_names = sorted(set(names))
+    index = {n: k for k, n in enumerate(class_names)}
+    paths = [root / row[spec.options["image"]] for row in rows]
+    return Classification(FileImages(paths), [index[n] for n in names], class_names)
+
+
+def _class_folders(path: str) -> Classification:
+    root = _exists(path, "data folder")
+    if not root.is_dir():
+        raise ValueError(f"folder:{path}: not a directory")
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
+        raise ValueError(f"folder:{path}: no class sub-folders (expected DIR/<class name>/<image>)")
+    paths, labels = [], []
+    for k, d in enumerate(folders):
+        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise ValueError(f"folder:{path}: class folder {d.name!r} holds no images "
+                             f"(extensions read: {', '.join(IMAGE_EXTENSIONS)})")  # fmt: skip
+        paths += files
+        labels += [k] * len(files)
+    names = check_unique([d.name.replace("_", " ") for d in folders], f"folder:{path}")
+    return Classification(FileImages(paths), labels, names)
+
+
+def load_captioned(text: str, images_dir: str | None = None) -> Captioned:
+    """Captioned images from `csv:`/`tsv:` (an image may repeat, one caption a row), `coco:` or synthetic."""
+    spec = parse_spec(text, ("csv", "tsv", "coco", "synthetic"))
+    if spec.scheme == "coco":
+        return _coco(spec, images_dir)
+    if spec.scheme == "synthetic":
+        from ..data.synthetic import ShapesDataset
+
+        dataset = ShapesDataset(spec.options["split"], **_synthetic_args(spec))
+        return Captioned(SyntheticImages(dataset), [dataset.scene(i).caption for i in range(len(dataset))],
+                         list(range(len(dataset))))  # fmt: skip
+    image_key, caption_key = spec.options["image"], spec.options["caption"]
+    root, rows = read_table(spec, [image_key, caption_key])
+    index: dict[str, int] = {}
+    captions, caption_image = [], []
+    for row in rows:
+        caption = (row[caption_key] or "").strip()
+        if caption:
+            captions.append(caption)
+            caption_image.append(index.setdefault(row[image_key], len(index)))
+    if not captions:
+        raise ValueError(f"{spec.path}: every {caption_key!r} is empty")
+    return Captioned(FileImages([root / p for p in index]), captions, caption_image)
+
+
+def _coco(spec: Spec, images_dir: str | None) -> Captioned:
+    file = _exists(spec.path, "caption file")
+    folder = _exists(images_dir or spec.options["images"] or str(file.parent), "image folder")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        ids = {im["id"]: k for k, im in enumerate(data["images"])}
+        paths = [folder / im["file_name"] for im in data["images"]]
+        pairs = [(ids[a["image_id"]], a["caption"].strip()) for a in data["annotations"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{spec.path}: not a COCO caption file (images[{{id, file_name}}], "
+                         f"annotations[{{image_id, caption}}]): {type(e).__name__}: {e}") from e  # fmt: skip
+    if not pairs:
+        raise ValueError(f"{spec.path}: no annotations")
+    return Captioned(FileImages(paths), [c for _, c in pairs], [i for i, _ in pairs])
+
+
+def _synthetic_args(spec: Spec) -> dict:
+    from ..data.synthetic import ShapesConfig
+
+    if spec.path != "shapes":
+        raise ValueError(f"synthetic:{spec.path}: unknown generator; choose shapes")
+    try:
+        size, seed, image_size = (int(spec.options[k]) for k in ("size", "seed", "image_size"))
+    except ValueError as e:
+        raise ValueError(f"synthetic:{spec.path}: size, seed and image_size must be integers: {e}") from e
+    return {"size": size, "config": ShapesConfig(image_size=image_size, seed=seed)}
+
+
+def load_with_negatives(text: str) -> WithNegatives:
+    """Images with a true caption and hard negatives: `synthetic:shapes` (colour and relation swaps of
+    two-object scenes) or `csv:FILE?negatives=COL1,COL2` (empty negative cells are ignored)."""
+    spec = parse_spec(text, ("csv", "tsv", "synthetic"))
+    if spec.scheme == "synthetic":
+        from ..data.synthetic import compositional_task
+
+        args = _synthetic_args(spec)
+        task = compositional_task(spec.options["split"], args["size"], args["config"])
+        kinds = sorted({p.kind for p in task.pairs})
+        by_image: dict[int, dict[str, str]] = {}
+        captions: dict[int, str] = {}
+        for p in task.pairs:
+            by_image.setdefault(p.index, {})[p.kind] = p.negative
+            captions[p.index] = p.caption
+        order = sorted(by_image)
+        return WithNegatives(SyntheticImages(task.dataset), [captions[i] for i in order],
+                             [[by_image[i][k] for k in kinds] for i in order], kinds)  # fmt: skip
+    neg_cols = [c.strip() for c in spec.options["negatives"].split(",") if c.strip()]
+    if not neg_cols:
+        raise ValueError(f"{text}: name the negative-caption columns with ?negatives=COL1,COL2")
+    image_key, caption_key = spec.options["image"], spec.options["caption"]
+    root, rows = read_table(spec, [image_key, caption_key, *neg_cols])
+    rows = [r for r in rows if (r[caption_key] or "").strip()]
+    negatives = [[(r[c] or "").strip() for c in neg_cols] for r in rows]
+    if not rows or not all(any(n) for n in negatives):
+        raise ValueError(f"{spec.path}: every row needs a caption and at least one negative in {neg_cols}")
+    return WithNegatives(FileImages([root / r[image_key] for r in rows]), [r[caption_key].strip() for r in rows],
+                         negatives, neg_cols)  # fmt: skip
+
+
+def load_scored(text: str) -> Scored:
+    """Images with a numeric score column: `csv:FILE?score=COL`."""
+    spec = parse_spec(text, ("csv", "tsv"))
+    image_key, score_key = spec.options["image"], spec.options["score"]
+    root, rows = read_table(spec, [image_key, score_key])
+    try:
+        scores = [float(r[score_key]) for r in rows]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{spec.path}: column {score_key!r} must hold numbers: {e}") from e
+    return Scored(FileImages([root / r[image_key] for r in rows]), scores)

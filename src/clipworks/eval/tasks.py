@@ -1,0 +1,127 @@
+"""Evaluations as functions: an `Embedder` and an evaluation set in, metrics (and what the figures need) out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .embed import Embedder
+from .linear_probe import DEFAULT_L2_GRID, linear_probe
+from .metrics import (classification_metrics, clip_score, compositional_accuracy, confusion_matrix, ranked,
+                      retrieval_metrics)  # fmt: skip
+from .sources import Captioned, Classification, WithNegatives
+
+
+@dataclass
+class Evaluation:
+    """Metrics and counts of one evaluation; `extra` holds what its figure needs."""
+
+    metrics: dict
+    images: int
+    skipped: int
+    extra: dict = field(default_factory=dict)
+
+
+def zeroshot(embedder: Embedder, data: Classification, templates: Sequence[str]) -> Evaluation:
+    """Top-1, top-5 and mean per-class recall of zero-shot classification; `extra["confusion"]` (C, C)."""
+    feats = embedder.images(data.images)
+    weights = embedder.text_weights(data.class_names, templates)  # (C, E)
+    valid = feats.valid
+    logits = 100.0 * feats.features[valid] @ weights.t()  # (N, C): CLIP_benchmark's scale; ranks are unchanged
+    labels = torch.tensor(data.labels)[valid]
+    _require(len(labels), "zero-shot classification")
+    metrics = classification_metrics(logits, labels)
+    confusion = confusion_matrix(logits.argmax(1), labels, len(data.class_names))
+    return Evaluation(metrics, len(data.labels), feats.skipped, {"confusion": confusion})
+
+
+def _require(n: int, what: str) -> None:
+    if n == 0:
+        raise ValueError(f"{what}: no readable images")
+
+
+def retrieval(embedder: Embedder, data: Captioned, ks: Sequence[int] = (1, 5, 10), grid_rows: int = 8,
+              grid_k: int = 5) -> Evaluation:  # fmt: skip
+    """Recall@k in both directions; images that cannot be read are dropped with their captions, and images
+    without a caption (a COCO file may list some) are left out.
+
+    `extra["grid"]`: for the first `grid_rows` captions, (caption, its top `grid_k` image indices, its image).
+    """
+    feats = embedder.images(data.images)
+    text = embedder.texts(data.captions)
+    captioned = torch.zeros(len(data.images), dtype=torch.bool)
+    captioned[torch.tensor(data.caption_image)] = True
+    keep_img = (feats.valid & captioned).nonzero().squeeze(1)  # (N',) indices into the image set
+    new_index = torch.full((len(data.images),), -1, dtype=torch.long)
+    new_index[keep_img] = torch.arange(len(keep_img))
+    cap_img = new_index[torch.tensor(data.caption_image)]
+    keep_cap = cap_img >= 0
+    _require(len(keep_img), "retrieval")
+    image_f, text_f = feats.features[keep_img], text[keep_cap]
+    metrics = retrieval_metrics(image_f, text_f, cap_img[keep_cap], ks)
+    rows = keep_cap.nonzero().squeeze(1)[:grid_rows]
+    top = ranked(text[rows] @ image_f.t(), grid_k)  # (rows, k) in kept-image numbering
+    grid = [(data.captions[j], keep_img[t].tolist(), data.caption_image[j]) for j, t in zip(rows.tolist(), top)]
+    metrics["captions"] = int(keep_cap.sum())
+    return Evaluation(metrics, len(data.images), feats.skipped, {"grid": grid})
+
+
+def linear_probe_eval(embedder: Embedder, train: Classification, test: Classification,
+                      l2_grid: Sequence[float] = DEFAULT_L2_GRID, seed: int = 0) -> Evaluation:  # fmt: skip
+    """Logistic regression on training-set features, L2 chosen on a validation split, scored on the test set.
+
+    Test classes are matched to training classes by name.
+    """
+    unknown = sorted(set(test.class_names) - set(train.class_names))
+    if unknown:
+        raise ValueError(f"linear probe: test classes {unknown[:5]} do not occur in the training data")
+    tr, te = embedder.images(train.images), embedder.images(test.images)
+    to_train = torch.tensor([train.class_names.index(n) for n in test.class_names], dtype=torch.long)
+    train_y = torch.tensor(train.labels)[tr.valid]
+    test_y = to_train[torch.tensor(test.labels)][te.valid]
+    _require(len(train_y) * len(test_y), "linear probe")
+    result = linear_probe(tr.features[tr.valid], train_y, te.features[te.valid], test_y, len(train.class_names),
+                          l2_grid, seed=seed)  # fmt: skip
+    metrics = {"top1": result.top1, "mean_per_class_recall": result.mean_per_class_recall, "l2": result.l2}
+    metrics.update({f"val_top1@l2={k:g}": v for k, v in sorted(result.validation.items())})
+    return Evaluation(metrics, len(train.labels) + len(test.labels), tr.skipped + te.skipped)
+
+
+def compositional(embedder: Embedder, data: WithNegatives) -> Evaluation:
+    """The fraction of images whose true caption beats every hard negative (and per negative kind)."""
+    feats = embedder.images(data.images)
+    m = len(data.kinds)
+    flat = [n for row in data.negatives for n in row]
+    texts = list(dict.fromkeys([*data.captions, *[n for n in flat if n]]))  # each distinct text embedded once
+    where = {t: i for i, t in enumerate(texts)}
+    text_f = embedder.texts(texts)
+    valid = feats.valid
+    _require(int(valid.sum()), "compositional probe")
+    caption_f = text_f[torch.tensor([where[c] for c in data.captions])]
+    neg_idx = torch.tensor([[where.get(n, 0) for n in row] for row in data.negatives]).view(-1, m)
+    mask = torch.tensor([[bool(n) for n in row] for row in data.negatives]).view(-1, m)
+    metrics = compositional_accuracy(feats.features[valid], caption_f[valid], text_f[neg_idx][valid], mask[valid],
+                                     data.kinds)  # fmt: skip
+    metrics["chance"] = _chance(mask[valid])
+    return Evaluation(metrics, len(data.captions), feats.skipped)
+
+
+def _chance(mask: Tensor) -> float:
+    """Accuracy of random scores: the true caption first among itself and its negatives."""
+    return (1.0 / (1 + mask.sum(1).double())).mean().item()
+
+
+def clipscore(embedder: Embedder, data: Captioned) -> Evaluation:
+    """Mean CLIP score (100 * max(cos, 0)) over image-caption pairs, as torchmetrics' `CLIPScore`."""
+    feats = embedder.images(data.images)
+    text = embedder.texts(data.captions)
+    idx = torch.tensor(data.caption_image)
+    keep = feats.valid[idx]
+    _require(int(keep.sum()), "CLIP score")
+    scores = clip_score(feats.features[idx[keep]], text[keep])
+    metrics = {"clip_score": scores.mean().item(), "clip_score_std": scores.std().item() if len(scores) > 1 else 0.0,
+               "pairs": int(keep.sum())}  # fmt: skip
+    return Evaluation(metrics, len(data.images), feats.skipped, {"scores": scores})
