@@ -1,9 +1,101 @@
-"""Subcommands of `clipworks` for this package (registered by `clipworks.cli`)."""
+"""Subcommands of `clipworks` for this package (registered by `clipworks.cli`): embed, index, dedup."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..factory import create_model_and_transforms, get_tokenizer
+    from .embed import describe, embed_collection
+    from .store import model_id
+
+    local_rank = os.environ.get("LOCAL_RANK", "0")  # under torchrun: one GPU per process on a machine
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
+    tokenizer = get_tokenizer(model) if args.text else None
+    result = embed_collection(
+        model, args.data, args.out, model_name=model_id(args.model, args.pretrained), transform=preprocess,
+        tokenizer=tokenizer, text=args.text, batch_size=args.batch_size, workers=args.workers, dtype=args.dtype,
+        shard_size=args.shard_size, fast_decode=args.fast_decode, progress=not args.quiet,
+    )  # fmt: skip
+    print(describe(result))
+    if result.skipped:
+        print(f"{result.skipped} unreadable inputs skipped; listed in {args.out}/skipped.txt", file=sys.stderr)
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .index import build_index
+
+    index = build_index(args.embeddings, args.out, kind=args.kind, memory_budget_mb=args.memory_mb,
+                        recall_target=args.recall)  # fmt: skip
+    m = index.manifest
+    if m["search_param_name"]:
+        recall = (f"{m['search_param_name']}={m['search_param']}; recall@10 vs exact search: {m['recall_at_10']:.4f} "
+                  f"(target {m['recall_target']}, {m['recall_queries']} held-out queries)")  # fmt: skip
+    else:
+        recall = "exact search: recall@10 1.0"
+    print(f"{args.out}: {m['kind']} index of {m['count']} x {m['dim']} vectors ({m['model']}); "
+          f"{m['index_bytes'] / 2**20:.1f} MB index file; {recall}; built in {m['build_seconds']:.1f}s")
+    if m["recall_at_10"] < args.recall:
+        print(f"warning: recall@10 {m['recall_at_10']:.4f} is below the target {args.recall}; give more memory "
+              "(--memory-mb) or choose --kind ivf/hnsw", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _cmd_dedup(args: argparse.Namespace) -> int:
+    from .dedup import find_duplicates, write_pairs
+    from .index import load_index
+
+    index = load_index(args.index)
+    pairs = find_duplicates(index, args.threshold, neighbours=args.neighbours)
+    if args.out:
+        write_pairs(pairs, args.out)
+        print(f"{len(pairs)} pairs with similarity >= {args.threshold} written to {args.out}")
+    else:
+        print("a,b,score")
+        for p in pairs:
+            print(f"{p.a},{p.b},{p.score:.6f}")
+        print(f"{len(pairs)} pairs with similarity >= {args.threshold}", file=sys.stderr)
+    return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add this package's subcommands to the `clipworks` parser (none yet)."""
+    """Add `embed`, `index` and `dedup` to the `clipworks` parser."""
+    p = sub.add_parser("embed", help="embed a collection of images (or captions, --text) into shards")
+    p.add_argument("--model", required=True, help="preset, NAME:TAG, local-dir:DIR or hf-hub:ORG/REPO")
+    p.add_argument("--pretrained", default=None, help="registry tag, weights file or checkpoint directory")
+    p.add_argument("--data", required=True,
+                   help="folder:DIR, csv:FILE, tsv:FILE or wds:PATTERN (with --text also a file of captions)")
+    p.add_argument("--out", required=True, help="output directory; rerun the same command to resume")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4, help="decoding worker processes (0: decode in this one)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="embeddings on disk")
+    p.add_argument("--shard-size", type=int, default=10_000, help="items per output shard (wds: one per tar)")
+    p.add_argument("--text", action="store_true", help="embed the distinct captions instead (a caption bank)")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="reduced-size JPEG decoding: much faster on large photos, pixels not identical to exact preprocessing")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("index", help="build a FAISS index over an embeddings directory")
+    p.add_argument("--embeddings", required=True, help="directory written by `clipworks embed`")
+    p.add_argument("--out", required=True, help="index directory to write (an index there is replaced)")
+    p.add_argument("--kind", choices=("auto", "flat", "ivf", "ivfpq", "hnsw"), default="auto",
+                   help="auto: exact up to 50,000 vectors, else IVF-Flat, or IVF-PQ under a memory budget")
+    p.add_argument("--memory-mb", type=float, default=None, help="memory budget for the index")
+    p.add_argument("--recall", type=float, default=0.95, help="recall@10 target for approximate indexes")
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("dedup", help="list pairs of near-duplicate images in an index")
+    p.add_argument("--index", required=True, help="index directory")
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity at or above which a pair is listed")
+    p.add_argument("--neighbours", type=int, default=20, help="neighbours per image for HNSW indexes (k-NN)")
+    p.add_argument("--out", default=None, help="CSV file to write (a, b, score); default: print")
+    p.set_defaults(func=_cmd_dedup)

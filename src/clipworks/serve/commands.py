@@ -1,9 +1,70 @@
-"""Subcommands of `clipworks` for this package (registered by `clipworks.cli`)."""
+"""Subcommands of `clipworks` for this package (registered by `clipworks.cli`): `clipworks serve`."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from .limits import MIB, ServeSettings
+
+__all__ = ["add_commands", "settings_from_args"]
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add this package's subcommands to the `clipworks` parser (none yet)."""
+    """Add `serve` to the `clipworks` parser."""
+    d = ServeSettings()
+    p = sub.add_parser("serve", help="serve an index over HTTP: JSON search API and a web page",
+                       description="Text-to-image, image-to-image and image-to-text search over an index built by "
+                                   "`clipworks index`, with a web page at /. Binds to loopback by default.")  # fmt: skip
+    p.add_argument("--index", required=True, help="the image index directory (from `clipworks index`)")
+    p.add_argument("--model", required=True, help="the model the index was embedded with (preset, NAME:TAG, local-dir:DIR)")
+    p.add_argument("--pretrained", default=None, help="the weights the index was embedded with, if --model names none")
+    p.add_argument("--captions", default=None, help="an index of caption embeddings for image-to-text search")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-k", type=int, default=d.max_k, help=f"most results per search (default {d.max_k})")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / MIB,
+                   help=f"largest request body and URL download in MiB (default {d.max_body_bytes // MIB})")  # fmt: skip
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help=f"most pixels in an uploaded image (default {d.max_pixels})")  # fmt: skip
+    p.add_argument("--concurrency", type=int, default=d.concurrency,
+                   help=f"requests doing model work at once; more get 503 (default {d.concurrency})")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help=f"most queries encoded in one batch while the model is busy (default {d.max_batch})")  # fmt: skip
+    p.add_argument("--allow-urls", action="store_true", help="let image requests name a public http(s) URL to fetch")
+    p.add_argument("--url-timeout", type=float, default=d.url_timeout_s,
+                   help=f"seconds a URL download may take (default {d.url_timeout_s:g})")  # fmt: skip
+    p.add_argument("--image-root", action="append", default=None, metavar="DIR",
+                   help="folder image files may be served from (repeatable; default: the roots the index records)")  # fmt: skip
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the index checksum check at start")
+    p.set_defaults(func=_cmd_serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    """The `ServeSettings` the command-line options describe."""
+    if not args.max_body_mb > 0:
+        raise ValueError(f"--max-body-mb {args.max_body_mb}: expected a positive number")
+    return ServeSettings(max_k=args.max_k, max_body_bytes=int(args.max_body_mb * MIB), max_pixels=args.max_pixels,
+                         concurrency=args.concurrency, max_batch=args.max_batch, allow_urls=args.allow_urls,
+                         url_timeout_s=args.url_timeout, image_roots=tuple(args.image_root or ()))  # fmt: skip
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ImportError("clipworks serve needs the search extra: pip install 'clipworks[search]'") from e
+    from ..factory import create_model_and_transforms, get_tokenizer
+    from ..search.index import load_index
+    from ..search.store import model_id
+    from .app import create_app
+
+    settings = settings_from_args(args)
+    identity = model_id(args.model, args.pretrained)
+    index = load_index(args.index, model=identity, verify=args.verify)
+    captions = None if args.captions is None else load_index(args.captions, model=identity, verify=args.verify)
+    model, _, preprocess = create_model_and_transforms(args.model, args.pretrained)
+    app = create_app(index, model, preprocess, get_tokenizer(args.model), settings, captions=captions)
+    print(f"clipworks serve: {len(index)} images ({identity}) on http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,258 @@
+"""Embedding a collection into shards: decode in worker processes, encode in batches, write, resume.
+
+A job writes `job.json` (what is being embedded), then each shard (`emb-NNNNNN.npy`, `meta-NNNNNN.parquet`,
+and `skipped-NNNNNN.txt` when inputs were unreadable) as it completes, and finally `manifest.json` and
+`skipped.txt` once every shard exists. Rerunning the same command skips the finished shards. Under
+`torchrun` (RANK/WORLD_SIZE set) rank r takes shards r, r + world, ...; whichever rank finishes the last
+shard writes the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .sources import Chunk, ListedImages, Plan, TarImages, plan_images, plan_texts
+from .store import DTYPES, embeddings_manifest, shard_names, write_json, write_shard
+
+__all__ = ["EmbedResult", "embed_collection", "rank_and_world"]
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """What one run of `embed_collection` did; `complete` once every shard of the job exists."""
+
+    out: Path
+    shards_total: int
+    shards_written: int
+    shards_resumed: int
+    embedded: int
+    skipped: int
+    complete: bool
+    seconds: float
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment variables; (0, 1) outside torchrun."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank}, WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")
+    return rank, world
+
+
+def _check_job(out: Path, job: dict) -> None:
+    """Write `job.json`, or check that the one there describes the same job (a resume)."""
+    file = out / "job.json"
+    if file.is_file():
+        old = json.loads(file.read_text(encoding="utf-8"))
+        diff = [k for k in job if old.get(k) != job[k]]
+        if diff:
+            parts = [f"{k}: {old.get(k)!r} there, {job[k]!r} now" for k in diff if k != "fingerprint"]
+            what = ", ".join(parts + ["the source's list of inputs changed"] * ("fingerprint" in diff))
+            raise ValueError(f"{out} holds embeddings of another job ({what}); use a new --out or remove it")
+        return
+    if out.exists() and any(p.name != "job.json" and not p.name.startswith(".") for p in out.iterdir()):
+        raise ValueError(f"{out} is a non-empty directory that is not an embed job; pass a new or empty --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(file, job)
+
+
+def _done(out: Path, shard: int) -> bool:
+    return (out / shard_names(shard)[0]).is_file()
+
+
+def _write(out: Path, shard: int, parts: list[np.ndarray], records: list[dict], skipped: list[str], dtype, dim) -> None:
+    skipped_file = out / f"skipped-{shard:06d}.txt"
+    if skipped:
+        tmp = out / f".{skipped_file.name}.tmp-{os.getpid()}"
+        tmp.write_text("".join(s + "\n" for s in skipped), encoding="utf-8")
+        os.replace(tmp, skipped_file)
+    else:
+        skipped_file.unlink(missing_ok=True)
+    emb = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+    write_shard(out, shard, emb, records, dtype)  # the .npy is renamed into place last: the shard is done
+
+
+def _finalize(out: Path, job: dict, dim: int, roots: list[str]) -> bool:
+    """Write manifest.json and skipped.txt if every shard exists; True when the collection is complete."""
+    n = job["shards"]
+    if not all(_done(out, i) for i in range(n)):
+        return False
+    counts = [np.load(out / shard_names(i)[0], mmap_mode="r").shape[0] for i in range(n)]
+    skipped = []
+    for i in range(n):
+        f = out / f"skipped-{i:06d}.txt"
+        skipped += f.read_text(encoding="utf-8").splitlines() if f.is_file() else []
+    tmp = out / f".skipped.txt.tmp-{os.getpid()}"
+    tmp.write_text("".join(s + "\n" for s in skipped), encoding="utf-8")
+    os.replace(tmp, out / "skipped.txt")
+    write_json(out / "manifest.json", embeddings_manifest(
+        model=job["model"], modality=job["modality"], dtype=job["dtype"], dim=dim, shard_counts=counts,
+        roots=roots, skipped=len(skipped), source=job["data"]))  # fmt: skip
+    return True
+
+
+@torch.inference_mode()
+def _encode_images(model, images: torch.Tensor, device: torch.device) -> np.ndarray:
+    x = images.to(device, non_blocking=True)
+    return model.encode_image(x, normalize=True).float().cpu().numpy()
+
+
+@torch.inference_mode()
+def _encode_texts(model, tokenizer, captions: list[str], device: torch.device) -> np.ndarray:
+    return model.encode_text(tokenizer(captions).to(device), normalize=True).float().cpu().numpy()
+
+
+def _text_chunks(plan: Plan, shards: list[int], batch_size: int):
+    for s in shards:
+        items = plan.shards[s]
+        for j in range(0, len(items), batch_size):
+            recs = [{"key": i.key, "path": i.path, "caption": i.caption} for i in items[j : j + batch_size]]
+            yield Chunk(s, recs, None, [], j + batch_size >= len(items))
+
+
+def _image_loader(plan: Plan, shards: list[int], transform, batch_size: int, workers: int, pin: bool,
+                  draft_size: int | None) -> DataLoader:  # fmt: skip
+    if plan.scheme == "wds":
+        dataset = TarImages({s: plan.shards[s] for s in shards}, transform, batch_size, draft_size)
+    else:
+        dataset = ListedImages({s: plan.shards[s] for s in shards}, transform, batch_size, draft_size)
+    workers = min(workers, len(dataset) if plan.scheme != "wds" else len(shards))
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin,
+                      prefetch_factor=4 if workers else None)  # fmt: skip
+
+
+def _chunks(plan: Plan, pending: list[int], text: bool, transform, batch_size: int, workers: int, device,
+            fast_decode: bool):  # fmt: skip
+    """The stream of `Chunk`s for the pending shards: caption batches, or a DataLoader of decoded images."""
+    if not pending:
+        return []
+    if text:
+        return _text_chunks(plan, pending, batch_size)
+    draft = None
+    if fast_decode:
+        from ..transforms import image_transform
+
+        cfg = getattr(transform, "cfg", None)
+        if cfg is None:
+            raise ValueError("fast_decode needs clipworks' evaluation transform (it carries the preprocessing config)")
+        draft, transform = cfg.image_size, image_transform(cfg, fast=True)
+    return _image_loader(plan, pending, transform, batch_size, workers, device.type == "cuda", draft)
+
+
+def embed_collection(
+    model,
+    data: str,
+    out: str | os.PathLike,
+    *,
+    model_name: str,
+    transform=None,
+    tokenizer=None,
+    text: bool = False,
+    batch_size: int = 64,
+    workers: int = 4,
+    dtype: str = "float16",
+    shard_size: int = 10_000,
+    rank: int | None = None,
+    world_size: int | None = None,
+    fast_decode: bool = False,
+    progress: bool = True,
+    on_shard: Callable[[int], None] | None = None,
+) -> EmbedResult:
+    """Embed the images (or, with `text=True`, the distinct captions) of `data` into shards under `out`.
+
+    Args:
+        model: a `clipworks.CLIP` in eval mode (on the device to use).
+        data: a `folder:`, `csv:`, `tsv:` or `wds:` source; for text also a plain file of one caption per line.
+        out: the output directory; rerunning into it resumes (finished shards are skipped).
+        model_name: the model identity written into the manifest (`store.model_id`).
+        transform: the model's evaluation image transform (images only).
+        tokenizer: the model's tokenizer (text only).
+        batch_size, workers: images per batch, and decoding worker processes (0 decodes in this process).
+        dtype: "float16" or "float32" on disk.
+        shard_size: items per output shard (folder, csv; wds has one output shard per tar).
+        rank, world_size: this process's part; default from torchrun's environment.
+        fast_decode: decode JPEGs at reduced size (`load_image(draft_size=...)`) and resize only the kept region
+            in one step (`image_transform(fast=True)`); several times faster on large photos, but the pixels
+            (and so the embeddings) differ slightly from the exact preprocessing. Off by default.
+        progress: show a tqdm progress bar with items per second.
+        on_shard: called with each shard index after it is written (tests interrupt from here).
+
+    Raises:
+        ValueError: bad arguments, a bad source, or an `out` holding another job.
+    """
+    if dtype not in DTYPES or batch_size < 1 or workers < 0:
+        raise ValueError(f"dtype={dtype!r}, batch_size={batch_size}, workers={workers}: expected dtype in {DTYPES}, "
+                         "batch_size >= 1, workers >= 0")  # fmt: skip
+    if (transform if not text else tokenizer) is None:
+        raise ValueError("embedding images needs `transform`; embedding text needs `tokenizer`")
+    if rank is None or world_size is None:
+        rank, world_size = rank_and_world()
+    start, out = time.perf_counter(), Path(out)
+    plan = plan_texts(data, shard_size) if text else plan_images(data, shard_size)
+    job = {"model": model_name, "data": data, "modality": "text" if text else "image", "dtype": dtype,
+           "shard_size": shard_size, "shards": len(plan.shards), "fingerprint": plan.fingerprint,
+           "fast_decode": fast_decode}  # fmt: skip
+    _check_job(out, job)
+    mine = [s for s in range(len(plan.shards)) if s % world_size == rank]
+    pending = [s for s in mine if not _done(out, s)]
+    device = next(model.parameters()).device
+    dim = int(model.config.embed_dim)
+    chunks = _chunks(plan, pending, text, transform, batch_size, workers, device, fast_decode)
+    written, embedded, skipped = _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim,
+                                      progress, on_shard)  # fmt: skip
+    complete = _finalize(out, job, dim, plan.roots)
+    return EmbedResult(out, len(plan.shards), written, len(mine) - len(pending), embedded, skipped, complete,
+                       time.perf_counter() - start)  # fmt: skip
+
+
+def _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim, progress, on_shard) -> tuple[int, int, int]:
+    from tqdm import tqdm
+
+    total = None if plan.scheme == "wds" else sum(len(plan.shards[s]) for s in pending)
+    bar = tqdm(total=total, unit="text" if plan.scheme == "text" else "img", disable=not progress or not pending,
+               desc=f"embedding {len(pending)} shards", smoothing=0.1)  # fmt: skip
+    buffers: dict[int, tuple[list, list, list]] = {}
+    written = embedded = skipped = 0
+    try:
+        for chunk in chunks:
+            parts, records, bad = buffers.setdefault(chunk.shard, ([], [], []))
+            if chunk.records:
+                if plan.scheme == "text":
+                    parts.append(_encode_texts(model, tokenizer, [r["caption"] for r in chunk.records], device))
+                else:
+                    parts.append(_encode_images(model, chunk.images, device))
+            records += chunk.records
+            bad += chunk.skipped
+            embedded, skipped = embedded + len(chunk.records), skipped + len(chunk.skipped)
+            bar.update(len(chunk.records) + len(chunk.skipped))
+            if chunk.end:
+                _write(out, chunk.shard, parts, records, bad, dtype, dim)
+                del buffers[chunk.shard]
+                written += 1
+                if on_shard is not None:
+                    on_shard(chunk.shard)
+    finally:
+        bar.close()
+    return written, embedded, skipped
+
+
+def describe(result: EmbedResult) -> str:
+    """A one-paragraph summary of an embed run for the command line."""
+    rate = result.embedded / result.seconds if result.seconds > 0 else 0.0
+    state = "complete" if result.complete else "this rank's shards done; waiting for other ranks' shards"
+    return (f"{result.out}: {result.shards_written} shards written, {result.shards_resumed} already done (of "
+            f"{result.shards_total}); {result.embedded} embedded, {result.skipped} skipped, {rate:.1f}/s; {state}")
+
+
+def summary_dict(result: EmbedResult) -> dict:
+    """`result` as a JSON-ready dict."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}

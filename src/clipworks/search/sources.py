@@ -1,0 +1,271 @@
+"""What an embed job reads: a `--data` source split into numbered shards, and the datasets that decode them.
+
+folder and csv/tsv sources are listed up front and cut into shards of `shard_size` items in a fixed order;
+a wds source has one output shard per input tar. Decoding happens in DataLoader worker processes; each
+loader element is a `Chunk` of up to `batch_size` decoded images of one shard, with the inputs that could
+not be read listed (never fatal). `draft_size` opts into reduced-size JPEG decoding (`load_image`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ..data.datasets import FOLDER_EXTENSIONS, parse_data_spec
+from ..data.decode import ImageDecodeError, load_image
+from ..data.wds import expand_braces
+
+IMAGE_SCHEMES = ("folder", "csv", "tsv", "wds")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input: its key, the image file (None for a caption-only row) and its caption."""
+
+    key: str
+    path: str | None
+    caption: str | None = None
+
+
+@dataclass
+class Plan:
+    """An embed job's inputs: `shards[i]` lists shard i's items (folder, csv) or names its tar (wds)."""
+
+    scheme: str
+    shards: list  # list[list[Item]] or list[str] (tar paths)
+    roots: list[str]
+    fingerprint: str  # sha256 of the inputs' names, to refuse resuming over a changed source
+
+
+@dataclass
+class Chunk:
+    """Decoded images of one shard, in input order; `end` marks the shard's last chunk."""
+
+    shard: int
+    records: list[dict] = field(default_factory=list)
+    images: torch.Tensor | None = None  # (B, 3, S, S)
+    skipped: list[str] = field(default_factory=list)  # "key<TAB>reason"
+    end: bool = False
+
+    def pin_memory(self) -> Chunk:
+        """Pin the images for a faster copy to the GPU (DataLoader calls this with pin_memory=True)."""
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
+
+
+def _fingerprint(names: list[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _folder_items(root: Path) -> list[Item]:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in FOLDER_EXTENSIONS and p.is_file())
+    items = []
+    for p in files:
+        text = p.with_suffix(".txt")
+        caption = text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else None
+        items.append(Item(p.relative_to(root).as_posix(), str(p.resolve()), caption or None))
+    return items
+
+
+def _table_items(file: Path, delimiter: str, image_col: str, caption_col: str, need_images: bool) -> list[Item]:
+    with open(file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        found = reader.fieldnames or []
+        wanted = image_col if need_images else caption_col
+        if wanted not in found:
+            raise ValueError(f"{file}: no column {wanted!r} (columns found: {found}); name the columns with "
+                             "?image=COL&caption=COL")  # fmt: skip
+        rows = [(row.get(image_col) or "", (row.get(caption_col) or "").strip() or None) for row in reader]
+    items, seen = [], {}
+    for image, caption in rows:
+        if need_images and not image:
+            continue
+        key = image or f"row-{len(items)}"
+        seen[key] = seen.get(key, 0) + 1
+        key = key if seen[key] == 1 else f"{key}#{seen[key] - 1}"  # a file listed twice (several captions)
+        path = str((file.parent / image).resolve()) if image else None
+        items.append(Item(key, path, caption))
+    return items
+
+
+def plan_images(data: str, shard_size: int) -> Plan:
+    """List an image source and cut it into shards.
+
+    Raises:
+        ValueError: a bad spec, a scheme embed does not read, or a source with no images.
+        FileNotFoundError: the folder, file or a tar shard does not exist.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard size {shard_size}: expected a positive integer")
+    spec = parse_data_spec(data)
+    if spec.scheme not in IMAGE_SCHEMES:
+        raise ValueError(f"embed reads {', '.join(s + ':' for s in IMAGE_SCHEMES)} sources; got {data!r}")
+    if spec.scheme == "wds":
+        tars = [str(Path(p).expanduser().resolve()) for p in expand_braces(spec.path)]
+        missing = [t for t in tars if not Path(t).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(tars)} shards not found: {missing[:3]}")
+        return Plan("wds", tars, [], _fingerprint(tars))
+    path = Path(spec.path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{spec.scheme} source not found: {spec.path!r}")
+    if spec.scheme == "folder":
+        if not path.is_dir():
+            raise ValueError(f"folder:{spec.path}: not a directory")
+        items, root = _folder_items(path), path.resolve()
+    else:
+        delimiter = "," if spec.scheme == "csv" else "\t"
+        items = _table_items(path, delimiter, spec.option("image"), spec.option("caption"), need_images=True)
+        root = path.resolve().parent
+    if not items:
+        raise ValueError(f"{data}: no images found (extensions read: {', '.join(FOLDER_EXTENSIONS)})")
+    shards = [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
+    return Plan(spec.scheme, shards, [str(root)], _fingerprint([i.key for i in items]))
+
+
+def plan_texts(data: str, shard_size: int) -> Plan:
+    """List the distinct captions of a source (csv/tsv column, folder `.txt` files, or a plain text file with
+    one caption per line) and cut them into shards. Each caption is embedded once.
+
+    Raises:
+        ValueError: a bad spec or no captions.
+        FileNotFoundError: the source does not exist.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard size {shard_size}: expected a positive integer")
+    scheme = data.partition(":")[0]
+    if scheme in ("csv", "tsv", "folder"):
+        spec = parse_data_spec(data)
+        path = Path(spec.path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{scheme} source not found: {spec.path!r}")
+        if scheme == "folder":
+            rows = [i for i in _folder_items(path) if i.caption]
+        else:
+            delimiter = "," if scheme == "csv" else "\t"
+            rows = _table_items(path, delimiter, spec.option("image"), spec.option("caption"), need_images=False)
+    else:
+        path = Path(data).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"caption file not found: {data!r} (or use a csv:, tsv: or folder: source)")
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        rows = [Item("", None, line.strip()) for line in lines if line.strip()]
+    unique: dict[str, Item] = {}
+    for item in rows:
+        if item.caption and item.caption not in unique:
+            unique[item.caption] = Item(f"text-{len(unique)}", item.path, item.caption)
+    items = list(unique.values())
+    if not items:
+        raise ValueError(f"{data}: no captions found")
+    shards = [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
+    return Plan("text", shards, [], _fingerprint([i.caption for i in items]))
+
+
+def _record(item: Item) -> dict:
+    return {"key": item.key, "path": item.path, "caption": item.caption}
+
+
+def _decode_into(chunk: Chunk, item: Item, source, transform, images: list, draft_size: int | None) -> None:
+    try:
+        images.append(transform(load_image(source, draft_size=draft_size)))
+        chunk.records.append(_record(item))
+    except ImageDecodeError as e:
+        chunk.skipped.append(f"{item.key}\t{e}".replace("\n", " "))
+
+
+def _finish(chunk: Chunk, images: list) -> Chunk:
+    chunk.images = torch.stack(images) if images else None  # (B, 3, S, S)
+    return chunk
+
+
+class ListedImages(Dataset):
+    """Map-style: element j decodes the j-th batch of the pending shards (folder, csv) into a `Chunk`."""
+
+    def __init__(self, shards: dict[int, list[Item]], transform, batch_size: int, draft_size: int | None = None):
+        self.transform, self.draft_size = transform, draft_size
+        self.batches = []  # (shard, items, last)
+        for shard, items in sorted(shards.items()):
+            starts = range(0, len(items), batch_size)
+            self.batches += [(shard, items[s : s + batch_size], s == starts[-1]) for s in starts]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, j: int) -> Chunk:
+        shard, items, last = self.batches[j]
+        chunk, images = Chunk(shard, end=last), []
+        for item in items:
+            _decode_into(chunk, item, item.path, self.transform, images, self.draft_size)
+        return _finish(chunk, images)
+
+
+class TarImages(IterableDataset):
+    """Iterable: each DataLoader worker reads whole pending tar shards (shard j to worker j % workers) and
+    yields `Chunk`s of up to `batch_size` samples in tar order; a shard's last chunk has `end=True`."""
+
+    def __init__(self, shards: dict[int, str], transform, batch_size: int, draft_size: int | None = None):
+        self.shards, self.transform, self.batch_size = sorted(shards.items()), transform, batch_size
+        self.draft_size = draft_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for shard, tar in self.shards[worker::workers]:
+            yield from self._read(shard, tar)
+
+    def _read(self, shard: int, tar: str):
+        chunk, images = Chunk(shard), []
+        try:
+            for key, files in tar_samples(tar):
+                if len(chunk.records) + len(chunk.skipped) >= self.batch_size:
+                    yield _finish(chunk, images)
+                    chunk, images = Chunk(shard), []
+                self._sample(chunk, key, files, images)
+        except (tarfile.TarError, OSError, EOFError) as e:  # a cut or unreadable tar: what was read is kept
+            chunk.skipped.append(f"{Path(tar).name}\tread stopped: {type(e).__name__}: {e}")
+        chunk.end = True
+        yield _finish(chunk, images)
+
+    def _sample(self, chunk: Chunk, key: str, files: dict, images: list) -> None:
+        image = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+        caption = files["txt"].decode("utf-8", errors="replace").strip() if "txt" in files else None
+        if caption is None and "json" in files:
+            try:
+                caption = json.loads(files["json"]).get("caption")
+            except (ValueError, AttributeError):
+                caption = None
+        item = Item(key, None, caption or None)
+        if image is None:
+            chunk.skipped.append(f"{item.key}\tno .jpg/.jpeg/.png/.webp image in the sample")
+        else:
+            _decode_into(chunk, item, image, self.transform, images, self.draft_size)
+
+
+def tar_samples(tar: str):
+    """(key, {extension: bytes}) for each sample of a WebDataset tar, in file order; the key is the
+    member path without its extensions (`folder/stem`)."""
+    group, key = {}, None
+    with tarfile.open(tar, mode="r|*") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            folder, _, base = member.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot or stem.startswith("."):
+                continue
+            name = f"{folder}/{stem}" if folder else stem
+            if name != key and group:
+                yield key, group
+                group = {}
+            key = name
+            group[ext.lower()] = archive.extractfile(member).read()
+    if group:
+        yield key, group

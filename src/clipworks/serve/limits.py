@@ -1,0 +1,170 @@
+"""The limits a public search service needs: settings, a request-body cap, a model-work limiter, upload decoding."""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from ..data.decode import ImageDecodeError, load_image
+
+__all__ = ["ServeSettings", "ServeError", "BodySizeLimit", "ModelLimiter", "decode_upload"]
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What the service accepts and how much work it takes on at once."""
+
+    max_k: int = 100
+    """Most results one search may ask for; a larger k is answered 422."""
+    max_body_bytes: int = 10 * MIB
+    """Largest request body (and largest image fetched from a URL); larger ones are answered 413."""
+    max_pixels: int = 2**25
+    """Most pixels (width * height) an uploaded image may have; checked from its header, before decoding."""
+    max_query_chars: int = 1000
+    """Longest text query (CLIP reads 77 tokens; this only bounds the tokenizer's work)."""
+    concurrency: int = 4
+    """Requests doing model work at once; one more is answered 503 at once instead of queueing."""
+    max_batch: int = 32
+    """Most queries the model encodes in one batch (requests that arrive while it is busy are batched)."""
+    allow_urls: bool = False
+    """Whether image requests may name a URL to fetch (never a loopback, private or link-local address)."""
+    url_timeout_s: float = 10.0
+    """Whole-download deadline of a URL fetch."""
+    image_roots: tuple[Path, ...] = field(default=())
+    """Folders images are served from; empty: the roots recorded in the index's manifest."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_k", "max_body_bytes", "max_pixels", "max_query_chars", "concurrency", "max_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ServeSettings.{name}={value!r}: expected a positive int")
+        if not self.url_timeout_s > 0:
+            raise ValueError(f"ServeSettings.url_timeout_s={self.url_timeout_s!r}: expected a positive number")
+        object.__setattr__(self, "image_roots", tuple(Path(r) for r in self.image_roots))
+
+
+class ServeError(Exception):
+    """A request the service refuses: answered with `status` and the JSON body {"error": message}."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _json_error(status: int, message: str) -> tuple[dict, dict]:
+    import json
+
+    body = json.dumps({"error": message}).encode()
+    start = {"type": "http.response.start", "status": status,
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                         (b"connection", b"close")]}  # fmt: skip
+    return start, {"type": "http.response.body", "body": body}
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuses request bodies over `max_bytes` with 413.
+
+    A declared Content-Length over the cap is refused before anything is read; otherwise the body is read
+    and counted chunk by chunk (chunked uploads declare no length) and refused as soon as it passes the cap.
+    The app then reads the buffered body, so nothing downstream ever sees more than `max_bytes`.
+    """
+
+    def __init__(self, app: Callable, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = f"request body is larger than the limit of {self.max_bytes} bytes"
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+                if length < 0:
+                    raise ValueError(declared)
+            except ValueError:
+                await self._refuse(send, 400, f"invalid Content-Length header {declared[:40]!r}")
+                return
+            if length > self.max_bytes:
+                await self._refuse(send, 413, too_large)
+                return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(send, 413, too_large)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+    @staticmethod
+    async def _refuse(send: Callable, status: int, message: str) -> None:
+        start, body = _json_error(status, message)
+        await send(start)
+        await send(body)
+
+
+def _replay(body: bytes, receive: Callable) -> Callable:
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: wait for the client's disconnect, as the server would
+
+    return replay
+
+
+class ModelLimiter:
+    """At most `slots` requests do model work at once; one more is refused at once (503), never queued."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._semaphore = threading.BoundedSemaphore(slots)
+
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free; False when all are taken."""
+        return self._semaphore.acquire(blocking=False)
+
+    def release(self) -> None:
+        """Give back a slot taken with `try_acquire`."""
+        self._semaphore.release()
+
+
+def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """An uploaded image as RGB, or `ServeError`: 413 over `max_pixels` (read from the header, before any
+    pixel is decoded), 422 for an empty, broken or unsupported file."""
+    if not data:
+        raise ServeError(422, "the image is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # lazy: reads the size, decodes nothing
+            width, height = header.size
+    except Image.DecompressionBombError as e:
+        raise ServeError(413, f"the image has more pixels than the limit of {max_pixels}: {e}") from e
+    except Exception:  # Pillow's plugins raise many types on hostile headers; load_image names the problem below
+        width = height = 0
+    if width * height > max_pixels:
+        raise ServeError(413, f"the image is {width}x{height} = {width * height} pixels, more than the limit "
+                              f"of {max_pixels}")  # fmt: skip
+    try:
+        return load_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as e:
+        raise ServeError(422, f"unreadable image: {e}") from e

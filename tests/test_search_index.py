@@ -1,0 +1,198 @@
+"""Embeddings directories and the FAISS index: exact and approximate search, checksums, model checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from clipworks.search import ann
+from clipworks.search.index import Hit, IndexLoadError, build_index, load_index
+from clipworks.search.store import model_id, read_embeddings, write_embeddings
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_faiss_thread():
+    # faiss's OpenMP k-means slows down many-fold on a shared, busy CPU; one thread keeps the tests quick.
+    faiss = ann.import_faiss()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def _clustered(n: int, d: int, seed: int = 0, clusters: int = 20) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d))
+    x = centres[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _records(n: int) -> list[dict]:
+    return [{"key": f"img-{i}", "path": f"/photos/{i}.jpg", "caption": f"caption {i}"} for i in range(n)]
+
+
+@pytest.fixture
+def small_index(tmp_path):
+    x = _clustered(300, 16)
+    write_embeddings(tmp_path / "emb", x, _records(300), model="tiny:weights", dtype="float32")
+    return build_index(tmp_path / "emb", tmp_path / "index"), x, tmp_path
+
+
+def test_model_id():
+    assert model_id("ViT-B-32") == "ViT-B-32"
+    assert model_id("ViT-B-32", "openai") == "ViT-B-32:openai"
+
+
+def test_embeddings_round_trip(tmp_path):
+    x = _clustered(10, 8) * 3.0
+    recs = _records(10)
+    recs[3] = {"key": "no-meta"}
+    write_embeddings(tmp_path / "e", x, recs, model="m", dtype="float16")
+    y, back, manifest = read_embeddings(tmp_path / "e")
+    assert y.dtype == np.float32 and y.shape == (10, 8)
+    np.testing.assert_allclose(y, x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-3)
+    assert back[3] == {"key": "no-meta", "path": None, "caption": None} and back[0]["caption"] == "caption 0"
+    assert (manifest["model"], manifest["dim"], manifest["count"], manifest["modality"]) == ("m", 8, 10, "image")
+
+
+def test_write_embeddings_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="unique"):
+        write_embeddings(tmp_path / "e", np.ones((2, 4)), [{"key": "a"}, {"key": "a"}], model="m")
+    with pytest.raises(ValueError, match="one row per record"):
+        write_embeddings(tmp_path / "e", np.ones((3, 4)), [{"key": "a"}], model="m")
+    with pytest.raises(ValueError, match="dtype"):
+        write_embeddings(tmp_path / "e", np.ones((1, 4)), [{"key": "a"}], model="m", dtype="int8")
+    with pytest.raises(ValueError, match="no manifest"):
+        read_embeddings(tmp_path)
+
+
+def test_flat_index_is_exact_and_returns_keys(small_index):
+    index, x, _ = small_index
+    assert index.manifest["kind"] == "flat" and index.manifest["recall_at_10"] == 1.0
+    assert (len(index), index.dim, index.model, index.manifest["metric"]) == (300, 16, "tiny:weights", "ip")
+    queries = _clustered(5, 16, seed=1) * 7.0  # not unit norm: normalised inside
+    hits = index.search(queries, 10)
+    exact = np.argsort(-(x @ (queries / np.linalg.norm(queries, axis=1, keepdims=True)).T), axis=0)[:10].T
+    for row, ids in zip(hits, exact):
+        assert [h.key for h in row] == [f"img-{i}" for i in ids]
+        assert all(isinstance(h, Hit) and -1.0 <= h.score <= 1.0 + 1e-5 for h in row)
+        assert row[0].path.endswith(".jpg") and row[0].caption.startswith("caption")
+    top = index.search(x[7], 1)[0][0]
+    assert top.key == "img-7" and top.score == pytest.approx(1.0, abs=1e-5)
+    assert len(index.search(x[:2], 1000)[0]) == 300  # k past the size gives everything
+
+
+def test_record_and_vector(small_index):
+    index, x, _ = small_index
+    assert index.record("img-4") == {"key": "img-4", "path": "/photos/4.jpg", "caption": "caption 4"}
+    np.testing.assert_allclose(index.vector("img-4"), x[4], atol=1e-6)
+    with pytest.raises(KeyError, match="nope"):
+        index.record("nope")
+    with pytest.raises(KeyError):
+        index.vector("nope")
+
+
+def test_search_rejects_bad_queries(small_index):
+    index, _, _ = small_index
+    with pytest.raises(ValueError, match=r"expected \(Q, 16\)"):
+        index.search(np.ones((2, 5)), 3)
+    with pytest.raises(ValueError, match="NaN"):
+        index.search(np.full((1, 16), np.nan), 3)
+    with pytest.raises(ValueError, match="positive integer"):
+        index.search(np.ones((1, 16)), 0)
+
+
+def test_load_verifies_checksums_and_model(small_index):
+    index, _, tmp = small_index
+    again = load_index(tmp / "index", model="tiny:weights")
+    assert again.manifest["checksums"] == index.manifest["checksums"]
+    with pytest.raises(IndexLoadError, match="built with model 'tiny:weights', not 'other'"):
+        load_index(tmp / "index", model="other")
+    data = bytearray((tmp / "index" / "vectors.npy").read_bytes())
+    data[-3] ^= 0xFF  # flip one byte of one vector
+    (tmp / "index" / "vectors.npy").write_bytes(bytes(data))
+    with pytest.raises(IndexLoadError, match="vectors.npy: checksum mismatch"):
+        load_index(tmp / "index")
+    (tmp / "index" / "index.faiss").unlink()
+    with pytest.raises(IndexLoadError, match="index.faiss is missing"):
+        load_index(tmp / "index")
+    (tmp / "index" / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexLoadError, match="unreadable manifest"):
+        load_index(tmp / "index")
+    with pytest.raises(IndexLoadError, match="no index directory"):
+        load_index(tmp / "missing")
+
+
+def test_rebuild_replaces_index_and_refuses_foreign_folder(small_index):
+    index, _, tmp = small_index
+    rebuilt = build_index(tmp / "emb", tmp / "index", kind="ivf")
+    assert rebuilt.manifest["kind"] == "ivf"
+    assert json.loads((tmp / "index" / "manifest.json").read_text())["kind"] == "ivf"
+    (tmp / "photos").mkdir()
+    (tmp / "photos" / "me.jpg").write_bytes(b"precious")
+    with pytest.raises(ValueError, match="refusing to replace"):
+        build_index(tmp / "emb", tmp / "photos")
+    assert (tmp / "photos" / "me.jpg").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
+def test_approximate_index_measures_recall(tmp_path, kind):
+    x = _clustered(4200, 32, clusters=50)
+    base, fresh = x[:4000], x[4000:]  # fresh: queries from the same distribution, not in the index
+    write_embeddings(tmp_path / "emb", base, _records(4000), model="m", dtype="float32")
+    index = build_index(tmp_path / "emb", tmp_path / "idx", kind=kind, recall_target=0.9, recall_queries=200)
+    m = index.manifest
+    assert m["kind"] == kind and m["search_param_name"] in ("nprobe", "efSearch") and m["recall_queries"] == 200
+    assert len(index) == 4000 and "img-123" in [h.key for h in index.search(base[123], 10)[0]]
+    # the recorded recall is what new queries get from the loaded index
+    exact = ann.exact_neighbours(base, fresh, 10)
+    loaded = load_index(tmp_path / "idx")
+    found = [[int(h.key[4:]) for h in hits] for hits in loaded.search(fresh, 10)]
+    assert ann.recall_at_k(np.array(found), exact, np.full(len(fresh), -1), 10) == pytest.approx(m["recall_at_10"], abs=0.06)
+    assert m["recall_at_10"] >= 0.9 and index.search(base[123], 1)[0][0].key == "img-123"
+    if kind == "ivfpq":  # candidates re-scored with the exact vectors: scores are true cosines
+        hit = index.search(base[7], 1)[0][0]
+        assert m["params"]["rerank"] > 1 and hit.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_auto_kind_follows_size_and_budget():
+    assert ann.plan_index(1000, 512).kind == "flat"
+    assert ann.plan_index(1_000_000, 512).kind == "ivf"
+    plan = ann.plan_index(1_000_000, 512, memory_budget_mb=200)
+    assert plan.kind == "ivfpq" and plan.bytes <= 200 * 2**20 and 512 % plan.params["m"] == 0
+    with pytest.raises(ValueError, match="fits 5 MB"):
+        ann.plan_index(1_000_000, 512, memory_budget_mb=5)
+    with pytest.raises(ValueError, match="choose from"):
+        ann.plan_index(10, 4, kind="lsh")
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_dedup_finds_each_near_duplicate_pair_once(tmp_path, kind):
+    from clipworks.search.dedup import find_duplicates
+
+    x = _clustered(400, 32, clusters=400, seed=3)  # well spread: no pair is close by chance
+    x[10], x[200] = x[5], x[300] + 0.01  # an exact and a near duplicate
+    write_embeddings(tmp_path / "emb", x, _records(400), model="m", dtype="float32")
+    index = build_index(tmp_path / "emb", tmp_path / "idx", kind=kind)
+    pairs = find_duplicates(index, 0.99)
+    assert {(p.a, p.b) for p in pairs} | {(p.b, p.a) for p in pairs} >= {("img-5", "img-10"), ("img-200", "img-300")}
+    assert len(pairs) == 2 and pairs[0].score == pytest.approx(1.0, abs=1e-5) and pairs[1].score >= 0.99
+    with pytest.raises(ValueError, match="threshold"):
+        find_duplicates(index, 1.5)
+
+
+def test_build_refuses_duplicate_keys_and_bad_targets(tmp_path):
+    from clipworks.search.store import embeddings_manifest, write_json, write_shard
+
+    (tmp_path / "emb").mkdir()
+    recs = [{"key": "a"}, {"key": "b"}, {"key": "a"}]  # e.g. two tar shards that reuse a sample key
+    write_shard(tmp_path / "emb", 0, np.eye(3, dtype=np.float32), recs, "float32")
+    write_json(tmp_path / "emb" / "manifest.json", embeddings_manifest(
+        model="m", modality="image", dtype="float32", dim=3, shard_counts=[3], roots=[], skipped=0))  # fmt: skip
+    with pytest.raises(ValueError, match="duplicate keys \\(e.g. 'a'\\)"):
+        build_index(tmp_path / "emb", tmp_path / "idx")
+    with pytest.raises(ValueError, match="recall target"):
+        build_index(tmp_path / "emb", tmp_path / "idx", recall_target=1.5)
+    assert not (tmp_path / "idx").exists()
