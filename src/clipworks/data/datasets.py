@@ -65,7 +65,7 @@ class DataSpec:
 
     def option(self, key: str) -> str:
         """The value of option `key` (the scheme's default when not given)."""
-        return dict(self.options).get(key, SCHEMES[self.scheme].get(key, ""))
+        return dict(self.options).get(key, SCHEMES.get(self.scheme, {}).get(key, ""))
 
 
 class Batch(NamedTuple):
@@ -76,23 +76,25 @@ class Batch(NamedTuple):
     skipped: int
 
 
-def parse_data_spec(spec: str) -> DataSpec:
+def parse_data_spec(spec: str, schemes: dict[str, dict[str, str]] = SCHEMES) -> DataSpec:
     """Parse `SCHEME:PATH[?key=value&...]`; existence of the path is checked by `build_dataset`.
+
+    `schemes` maps each accepted scheme to its options and their defaults (other commands take other sets).
 
     Raises:
         ValueError: unknown scheme, empty path, or an option the scheme does not take.
     """
     scheme, sep, rest = spec.partition(":")
-    if not sep or scheme not in SCHEMES:
-        raise ValueError(f"bad data spec {spec!r}: expected SCHEME:PATH with SCHEME one of {', '.join(SCHEMES)}")
+    if not sep or scheme not in schemes:
+        raise ValueError(f"bad data spec {spec!r}: expected SCHEME:PATH with SCHEME one of {', '.join(schemes)}")
     path, _, query = rest.partition("?")
     if not path:
         raise ValueError(f"bad data spec {spec!r}: no path after {scheme!r}")
-    options = dict(SCHEMES[scheme])
+    options = dict(schemes[scheme])
     for item in filter(None, query.split("&")):
         key, eq, value = item.partition("=")
         if key not in options or not eq:
-            valid = ", ".join(f"{k}=..." for k in SCHEMES[scheme]) or "none"
+            valid = ", ".join(f"{k}=..." for k in schemes[scheme]) or "none"
             raise ValueError(f"bad data spec {spec!r}: option {item!r}; {scheme!r} takes: {valid}")
         options[key] = value
     if scheme == "synthetic" and path not in GENERATORS:

@@ -131,29 +131,39 @@ def _read_shards(shards: list[str]) -> Iterator[tuple]:
         yield shard, None, count
 
 
+def tar_samples(tar: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a WebDataset tar, in file order; the key is the member path
+    without its extensions (`folder/stem`). Raises tarfile/OS errors of a cut or unreadable file as they come."""
+    group, key = {}, None
+    with tarfile.open(tar, mode="r|*") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            folder, _, base = member.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot or stem.startswith("."):
+                continue
+            name = f"{folder}/{stem}" if folder else stem
+            if name != key and group:
+                yield key, group
+                group = {}
+            key = name
+            group[ext.lower()] = archive.extractfile(member).read()
+    if group:
+        yield key, group
+
+
 def _tar_groups(shard: str) -> Iterator[dict[str, bytes]]:
     """The shard's samples as {extension: bytes}; a shard cut short is read up to the cut, with a warning."""
-    group, key, started = {}, None, False
+    started = False
     try:
-        with tarfile.open(shard, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, base = member.name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                if not dot or stem.startswith("."):
-                    continue
-                if (folder, stem) != key and group:
-                    yield group
-                    group = {}
-                key, started = (folder, stem), True
-                group[ext.lower()] = tar.extractfile(member).read()
+        for _, group in tar_samples(shard):
+            started = True
+            yield group
     except (tarfile.TarError, OSError, EOFError) as e:
         if not started:
             raise ShardError(f"shard {shard}: not readable as a tar file: {type(e).__name__}: {e}") from e
         warnings.warn(f"shard {shard}: read stopped early: {type(e).__name__}: {e}", stacklevel=2)
-    if group:
-        yield group
 
 
 def _shuffled(stream: Iterator[tuple], size: int, rng: random.Random) -> Iterator[tuple]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..data.datasets import parse_data_spec
 from ..data.decode import load_image
 from .prompts import check_unique
 
@@ -54,20 +55,8 @@ def parse_spec(text: str, allowed: tuple[str, ...] = tuple(OPTIONS)) -> Spec:
     Raises:
         ValueError: an unknown scheme or option.
     """
-    scheme, sep, rest = text.partition(":")
-    if not sep or scheme not in allowed:
-        raise ValueError(f"bad data spec {text!r}: expected SCHEME:PATH with SCHEME one of {', '.join(allowed)}")
-    path, _, query = rest.partition("?")
-    if not path:
-        raise ValueError(f"bad data spec {text!r}: no path after {scheme!r}")
-    options = dict(OPTIONS[scheme])
-    for item in filter(None, query.split("&")):
-        key, eq, value = item.partition("=")
-        if key not in options or not eq:
-            valid = ", ".join(f"{k}=..." for k in OPTIONS[scheme]) or "none"
-            raise ValueError(f"bad data spec {text!r}: option {item!r}; {scheme!r} takes: {valid}")
-        options[key] = value
-    return Spec(scheme, path, options)
+    spec = parse_data_spec(text, {scheme: OPTIONS[scheme] for scheme in allowed})
+    return Spec(spec.scheme, spec.path, dict(spec.options))
 
 
 # --- images -------------------------------------------------------------------------------------------------

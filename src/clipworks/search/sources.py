@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..data.datasets import FOLDER_EXTENSIONS, parse_data_spec
 from ..data.decode import ImageDecodeError, load_image
-from ..data.wds import expand_braces
+from ..data.wds import expand_braces, tar_samples
 
 IMAGE_SCHEMES = ("folder", "csv", "tsv", "wds")
 
@@ -247,25 +247,3 @@ class TarImages(IterableDataset):
             chunk.skipped.append(f"{item.key}\tno .jpg/.jpeg/.png/.webp image in the sample")
         else:
             _decode_into(chunk, item, image, self.transform, images, self.draft_size)
-
-
-def tar_samples(tar: str):
-    """(key, {extension: bytes}) for each sample of a WebDataset tar, in file order; the key is the
-    member path without its extensions (`folder/stem`)."""
-    group, key = {}, None
-    with tarfile.open(tar, mode="r|*") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            folder, _, base = member.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot or stem.startswith("."):
-                continue
-            name = f"{folder}/{stem}" if folder else stem
-            if name != key and group:
-                yield key, group
-                group = {}
-            key = name
-            group[ext.lower()] = archive.extractfile(member).read()
-    if group:
-        yield key, group
