@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .decode import Sample, Transform, load_sample
 from .wds import ShardError, WebDataset, expand_braces, mix_seed
@@ -235,7 +235,14 @@ class Collate:
 
     def __call__(self, samples: list[Sample]) -> Batch:
         good = [s for s in samples if s is not None]
-        images = torch.stack([s[0] for s in good]) if good else torch.empty(0, 3, 0, 0)  # (B, 3, S, S)
+        if not good:
+            return Batch(torch.empty(0, 3, 0, 0), self.tokenizer([]), len(samples))
+        first = good[0][0]
+        out = None
+        if get_worker_info() is not None:  # stack straight into shared memory, which the main process maps as is
+            storage = first.untyped_storage()._new_shared(len(good) * first.numel() * first.element_size())
+            out = first.new(storage).resize_(len(good), *first.shape)
+        images = torch.stack([s[0] for s in good], out=out)  # (B, 3, S, S)
         return Batch(images, self.tokenizer([s[1] for s in good]), len(samples) - len(good))
 
 

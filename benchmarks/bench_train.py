@@ -1,0 +1,254 @@
+"""Training side by side: `clipworks train` and OpenCLIP's `open_clip_train` on the same CSV, model, batch and steps.
+
+Writes synthetic shapes scenes (`ShapesDataset`, split train, 64 px) as image files plus a CSV, then trains the
+"tiny" CLIP (8,047,105 parameters in both libraries) with each trainer in its own subprocess: fp32 on the CPU,
+the same batch, steps, AdamW (betas 0.9/0.98, eps 1e-6), weight decay, warmup-then-cosine schedule, gradient
+clipping and number of DataLoader workers, context length 20, no evaluation.
+
+- samples/s: both trainers log every step (clipworks `metrics.csv`, OpenCLIP's `out.log`); the first `--skip`
+  steps are left out, and the rate is the samples of the remaining steps over their summed step times (the
+  median per-step rate is printed too: it shrugs off bursts of load from other processes).
+- memory: the trainer process's peak RSS from `os.wait4` on its pid (exact), and the peak over 1 s samples of
+  the summed PSS of the trainer and its DataLoader workers (PSS splits shared pages, so forked workers do not
+  count the parent's pages twice; reading smaps_rollup costs milliseconds of CPU, hence the 1 s period).
+- loss: the mean training loss of the last `--last` steps. It varies with the seed by more than the trainers
+  differ at a few hundred steps; `--repeats N` runs seeds seed..seed+N-1 and the table shows medians.
+
+Known differences left in: OpenCLIP applies weight decay to the token and positional embeddings (clipworks
+does not), initialises its ViT image tower with PyTorch's defaults (clipworks: OpenAI's scaled normal; `--init
+shared` starts both from OpenCLIP's initial weights), and `open_clip_train` imports pandas only to read the CSV
+(without pandas installed, the driver in train_runs.py gives it a stdlib stand-in).
+
+Usage: python benchmarks/bench_train.py [--steps 200] [--batch-size 128] [--workers 1] [--repeats 1] [--init own]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_runs import (  # noqa: E402
+    OPEN_CLIP_MODEL, ChildRun, StepRecord, parameter_counts, read_clipworks_metrics, read_open_clip_log, run_child,
+    write_open_clip_config, write_open_clip_init, write_shapes_csv,
+)  # fmt: skip
+
+TRAINERS = ("clipworks", "open_clip")
+
+
+@dataclass
+class Summary:
+    """One trainer run, reduced to the figures of the table."""
+
+    trainer: str
+    samples_per_s: float  # steady state: samples over the steps after the skipped ones / their summed step times
+    median_step_rate: float  # median of the per-step samples/s over the same steps (robust to bursts of load)
+    max_rss_mb: float
+    peak_tree_pss_mb: float
+    final_loss: float  # mean loss of the last `last` steps
+    steps: int
+    wall_s: float
+
+
+def _args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200, help="optimiser steps per trainer")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes, both trainers")
+    p.add_argument("--images", type=int, default=None,
+                   help="images written (default steps x batch: one epoch); must make steps a whole number of epochs")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--wd", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default steps // 10)")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--skip", type=int, default=None,
+                   help="first steps left out of samples/s (start-up, allocator warm-up); default max(5, steps // 10)")
+    p.add_argument("--last", type=int, default=None, help="final loss = mean of the last N steps (default steps // 10)")
+    p.add_argument("--init", choices=("own", "shared"), default="own",
+                   help="own: each trainer initialises its model; shared: both load OpenCLIP's initial weights")
+    p.add_argument("--seed", type=int, default=0,
+                   help="both trainers' seed (data order, augmentation, initial weights); repeat i uses seed + i")
+    p.add_argument("--format", choices=("png", "jpg"), default="png", help="image file format")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per trainer, each with the next seed, alternating which trainer goes first")
+    p.add_argument("--clipworks-script", default=None,
+                   help="run this Python script with clipworks.cli's arguments instead of `-m clipworks.cli` (A/B a "
+                        "patched trainer)")
+    p.add_argument("--only", default=",".join(TRAINERS), help=f"comma-separated subset of {TRAINERS}")
+    p.add_argument("--work-dir", default=None, help="keep data, logs and runs here (default: a temporary folder)")
+    p.add_argument("--json", default=None, help="also write the per-run figures to this JSON file")
+    args = p.parse_args(argv)
+    args.images = args.images or args.steps * args.batch_size
+    args.warmup = args.steps // 10 if args.warmup is None else args.warmup
+    args.skip = max(5, args.steps // 10) if args.skip is None else args.skip
+    args.last = max(1, args.steps // 10) if args.last is None else args.last
+    batches = args.images // args.batch_size
+    if batches < 1 or args.steps % batches:
+        p.error(f"--images {args.images} gives {batches} batches of {args.batch_size} per epoch; --steps "
+                f"{args.steps} must be a multiple of that (OpenCLIP trains whole epochs)")  # fmt: skip
+    if not 0 <= args.skip < args.steps or not 1 <= args.last <= args.steps:
+        p.error(f"--skip {args.skip} and --last {args.last} must leave steps to measure out of {args.steps}")
+    for name in args.only.split(","):
+        if name not in TRAINERS:
+            p.error(f"--only: unknown trainer {name!r}; choose from {TRAINERS}")
+    return args
+
+
+def clipworks_argv(args, csv: Path, run_dir: Path, seed: int, init: Path | None) -> list[str]:
+    """`clipworks train` with the benchmark's settings (model "tiny" is the default model), from weights `init`."""
+    opts = {"data.train": f"csv:{csv}", "data.batch_size": args.batch_size, "data.workers": args.workers,
+            "data.eval_size": 0, "optim.lr": args.lr, "optim.weight_decay": args.wd, "optim.betas": "0.9,0.98",
+            "optim.eps": 1e-6, "optim.warmup_steps": args.warmup, "optim.schedule": "cosine",
+            "optim.grad_clip": args.grad_clip, "run.steps": args.steps, "run.seed": seed, "run.precision": "fp32",
+            "run.device": "cpu", "run.out_dir": run_dir, "run.log_every": 1, "run.eval_every": 0,
+            "run.save_every": 0, "run.progress": "false"}  # fmt: skip
+    if init is not None:
+        opts["model.pretrained"] = init
+    entry = [args.clipworks_script] if args.clipworks_script else ["-m", "clipworks.cli"]
+    return [sys.executable, *entry, "train"] + [x for k, v in opts.items() for x in (f"--{k}", str(v))]
+
+
+def open_clip_argv(args, csv: Path, config: Path, logs: Path, name: str, seed: int, init: Path | None) -> list[str]:
+    """`open_clip_train.main` through the driver in train_runs.py, which registers the model config first."""
+    epochs = args.steps // (args.images // args.batch_size)
+    flags = ["--train-data", csv, "--dataset-type", "csv", "--csv-separator", ",", "--csv-img-key", "filepath",
+             "--csv-caption-key", "caption", "--model", OPEN_CLIP_MODEL, "--batch-size", args.batch_size,
+             "--workers", args.workers, "--epochs", epochs, "--lr", args.lr, "--wd", args.wd, "--beta1", 0.9,
+             "--beta2", 0.98, "--eps", 1e-6, "--warmup", args.warmup, "--lr-scheduler", "cosine",
+             "--precision", "fp32", "--device", "cpu", "--seed", seed, "--logs", logs, "--name", name,
+             "--log-every-n-steps", 1, "--report-to", "", "--zeroshot-frequency", 0, "--val-frequency", 0]  # fmt: skip
+    if init is not None:
+        flags += ["--pretrained", init]
+    if args.grad_clip > 0:
+        flags += ["--grad-clip-norm", args.grad_clip]
+    driver = Path(__file__).resolve().parent / "train_runs.py"
+    return [sys.executable, str(driver), str(config)] + [str(f) for f in flags]
+
+
+def summarize(trainer: str, run: ChildRun, records: list[StepRecord], args) -> Summary:
+    """Steady-state figures from the per-step records; raises if the run failed or logged too few steps."""
+    if run.returncode != 0 or len(records) < args.steps:
+        tail = "\n".join(run.log.read_text(errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"{trainer}: exit status {run.returncode}, {len(records)} of {args.steps} steps "
+                           f"logged; end of {run.log}:\n{tail}")  # fmt: skip
+    steady = records[args.skip : args.steps]
+    seconds = sum(args.batch_size / r.samples_per_s for r in steady)
+    loss = statistics.fmean(r.loss for r in records[args.steps - args.last : args.steps])
+    return Summary(trainer, len(steady) * args.batch_size / seconds, statistics.median(r.samples_per_s for r in steady),
+                   run.max_rss_mb, run.peak_tree_pss_mb, loss, len(records), run.wall_s)  # fmt: skip
+
+
+def run_trainer(trainer: str, args, work: Path, csv: Path, config: Path, index: int) -> Summary:
+    """Train once with `trainer` in a subprocess, with seed `args.seed + index`, and summarize the run."""
+    seed = args.seed + index
+    init = None
+    if args.init == "shared":
+        init = work / f"open_clip_init_seed{seed}.pt"
+        if not init.exists():
+            write_open_clip_init(config, init, seed=seed)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if trainer == "clipworks":
+        run_dir = work / f"clipworks-{index}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # clipworks refuses a run folder holding checkpoints
+        run = run_child(clipworks_argv(args, csv, run_dir, seed, init), work / f"clipworks-{index}.log", env)
+        records = read_clipworks_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else []
+    else:
+        name = f"open_clip-{index}"
+        shutil.rmtree(work / "open_clip_logs" / name, ignore_errors=True)  # OpenCLIP refuses an existing name
+        argv = open_clip_argv(args, csv, config, work / "open_clip_logs", name, seed, init)
+        run = run_child(argv, work / f"{name}.log", env)
+        log = work / "open_clip_logs" / name / "out.log"
+        records = read_open_clip_log(log) if log.exists() else []
+    return summarize(trainer, run, records, args)
+
+
+def _median(rows: list[Summary], trainer: str) -> Summary | None:
+    mine = [r for r in rows if r.trainer == trainer]
+    if not mine:
+        return None
+    fields = [f for f in Summary.__dataclass_fields__ if f != "trainer"]
+    return Summary(trainer, **{f: statistics.median(getattr(r, f) for r in mine) for f in fields})
+
+
+def format_table(rows: list[Summary]) -> str:
+    """Markdown table of the medians over repeats, with clipworks / OpenCLIP ratios and the targets."""
+    ours, theirs = _median(rows, "clipworks"), _median(rows, "open_clip")
+    metrics = [("samples/s (steady state)", "samples_per_s", "{:,.1f}", ">= 1.2x"),
+               ("median per-step samples/s", "median_step_rate", "{:,.1f}", ""),
+               ("peak RSS, trainer process (MB)", "max_rss_mb", "{:,.0f}", "<= 1x"),
+               ("peak PSS, trainer + workers (MB)", "peak_tree_pss_mb", "{:,.0f}", "<= 1x"),
+               ("final loss (mean of last steps)", "final_loss", "{:.4f}", "<= open_clip"),
+               ("wall time incl. start-up (s)", "wall_s", "{:,.1f}", "")]  # fmt: skip
+    lines = ["| metric | clipworks | open_clip | clipworks / open_clip | target |", "|---|---|---|---|---|"]
+    for label, attr, fmt, target in metrics:
+        a, b = (fmt.format(getattr(s, attr)) if s else "-" for s in (ours, theirs))
+        ratio = f"{getattr(ours, attr) / getattr(theirs, attr):.2f}x" if ours and theirs else "-"
+        lines.append(f"| {label} | {a} | {b} | {ratio} | {target} |")
+    return "\n".join(lines)
+
+
+def _header(args, work: Path) -> str:
+    import torch
+
+    return (f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+            f"{platform.processor() or platform.machine()}; work folder {work}\n"
+            f"# steps {args.steps}, batch {args.batch_size}, workers {args.workers}, images {args.images} "
+            f"({args.format}), init {args.init}, seed {args.seed}, lr {args.lr}, warmup {args.warmup}, wd {args.wd}, "
+            f"grad clip {args.grad_clip}; samples/s over steps {args.skip + 1}-{args.steps}, "
+            f"loss over the last {args.last}")  # fmt: skip
+
+
+def prepare(args, work: Path) -> tuple[Path, Path]:
+    """(OpenCLIP model config, data CSV), written into `work`.
+
+    A CSV already in `work` with the requested number of images in the requested format is reused.
+    """
+    from clipworks.train.config import ModelConfig
+
+    model = ModelConfig()
+    config = write_open_clip_config(model, work)
+    ours, theirs = parameter_counts(model, config)
+    print(f"# parameters: clipworks {ours:,}, open_clip {theirs:,}")
+    if ours != theirs:
+        raise SystemExit("the two models differ in size; fix open_clip_config in train_runs.py")
+    csv = work / "data.csv"
+    lines = csv.read_text().splitlines() if csv.exists() else []
+    if len(lines) - 1 != args.images or not lines[1].split(",")[0].endswith(f".{args.format}"):
+        csv = write_shapes_csv(work, args.images, model.image_size, fmt=args.format)
+    return config, csv
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _args(argv)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_train_")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        print(_header(args, work))
+        config, csv = prepare(args, work)
+        rows = []
+        order = [t for t in TRAINERS if t in args.only.split(",")]
+        for i in range(args.repeats):
+            for trainer in order if i % 2 == 0 else order[::-1]:
+                rows.append(run_trainer(trainer, args, work, csv, config, i))
+                r = rows[-1]
+                print(f"# run {i} (seed {args.seed + i}) {trainer}: {r.samples_per_s:.1f} samples/s, "
+                      f"RSS {r.max_rss_mb:.0f} MB, PSS {r.peak_tree_pss_mb:.0f} MB, loss {r.final_loss:.4f}, "
+                      f"{r.wall_s:.0f} s", flush=True)  # fmt: skip
+        print(format_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
