@@ -209,8 +209,11 @@ class Runner:
         return bool(flag.item())
 
     def _skip_update(self) -> None:
+        """No update this step, but the schedule moves on (a skipped step still counts toward `run.steps`)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # PyTorch warns when the schedule steps without the optimiser: intended
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         self.skipped_steps += 1
 
     def _autocast(self):
