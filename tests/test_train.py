@@ -313,6 +313,13 @@ def test_two_process_gloo_step_matches_one_process(tmp_path, extra):
     assert max((one[k] - before[k]).abs().max().item() for k in one) > 1e-3  # the second step moved the weights
     for key, value in one.items():
         torch.testing.assert_close(ddp[key], value, atol=2e-6, rtol=1e-5, msg=key)
+    if clip:  # the whole state FSDP's ranks gathered at step 1 resumes in one process, with the same step 2
+        train(load_config(None, [*common, "--data.batch_size", "32", "--run.out_dir", str(tmp_path / "resumed"),
+                                 "--optim.grad_clip", *clip, "--run.resume",
+                                 str(run_state.checkpoint_dir(tmp_path / "ddp", 1))]))  # fmt: skip
+        resumed = run_state.load_checkpoint(run_state.checkpoint_dir(tmp_path / "resumed", 2))["model"]
+        for key, value in one.items():
+            torch.testing.assert_close(resumed[key], value, atol=2e-6, rtol=1e-5, msg=key)
 
 
 def test_batches_of_only_broken_samples_are_skipped_and_counted(tmp_path):
