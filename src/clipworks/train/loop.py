@@ -212,7 +212,7 @@ class Runner:
         """No update this step, but the schedule moves on (a skipped step still counts toward `run.steps`)."""
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # PyTorch warns when the schedule steps without the optimiser: intended
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             self.scheduler.step()
         self.skipped_steps += 1
 
