@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.decode import ImageDecodeError
+from ..train.distributed import everywhere, rank_world
 from .sources import ImageSet
 
 DEFAULT_CACHE_DIR = "~/.cache/clipworks/features"
@@ -54,13 +55,6 @@ def model_identity(name: str, pretrained: str | None) -> str | None:
     stats = [f"{p.relative_to(path) if path.is_dir() else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
              for p in files]  # fmt: skip
     return f"{name}|{pretrained}|{path.resolve()}|" + ",".join(stats)
-
-
-def world() -> tuple[int, int]:
-    """(rank, world_size) of the initialised process group, or (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def progress(items: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
@@ -118,7 +112,7 @@ class Embedder:
         self.model, self.transform, self.tokenizer = model.eval(), transform, tokenizer
         self.identity, self.batch_size, self.workers, self.device = identity, batch_size, workers, device
         self.cache = Path(cache_dir).expanduser() if cache_dir is not None and identity is not None else None
-        self.rank, self.world_size = world()
+        self.rank, self.world_size = rank_world()
         self.show_progress = show_progress and self.rank == 0
         self.embedded = {"images": 0, "texts": 0}  # what was actually run through the towers (not cached)
         self.cache_hits = 0
@@ -132,7 +126,7 @@ class Embedder:
         from safetensors.torch import load_file, save_file
 
         path = self.cache / f"{key}.safetensors"
-        if _everywhere(path.is_file()):  # ranks must agree, or one would wait in a gather the others skip
+        if everywhere(path.is_file(), self.device):  # ranks must agree, or one would wait in a gather the others skip
             self.cache_hits += 1
             return load_file(path)
         out = compute()
@@ -197,18 +191,9 @@ class Embedder:
         return F.normalize(f, dim=-1)
 
 
-def _everywhere(flag: bool) -> bool:
-    """Whether `flag` holds on every rank (just `flag` in a single process)."""
-    if world()[1] == 1:
-        return flag
-    parts: list = [None] * world()[1]
-    torch.distributed.all_gather_object(parts, flag)
-    return all(parts)
-
-
 def _gather(index: Tensor, features: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Concatenate every rank's (index, features, valid); a no-op in a single process."""
-    rank, world_size = world()
+    rank, world_size = rank_world()
     if world_size == 1:
         return index, features, valid
     parts: list = [None] * world_size

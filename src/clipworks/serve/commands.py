@@ -64,7 +64,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     index = load_index(args.index, model=identity, verify=args.verify)
     captions = None if args.captions is None else load_index(args.captions, model=identity, verify=args.verify)
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained)
-    app = create_app(index, model, preprocess, get_tokenizer(args.model), settings, captions=captions)
+    app = create_app(index, model, preprocess, get_tokenizer(model), settings, captions=captions)
     print(f"clipworks serve: {len(index)} images ({identity}) on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

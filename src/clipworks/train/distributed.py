@@ -15,18 +15,28 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from ..models.layers import Block
 
-__all__ = ["Distributed", "full_model_state", "full_optimizer_state", "load_full_state", "setup_distributed",
-           "sync_replicated_grads", "wrap_model"]  # fmt: skip
+__all__ = ["Distributed", "everywhere", "full_model_state", "full_optimizer_state", "load_full_state", "rank_world",
+           "setup_distributed", "sync_replicated_grads", "wrap_model"]  # fmt: skip
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world_size) of the initialised default process group, or (0, 1) when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def everywhere(ok: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether `ok` holds on every rank (just `ok` in one process): ranks that must take the same branch (skip a
+    step, stop, read a cache) decide together, or one would wait in a collective the others never enter."""
+    if rank_world()[1] == 1:
+        return ok
+    flag = torch.tensor([float(ok)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 @dataclass
@@ -97,23 +107,35 @@ def sync_replicated_grads(model: nn.Module, dist: Distributed) -> None:
             torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
 
 
-def _options(dist: Distributed) -> StateDictOptions:
+def _options(dist: Distributed):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
     return StateDictOptions(full_state_dict=True, cpu_offload=dist.sharded)
 
 
 def full_model_state(model: nn.Module, dist: Distributed) -> dict[str, torch.Tensor]:
     """The whole model's state dict (collective under FSDP: call on every rank; complete on rank 0)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     return get_model_state_dict(model, options=_options(dist))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, dist: Distributed) -> dict:
     """The optimiser's state keyed by parameter name (collective under FSDP; complete on rank 0)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     return get_optimizer_state_dict(model, optimizer, options=_options(dist))
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict,
                     dist: Distributed) -> None:  # fmt: skip
     """Load whole state saved by `full_model_state`/`full_optimizer_state` into a model of any layout."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optim_state, options=options)

@@ -17,6 +17,7 @@ from ..config import CLIPConfig, TextConfig, VisionTransformerConfig
 from .config import ModelConfig, TrainConfig, save_config
 from .distributed import (
     Distributed,
+    everywhere,
     full_model_state,
     full_optimizer_state,
     load_full_state,
@@ -201,13 +202,6 @@ class Runner:
         bar.close()
         return self._finish()
 
-    def _everywhere(self, ok: bool) -> bool:
-        """Whether `ok` holds on every rank: ranks stop or skip a step together, or DDP would hang."""
-        flag = torch.tensor([float(ok)], device=self.dist.device)
-        if self.dist.world_size > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
-
     def _skip_update(self) -> None:
         """No update this step, but the schedule moves on (a skipped step still counts toward `run.steps`)."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -221,7 +215,7 @@ class Runner:
 
     def _train_step(self, batch) -> float:
         dev = self.dist.device
-        if not self._everywhere(len(batch.images) > 0):  # every sample of a batch was broken (and counted)
+        if not everywhere(len(batch.images) > 0, dev):  # every sample of a batch was broken (and counted)
             self._skip_update()
             return float("nan")
         images, tokens = batch.images.to(dev, non_blocking=True), batch.tokens.to(dev, non_blocking=True)
@@ -232,7 +226,7 @@ class Runner:
                 out = self.ddp(images, tokens)
                 loss = self.loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
                 backward = loss.backward
-        if not self._everywhere(bool(torch.isfinite(loss.detach()))):
+        if not everywhere(bool(torch.isfinite(loss.detach())), dev):
             if self.cfg.run.nonfinite == "stop":
                 raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at step {self.step + 1}; set "
                                          "run.nonfinite: skip to skip such steps")  # fmt: skip

@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import rank_world
+
 __all__ = [
     "CLIP_INIT_LOGIT_SCALE",
     "MAX_LOGIT_SCALE",
@@ -74,13 +76,6 @@ def clamp_logit_scale_(model: nn.Module, max_log: float = MAX_LOGIT_SCALE) -> No
         model = model.module
     model = getattr(model, "_orig_mod", model)
     model.logit_scale.clamp_(0, max_log)
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world_size) of the default process group, or (0, 1) when not distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _gather(x: Tensor, rank: int, world_size: int, *, with_grad: bool, keep_local_grad: bool) -> Tensor:
@@ -221,7 +216,7 @@ class ClipLoss(_PairLoss):
             logit_bias: optional scalar added to every logit. Softmax cross-entropy is invariant to it (its
                 gradient is zero); it is accepted so models with a bias can train with this loss.
         """
-        rank, world_size = _world()
+        rank, world_size = rank_world()
         b = image_features.shape[0]
         if world_size > 1:
             opts = {"with_grad": self.gather_with_grad, "keep_local_grad": not self.local_loss}
@@ -297,7 +292,7 @@ class SigLipLoss(_PairLoss):
         """
         if logit_bias is None:
             raise ValueError("SigLipLoss needs logit_bias (a model built with init_logit_bias, e.g. -10)")
-        rank, world_size = _world()
+        rank, world_size = rank_world()
         b = image_features.shape[0]
         offset = 0
         all_text = text_features
