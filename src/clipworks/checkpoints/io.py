@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -100,17 +100,19 @@ def _clip(items: list[str], n: int = 12) -> str:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Write a directory all at once: files go into the yielded temporary sibling, renamed to `path` on success.
 
     A failure inside the block removes the temporary directory and leaves an existing `path` untouched. An
-    existing `path` is replaced only if it is empty or a checkpoint directory, never another folder of files.
+    existing `path` is replaced only if it is empty or a checkpoint directory (or `replaceable(path)` says it is
+    another directory of ours), never another folder of files.
 
     Raises:
         ValueError: `path` is a file, or a non-empty directory holding no checkpoint.
     """
     path = Path(path)
-    check_replaceable(path)
+    if not (replaceable is not None and path.is_dir() and not path.is_symlink() and replaceable(path)):
+        check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

@@ -9,12 +9,9 @@ when complete, so an interrupted write never leaves a half-written file under it
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -111,27 +108,12 @@ def _read_shard(directory: Path, index: int) -> tuple[np.ndarray, list[dict]]:
     return emb, records
 
 
-@contextlib.contextmanager
-def replace_directory(path: str | os.PathLike, formats: tuple[str, ...]) -> Iterator[Path]:
-    """Like `checkpoints.io.atomic_directory`, and may also replace a directory of ours (its manifest's
-    "format" in `formats`): the old one is moved aside, and put back if the new one fails."""
+def replace_directory(path: str | os.PathLike, formats: tuple[str, ...]):
+    """`checkpoints.io.atomic_directory` that may also replace a directory of ours (its manifest's "format" in
+    `formats`)."""
     from ..checkpoints.io import atomic_directory
 
-    path = Path(path)
-    aside = None
-    if path.is_dir() and _format_of(path) in formats:
-        aside = path.with_name(f".{path.name}.replaced")
-        shutil.rmtree(aside, ignore_errors=True)
-        path.rename(aside)
-    try:
-        with atomic_directory(path) as tmp:
-            yield tmp
-    except BaseException:
-        if aside is not None and not path.exists():
-            aside.rename(path)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+    return atomic_directory(path, replaceable=lambda p: _format_of(p) in formats)
 
 
 def _format_of(path: Path) -> str | None:
