@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import shutil
 import sys
@@ -26,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # --- (a) embedding throughput ---------------------------------------------------------------------------------
 
+# Distinct photos drawn per size (drawing a 12-megapixel one takes ~0.5 s); larger runs copy them.
+DISTINCT_PER_SIZE = 16
+
 
 class _OpenCLIPFiles(torch.utils.data.Dataset):
     """What a plain OpenCLIP script does: open each file with Pillow, convert to RGB, apply open_clip's preprocess."""
@@ -41,14 +46,16 @@ class _OpenCLIPFiles(torch.utils.data.Dataset):
             return self.preprocess(image.convert("RGB"))
 
 
-def _open_clip_loop(model, preprocess, paths, out: Path, batch_size: int, workers: int) -> np.ndarray:
+def _open_clip_loop(model, preprocess, paths, out: Path, batch_size: int, workers: int, device) -> np.ndarray:
     """The baseline: DataLoader + encode_image, features normalised and saved as float16 with their keys."""
+    cuda = device.type == "cuda"
     loader = torch.utils.data.DataLoader(_OpenCLIPFiles(paths, preprocess), batch_size=batch_size,
-                                         num_workers=workers)  # fmt: skip
+                                         num_workers=workers, pin_memory=cuda)  # fmt: skip
     feats = []
     with torch.no_grad():
         for images in loader:
-            feats.append(torch.nn.functional.normalize(model.encode_image(images), dim=-1).numpy())
+            features = model.encode_image(images.to(device, non_blocking=cuda))
+            feats.append(torch.nn.functional.normalize(features, dim=-1).float().cpu().numpy())
     x = np.concatenate(feats)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "emb.npy", x.astype(np.float16))
@@ -56,7 +63,7 @@ def _open_clip_loop(model, preprocess, paths, out: Path, batch_size: int, worker
     return x
 
 
-def _models():
+def _models(device):
     """OpenCLIP ViT-B-32 with random weights, and clipworks' ViT-B-32 holding the very same weights."""
     import open_clip
 
@@ -68,12 +75,12 @@ def _models():
     oc_model.eval()
     cw_model, _, cw_preprocess = clipworks.create_model_and_transforms("ViT-B-32")
     cw_model.load_state_dict(convert_from_open_clip(oc_model.state_dict(), cw_model.config))
-    return oc_model, oc_preprocess, cw_model, cw_preprocess
+    return oc_model.to(device), oc_preprocess, cw_model.to(device), cw_preprocess
 
 
 def _stage_costs(paths, oc_model, oc_preprocess, cw_model, cw_preprocess, batch_size: int) -> dict:
     """CPU milliseconds per image of each stage on one thread (best of 3): what throughput is made of when
-    decoding and encoding share the cores."""
+    decoding and encoding share the cores. Encoding is timed only for models on the CPU (NaN otherwise)."""
     from clipworks.data.decode import load_image
     from clipworks.transforms import image_transform
 
@@ -81,7 +88,7 @@ def _stage_costs(paths, oc_model, oc_preprocess, cw_model, cw_preprocess, batch_
     size = cw_model.preprocess_config.image_size
     sides = {
         "open_clip": (lambda p: oc_preprocess(Image.open(p).convert("RGB")), oc_model),
-        "clipworks": (lambda p: cw_preprocess(load_image(p)), cw_model),
+        "clipworks": (lambda p: cw_preprocess.load(p), cw_model),
         "clipworks --fast-decode": (lambda p: fast(load_image(p, draft_size=size)), cw_model),
     }
     threads = torch.get_num_threads()
@@ -90,11 +97,18 @@ def _stage_costs(paths, oc_model, oc_preprocess, cw_model, cw_preprocess, batch_
     costs = {}
     try:
         for name, (decode, model) in sides.items():
+            cpu = next(model.parameters()).device.type == "cpu"
             costs[name] = (_cpu_ms(lambda: [decode(p) for p in paths], len(paths)),
-                           _cpu_ms(lambda: model.encode_image(batch), len(batch)))  # fmt: skip
+                           _cpu_ms(lambda: model.encode_image(batch), len(batch)) if cpu else float("nan"))  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     return costs
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({os.cpu_count()} CPU cores)"
+    return f"CPU ({os.cpu_count()} cores)"
 
 
 def _cpu_ms(fn, items: int, repeats: int = 3) -> float:
@@ -108,21 +122,27 @@ def _cpu_ms(fn, items: int, repeats: int = 3) -> float:
     return 1000 * best / items
 
 
-def bench_embed(images: int, batch_size: int, workers: int, repeats: int) -> list[dict]:
+def bench_embed(images: int, batch_size: int, workers: int, repeats: int, device: str = "cpu") -> list[dict]:
     """Images per second from JPEG files to embeddings on disk, best of `repeats` interleaved runs."""
     from parts.preprocess import PHOTO_SIZES, _write_photos
 
     from clipworks.search.embed import embed_collection
     from clipworks.search.store import read_embeddings
 
-    oc_model, oc_preprocess, cw_model, cw_preprocess = _models()
+    device = torch.device(device)
+    oc_model, oc_preprocess, cw_model, cw_preprocess = _models(device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "photos").mkdir()
-        paths = sorted(_write_photos(tmp / "photos", max(1, images // len(PHOTO_SIZES))))
+        per_size = max(1, images // len(PHOTO_SIZES))
+        distinct = sorted(_write_photos(tmp / "photos", min(per_size, DISTINCT_PER_SIZE)))
+        paths = list(distinct)
+        for k in range(per_size // DISTINCT_PER_SIZE - 1):  # whole copies of the distinct photos make up the rest
+            paths += [shutil.copy(path, path.with_name(f"copy{k}_{path.name}")) for path in distinct]
+        paths = sorted(Path(p) for p in paths)
         runs = {
-            "open_clip": lambda: _open_clip_loop(oc_model, oc_preprocess, paths, tmp / "oc", batch_size, workers),
+            "open_clip": lambda: _open_clip_loop(oc_model, oc_preprocess, paths, tmp / "oc", batch_size, workers, device),
             "clipworks": lambda: embed_collection(cw_model, f"folder:{tmp / 'photos'}", tmp / "cw", model_name="ViT-B-32",
                                                   transform=cw_preprocess, batch_size=batch_size, workers=workers,
                                                   progress=False),  # fmt: skip
@@ -138,21 +158,25 @@ def bench_embed(images: int, batch_size: int, workers: int, repeats: int) -> lis
                 start = time.perf_counter()
                 run()
                 best[name] = min(best[name], time.perf_counter() - start)
-        costs = _stage_costs(paths, oc_model, oc_preprocess, cw_model, cw_preprocess, batch_size)
-        reference = _open_clip_loop(oc_model, oc_preprocess, paths, tmp / "oc", batch_size, workers)
+        costs = _stage_costs(distinct, oc_model, oc_preprocess, cw_model, cw_preprocess, batch_size)
+        reference = _open_clip_loop(oc_model, oc_preprocess, paths, tmp / "oc", batch_size, workers, device)
         exact = read_embeddings(tmp / "cw")[0]
         fast = read_embeddings(tmp / "cwf")[0]
     rate = {name: len(paths) / s for name, s in best.items()}
     sizes = ", ".join(f"{w}x{h}" for w, h in PHOTO_SIZES)
-    setting = f"{len(paths)} JPEGs (q90; {sizes}), batch {batch_size}, {workers} workers, best of {repeats}"
+    setting = (f"{len(paths)} JPEGs (q90; {sizes}), batch {batch_size}, {workers} workers, best of {repeats}, "
+               f"{_device_name(device)}, fp32")  # fmt: skip
     for name, (decode, encode) in costs.items():
         rows.append({"task": f"CPU time per image, {name}", "unit": "ms", "clipworks": None, "open_clip": None,
                      "note": f"decode+preprocess {decode:.1f} ms, encode_image {encode:.1f} ms (one thread, "
                              f"batch {batch_size}, process time: robust to other load on the machine)"})  # fmt: skip
-    total = {name: sum(c) for name, c in costs.items()}
-    rows.append({"task": "CPU time ratio (when the cores are the bottleneck)", "unit": "x", "clipworks": None,
-                 "open_clip": None, "note": f"open_clip / clipworks {total['open_clip'] / total['clipworks']:.2f}x; "
-                 f"open_clip / clipworks --fast-decode {total['open_clip'] / total['clipworks --fast-decode']:.2f}x"})
+    for part, pick in (("decode+preprocess", lambda c: c[0]), ("decode+preprocess+encode", sum)):
+        total = {name: pick(c) for name, c in costs.items()}
+        if math.isnan(total["open_clip"]):
+            continue
+        rows.append({"task": f"CPU time ratio, {part}", "unit": "x", "clipworks": None, "open_clip": None,
+                     "note": f"open_clip / clipworks {total['open_clip'] / total['clipworks']:.2f}x; open_clip / "
+                             f"clipworks --fast-decode {total['open_clip'] / total['clipworks --fast-decode']:.2f}x"})
     rows.append({"task": "embed JPEG files -> stored embeddings, ViT-B-32", "unit": "images/s",
                  "clipworks": rate["clipworks"], "open_clip": rate["open_clip"],
                  "note": f"{setting}; bit-identical preprocessing; max|diff| of stored fp16 embeddings vs open_clip "
@@ -247,24 +271,26 @@ def format_tables(embed_rows: list[dict], index_rows: list[dict], setting: str) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="embed,index", help="comma-separated parts: embed, index")
-    parser.add_argument("--images", type=int, default=256, help="JPEG files (a multiple of 4: four photo sizes)")
+    parser.add_argument("--images", type=int, default=256,
+                        help="JPEG files: four photo sizes, 16 distinct photos each, copied beyond 64")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, the same for both sides")
     parser.add_argument("--repeats", type=int, default=2, help="embedding runs per side (best is reported)")
     parser.add_argument("--vectors", type=int, default=1_000_000, help="vectors in the index benchmark")
     parser.add_argument("--queries", type=int, default=1000, help="held-out queries for latency and recall")
     parser.add_argument("--kinds", default="flat,ivf", help="index kinds to measure (flat, ivf, ivfpq, hnsw, auto)")
+    parser.add_argument("--device", default="cpu", help="where both sides encode (cpu, cuda)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}", flush=True)
-    embed_rows = bench_embed(args.images, args.batch_size, args.workers, args.repeats) if "embed" in parts else []
+    embed_rows = bench_embed(args.images, args.batch_size, args.workers, args.repeats, args.device) if "embed" in parts else []
     index_rows = bench_index(args.vectors, args.queries, args.kinds.split(",")) if "index" in parts else []
     setting = (f"index: {args.vectors:,} unit vectors of 512 dims drawn around {max(10, args.vectors // 1000):,} "
                "random centres with a shared direction and spreads of 0.5x-2x (clustered, not uniform noise: see "
                f"clustered_vectors); {args.queries} held-out queries from the same distribution, one at a time, "
-               f"k=10; recall against exact inner-product search; faiss {_faiss_threads()} OpenMP threads (one per "
-               "single query, see SearchIndex.search)")  # fmt: skip
+               f"k=10; recall against exact inner-product search; faiss {_faiss_threads() if index_rows else '-'} "
+               "OpenMP threads (one per single query, see SearchIndex.search)")  # fmt: skip
     print(format_tables(embed_rows, index_rows, setting))
     if args.json:
         Path(args.json).write_text(json.dumps({"embed": embed_rows, "index": index_rows}, indent=2))

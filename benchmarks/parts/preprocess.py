@@ -91,7 +91,7 @@ def run(quick: bool = False) -> list[dict]:
     exact, fast = image_transform(cfg), image_transform(cfg, fast=True)
     reference = open_clip.image_transform(cfg.image_size, is_train=False)
     pipelines = {
-        "clipworks": lambda path: exact(load_image(path)),
+        "clipworks": lambda path: exact.load(path),  # simplejpeg + resample route for JPEGs when verified
         "clipworks fast": lambda path: fast(load_image(path, draft_size=cfg.image_size)),
         "open_clip": lambda path: reference(Image.open(path)),
         **_transformers_processors(),
@@ -123,7 +123,7 @@ def run(quick: bool = False) -> list[dict]:
             "clipworks": rate["clipworks"],
             "open_clip": rate["open_clip"],
             "transformers": rate.get("transformers"),
-            "note": f"{common}; clipworks load_image + eval transform, "
+            "note": f"{common}; clipworks EvalTransform.load (JPEG: simplejpeg + integer-GEMM resampling), "
             f"{'bit-identical to' if identical else 'DIFFERENT from'} open_clip on every file; "
             f"{rate['clipworks'] / rate['open_clip']:.2f}x open_clip{tf_note}{pil_note}",
         },

@@ -80,7 +80,7 @@ class _Decoded(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         i = self.indices[k]
         try:
-            return i, self.transform(self.images.load(i))
+            return i, self.images.preprocess(i, self.transform)
         except (ImageDecodeError, OSError):
             return i, None
 

@@ -19,12 +19,16 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from ..data.datasets import parse_data_spec
 from ..data.decode import load_image
 from .prompts import check_unique
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OPTIONS: dict[str, dict[str, str]] = {
@@ -71,6 +75,10 @@ class ImageSet:
     def load(self, i: int) -> Image.Image:
         raise NotImplementedError
 
+    def preprocess(self, i: int, transform) -> torch.Tensor:
+        """Image i through `transform`."""
+        return transform(self.load(i))
+
     def name(self, i: int) -> str:
         """A short name of image i for reports."""
         raise NotImplementedError
@@ -91,6 +99,11 @@ class FileImages(ImageSet):
 
     def load(self, i: int) -> Image.Image:
         return load_image(self.paths[i])
+
+    def preprocess(self, i: int, transform) -> torch.Tensor:
+        if hasattr(transform, "load"):  # EvalTransform: JPEG photos by the faster exact route
+            return transform.load(self.paths[i])
+        return transform(self.load(i))
 
     def name(self, i: int) -> str:
         return str(self.paths[i])
