@@ -272,6 +272,22 @@ def test_existing_run_needs_resume(tmp_path):
     assert not (tmp_path / "config.yaml").exists()
 
 
+def test_resume_with_more_steps_follows_the_new_schedule(tmp_path):
+    # A run trained to its end (learning rate 0), resumed with a larger --run.steps, trains on: the cosine
+    # is recomputed over the new total from the current step instead of staying at the saved schedule's end.
+    base = ["--data.eval_size", "0", "--optim.warmup_steps", "2", "--run.save_every", "4", "--run.log_every", "1"]
+    train(tiny_config(tmp_path, "--run.steps", "4", *base))
+    before = _final_weights(tmp_path, 4)
+    train(tiny_config(tmp_path, "--run.steps", "8", "--run.resume", "latest", *base))
+    with open(tmp_path / "metrics.csv") as f:
+        rows = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+    lr = load_config(None, TINY).optim.lr
+    for step in (5, 6, 7):  # logged after the step: the factor of the next one
+        assert rows[step] == pytest.approx(lr * WarmupCosine(2, 8)(step), rel=1e-6)
+    after = _final_weights(tmp_path, 8)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def test_default_run_directory_is_timestamped(monkeypatch, tmp_path):
     from clipworks.train.loop import Distributed, _run_dir
 

@@ -25,7 +25,7 @@ from .distributed import (
     sync_replicated_grads,
     wrap_model,
 )
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, follow_config
 from .state import DataPosition, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
 from .zeroshot import EvalResult, SyntheticEval
 
@@ -161,6 +161,7 @@ class Runner:
         state = load_checkpoint(path)
         load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
+        follow_config(self.scheduler, self.cfg.optim, self.cfg.run.steps)
         self.step = state["step"]
         self.position = DataPosition(**state["data"])
         set_rng_state(state["rng"])

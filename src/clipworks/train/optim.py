@@ -69,3 +69,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     """A `LambdaLR` stepping once per optimiser step over `total_steps`."""
     factor = WarmupCosine(cfg.warmup_steps, total_steps, cfg.schedule)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def follow_config(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: OptimConfig, total_steps: int) -> None:
+    """Make a scheduler restored from a checkpoint follow this run's schedule from its current step.
+
+    `LambdaLR.load_state_dict` brings back the saved factor's fields, so a run resumed with a larger
+    `--run.steps` would keep the old schedule (a learning rate of 0 past the old end). The schedule is
+    recomputed from the current warmup, total and kind instead (the cosine stretches from here on, as
+    OpenCLIP's resume does); with an unchanged config nothing changes.
+    """
+    factor = WarmupCosine(cfg.warmup_steps, total_steps, cfg.schedule)
+    scheduler.lr_lambdas = [factor] * len(scheduler.optimizer.param_groups)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
