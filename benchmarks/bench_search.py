@@ -33,7 +33,8 @@ DISTINCT_PER_SIZE = 16
 
 
 class _OpenCLIPFiles(torch.utils.data.Dataset):
-    """What a plain OpenCLIP script does: open each file with Pillow, convert to RGB, apply open_clip's preprocess."""
+    """What a plain OpenCLIP script does: open each file with Pillow and apply open_clip's preprocess (which
+    converts to RGB itself, after resizing: an explicit `.convert("RGB")` first would cost it a full-size copy)."""
 
     def __init__(self, paths, preprocess):
         self.paths, self.preprocess = paths, preprocess
@@ -43,7 +44,7 @@ class _OpenCLIPFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         with Image.open(self.paths[i]) as image:
-            return self.preprocess(image.convert("RGB"))
+            return self.preprocess(image)
 
 
 def _open_clip_loop(model, preprocess, paths, out: Path, batch_size: int, workers: int, device) -> np.ndarray:
@@ -87,7 +88,7 @@ def _stage_costs(paths, oc_model, oc_preprocess, cw_model, cw_preprocess, batch_
     fast = image_transform(cw_model.preprocess_config, fast=True)
     size = cw_model.preprocess_config.image_size
     sides = {
-        "open_clip": (lambda p: oc_preprocess(Image.open(p).convert("RGB")), oc_model),
+        "open_clip": (lambda p: oc_preprocess(Image.open(p)), oc_model),
         "clipworks": (lambda p: cw_preprocess.load(p), cw_model),
         "clipworks --fast-decode": (lambda p: fast(load_image(p, draft_size=size)), cw_model),
     }
