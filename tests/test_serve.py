@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,26 @@ def test_model_dimension_mismatch_is_refused(collection):  # noqa: F811
 
     with pytest.raises(ValueError, match="dimensions"):
         create_app(collection.index, Other(), collection.preprocess, collection.tokenizer)
+
+
+def test_a_symlink_swapped_in_after_the_check_is_refused(tmp_path, monkeypatch):
+    # The race needs a writer inside the collection: simulate it by letting the path check pass on a path
+    # that, by the time the file is opened, is a link out of the root (last component, or a folder above it).
+    from clipworks.serve import files
+    from clipworks.serve.limits import ServeError
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "real").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"secret")
+    (root / "real" / "ok.png").write_bytes(b"fine")
+    (root / "swapped.png").symlink_to(outside / "secret.png")
+    (root / "folder").symlink_to(outside)
+    monkeypatch.setattr(files, "resolve_image_file", lambda path, roots: (Path(path), "image/png"))
+    file, media_type, size = files.open_image_file(str(root / "real" / "ok.png"), (root,))
+    with file:
+        assert (file.read(), media_type, size) == (b"fine", "image/png", 4)
+    for path in (root / "swapped.png", root / "folder" / "secret.png"):
+        with pytest.raises(ServeError) as caught:
+            files.open_image_file(str(path), (root,))
+        assert caught.value.status == 403, path

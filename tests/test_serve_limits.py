@@ -66,6 +66,26 @@ def test_streamed_body_is_counted_without_a_content_length():
     assert run([b""], [(b"content-length", b"-5")])[0] == 400
 
 
+def test_a_body_trickled_past_the_deadline_is_408():
+    sent, seen = [], []
+
+    async def app(scope, receive, send):
+        seen.append("app")
+
+    async def receive():
+        seen.append("receive")
+        if len(seen) == 1:
+            return {"type": "http.request", "body": b"ab", "more_body": True}
+        await asyncio.sleep(10)  # the rest never comes
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(BodySizeLimit(app, 100, timeout_s=0.2)({"type": "http", "headers": []}, receive, send))
+    assert sent[0]["status"] == 408 and "app" not in seen
+    assert b"not received within 0.2 s" in sent[1]["body"]
+
+
 def test_pixel_cap_and_broken_images(client):
     _assert_error(client.post("/api/search/image", files={"file": ("a.png", png_bytes((9, 9, 9), (60, 60)))}),
                   413, "3600 pixels", "2500")  # fmt: skip

@@ -11,11 +11,11 @@ try:
 except ImportError as e:
     raise ImportError("the search service needs FastAPI: pip install 'clipworks[search]'") from e
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .files import resolve_image_file
+from .files import open_image_file
 from .limits import BodySizeLimit, ServeError, ServeSettings
 from .schemas import EmbedResponse, ErrorResponse, HealthResponse, SearchResponse, TextSearchRequest
 from .service import Encoder, ImageQuery, Service
@@ -69,7 +69,7 @@ def create_app(
     _add_search_api(app, service)
     _add_api(app, service)
     _add_page(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(SecurityHeaders)
     return app
 
@@ -143,11 +143,12 @@ def _add_api(app: FastAPI, service: Service) -> None:
         modality = "text" if text is not None else "image"
         return {"model": index.model, "modality": modality, "embedding": features[0].tolist()}
 
-    @app.get("/api/image/{key:path}", response_class=FileResponse, responses=ERRORS)
-    def image(key: str) -> FileResponse:
+    @app.get("/api/image/{key:path}", response_class=StreamingResponse, responses=ERRORS)
+    def image(key: str) -> StreamingResponse:
         """The image file of an indexed key (only files inside the collection's roots)."""
-        path, media_type = resolve_image_file(service.record(key).get("path"), service.roots)
-        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+        file, media_type, size = open_image_file(service.record(key).get("path"), service.roots)
+        headers = {"Cache-Control": "private, max-age=3600", "Content-Length": str(size)}
+        return StreamingResponse(_chunks(file), media_type=media_type, headers=headers)
 
 
 def _add_page(app: FastAPI) -> None:
@@ -156,6 +157,13 @@ def _add_page(app: FastAPI) -> None:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+
+def _chunks(file, size: int = 1 << 16):
+    """A file's bytes in chunks, closing it at the end (or when the client goes away)."""
+    with file:
+        while chunk := file.read(size):
+            yield chunk
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:

@@ -34,6 +34,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-urls", action="store_true", help="let image requests name a public http(s) URL to fetch")
     p.add_argument("--url-timeout", type=float, default=d.url_timeout_s,
                    help=f"seconds a URL download may take (default {d.url_timeout_s:g})")  # fmt: skip
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help=f"seconds a request body may take to arrive; slower gets 408 (default {d.body_timeout_s:g})")  # fmt: skip
     p.add_argument("--image-root", action="append", default=None, metavar="DIR",
                    help="folder image files may be served from (repeatable; default: the roots the index records)")  # fmt: skip
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the index checksum check at start")
@@ -46,7 +48,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         raise ValueError(f"--max-body-mb {args.max_body_mb}: expected a positive number")
     return ServeSettings(max_k=args.max_k, max_body_bytes=int(args.max_body_mb * MIB), max_pixels=args.max_pixels,
                          concurrency=args.concurrency, max_batch=args.max_batch, allow_urls=args.allow_urls,
-                         url_timeout_s=args.url_timeout, image_roots=tuple(args.image_root or ()))  # fmt: skip
+                         url_timeout_s=args.url_timeout, body_timeout_s=args.body_timeout,
+                         image_roots=tuple(args.image_root or ()))  # fmt: skip
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

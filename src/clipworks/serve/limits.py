@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import io
 import threading
 from dataclasses import dataclass, field
@@ -37,6 +39,9 @@ class ServeSettings:
     """Whether image requests may name a URL to fetch (never a loopback, private or link-local address)."""
     url_timeout_s: float = 10.0
     """Whole-download deadline of a URL fetch."""
+    body_timeout_s: float = 30.0
+    """Deadline for receiving a whole request body; a client sending slower is answered 408 (a trickled
+    upload would otherwise hold its connection and buffer for as long as it likes)."""
     image_roots: tuple[Path, ...] = field(default=())
     """Folders images are served from; empty: the roots recorded in the index's manifest."""
 
@@ -45,8 +50,9 @@ class ServeSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ServeSettings.{name}={value!r}: expected a positive int")
-        if not self.url_timeout_s > 0:
-            raise ValueError(f"ServeSettings.url_timeout_s={self.url_timeout_s!r}: expected a positive number")
+        for name in ("url_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServeSettings.{name}={getattr(self, name)!r}: expected a positive number")
         object.__setattr__(self, "image_roots", tuple(Path(r) for r in self.image_roots))
 
 
@@ -70,16 +76,18 @@ def _json_error(status: int, message: str) -> tuple[dict, dict]:
 
 
 class BodySizeLimit:
-    """ASGI middleware: refuses request bodies over `max_bytes` with 413.
+    """ASGI middleware: refuses request bodies over `max_bytes` with 413, and bodies not received within
+    `timeout_s` with 408.
 
     A declared Content-Length over the cap is refused before anything is read; otherwise the body is read
     and counted chunk by chunk (chunked uploads declare no length) and refused as soon as it passes the cap.
     The app then reads the buffered body, so nothing downstream ever sees more than `max_bytes`.
     """
 
-    def __init__(self, app: Callable, max_bytes: int) -> None:
+    def __init__(self, app: Callable, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -99,8 +107,13 @@ class BodySizeLimit:
                 await self._refuse(send, 413, too_large)
                 return
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                await self._refuse(send, 408, f"request body not received within {self.timeout_s:g} s")
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
