@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -148,6 +149,30 @@ def test_text_embedding_of_a_caption_file(tiny, tmp_path):
     assert manifest["modality"] == "text" and [r["caption"] for r in records] == ["a red circle", "a blue square"]
     with torch.no_grad():
         ref = model.encode_text(tokenizer(["a red circle", "a blue square"]), normalize=True).numpy()
+    np.testing.assert_allclose(x, ref, atol=2e-3)
+
+
+def test_text_embedding_of_webdataset_captions(tiny, tmp_path):
+    # .txt captions, a .json "caption", a sample without one, a repeated caption, and a tar cut short.
+    model, _, tokenizer, _ = tiny
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        _add(tar, "a.jpg", b"x")
+        _add(tar, "a.txt", b" a red circle \n")
+        _add(tar, "b.jpg", b"x")
+        _add(tar, "b.json", json.dumps({"caption": "a blue square"}).encode())
+        _add(tar, "c.jpg", b"x")
+        _add(tar, "d.txt", b"a red circle")
+    with tarfile.open(tmp_path / "shard-1.tar", "w") as tar:
+        _add(tar, "e.txt", b"a green triangle")
+        _add(tar, "f.txt", b"never read" * 100)
+    data = (tmp_path / "shard-1.tar").read_bytes()
+    (tmp_path / "shard-1.tar").write_bytes(data[:1100])  # the second member cut off
+    _embed(tiny, f"wds:{tmp_path}/shard-{{0..1}}.tar", tmp_path / "bank", text=True)
+    x, records, manifest = read_embeddings(tmp_path / "bank")
+    captions = ["a red circle", "a blue square", "a green triangle"]
+    assert manifest["modality"] == "text" and [r["caption"] for r in records] == captions
+    with torch.no_grad():
+        ref = model.encode_text(tokenizer(captions), normalize=True).numpy()
     np.testing.assert_allclose(x, ref, atol=2e-3)
 
 

@@ -109,10 +109,7 @@ def plan_images(data: str, shard_size: int) -> Plan:
     if spec.scheme not in IMAGE_SCHEMES:
         raise ValueError(f"embed reads {', '.join(s + ':' for s in IMAGE_SCHEMES)} sources; got {data!r}")
     if spec.scheme == "wds":
-        tars = [str(Path(p).expanduser().resolve()) for p in expand_braces(spec.path)]
-        missing = [t for t in tars if not Path(t).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} of {len(tars)} shards not found: {missing[:3]}")
+        tars = _tars(spec.path)
         return Plan("wds", tars, [], _fingerprint(tars))
     path = Path(spec.path).expanduser()
     if not path.exists():
@@ -131,9 +128,40 @@ def plan_images(data: str, shard_size: int) -> Plan:
     return Plan(spec.scheme, shards, [str(root)], _fingerprint([i.key for i in items]))
 
 
+def _tars(pattern: str) -> list[str]:
+    tars = [str(Path(p).expanduser().resolve()) for p in expand_braces(pattern)]
+    missing = [t for t in tars if not Path(t).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(tars)} shards not found: {missing[:3]}")
+    return tars
+
+
+def _tar_captions(tars: list[str]) -> list[Item]:
+    """The captions (`.txt`, or a `.json` "caption") of every sample of the tars, in order; a cut or
+    unreadable tar gives what was read before the damage."""
+    rows = []
+    for tar in tars:
+        try:
+            rows += [Item(key, None, caption) for key, files in tar_samples(tar) if (caption := _caption(files))]
+        except (tarfile.TarError, OSError, EOFError):
+            continue
+    return rows
+
+
+def _caption(files: dict) -> str | None:
+    caption = files["txt"].decode("utf-8", errors="replace").strip() if "txt" in files else None
+    if caption is None and "json" in files:
+        try:
+            caption = json.loads(files["json"]).get("caption")
+        except (ValueError, AttributeError):
+            caption = None
+    return caption.strip() if isinstance(caption, str) and caption.strip() else None
+
+
 def plan_texts(data: str, shard_size: int) -> Plan:
-    """List the distinct captions of a source (csv/tsv column, folder `.txt` files, or a plain text file with
-    one caption per line) and cut them into shards. Each caption is embedded once.
+    """List the distinct captions of a source (csv/tsv column, folder `.txt` files, WebDataset shards'
+    `.txt`/`.json` captions, or a plain text file with one caption per line) and cut them into shards. Each
+    caption is embedded once.
 
     Raises:
         ValueError: a bad spec or no captions.
@@ -142,7 +170,9 @@ def plan_texts(data: str, shard_size: int) -> Plan:
     if shard_size < 1:
         raise ValueError(f"shard size {shard_size}: expected a positive integer")
     scheme = data.partition(":")[0]
-    if scheme in ("csv", "tsv", "folder"):
+    if scheme == "wds":
+        rows = _tar_captions(_tars(parse_data_spec(data).path))
+    elif scheme in ("csv", "tsv", "folder"):
         spec = parse_data_spec(data)
         path = Path(spec.path).expanduser()
         if not path.exists():
@@ -239,13 +269,7 @@ class TarImages(IterableDataset):
 
     def _sample(self, chunk: Chunk, key: str, files: dict, images: list) -> None:
         image = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
-        caption = files["txt"].decode("utf-8", errors="replace").strip() if "txt" in files else None
-        if caption is None and "json" in files:
-            try:
-                caption = json.loads(files["json"]).get("caption")
-            except (ValueError, AttributeError):
-                caption = None
-        item = Item(key, None, caption or None)
+        item = Item(key, None, _caption(files))
         if image is None:
             chunk.skipped.append(f"{item.key}\tno .jpg/.jpeg/.png/.webp image in the sample")
         else:
