@@ -53,7 +53,8 @@ def test_embeddings_round_trip(tmp_path):
     y, back, manifest = read_embeddings(tmp_path / "e")
     assert y.dtype == np.float32 and y.shape == (10, 8)
     np.testing.assert_allclose(y, x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-3)
-    assert back[3] == {"key": "no-meta", "path": None, "caption": None} and back[0]["caption"] == "caption 0"
+    assert back[3] == {"key": "no-meta", "path": None, "caption": None, "member": None}
+    assert back[0]["caption"] == "caption 0"
     assert (manifest["model"], manifest["dim"], manifest["count"], manifest["modality"]) == ("m", 8, 10, "image")
 
 
@@ -86,7 +87,7 @@ def test_flat_index_is_exact_and_returns_keys(small_index):
 
 def test_record_and_vector(small_index):
     index, x, _ = small_index
-    assert index.record("img-4") == {"key": "img-4", "path": "/photos/4.jpg", "caption": "caption 4"}
+    assert index.record("img-4") == {"key": "img-4", "path": "/photos/4.jpg", "caption": "caption 4", "member": None}
     np.testing.assert_allclose(index.vector("img-4"), x[4], atol=1e-6)
     with pytest.raises(KeyError, match="nope"):
         index.record("nope")
@@ -196,3 +197,20 @@ def test_build_refuses_duplicate_keys_and_bad_targets(tmp_path):
     with pytest.raises(ValueError, match="recall target"):
         build_index(tmp_path / "emb", tmp_path / "idx", recall_target=1.5)
     assert not (tmp_path / "idx").exists()
+
+
+def test_files_written_before_the_member_column_still_load(tmp_path):
+    # Embeddings and indexes from before "member" existed (session 2) have no such column: it reads as None.
+    import pyarrow.parquet as pq
+
+    x = _clustered(6, 8)
+    write_embeddings(tmp_path / "e", x, _records(6), model="m")
+    meta = tmp_path / "e" / "meta-000000.parquet"
+    pq.write_table(pq.read_table(meta).drop(["member"]), meta)
+    _, back, _ = read_embeddings(tmp_path / "e")
+    assert all(r["member"] is None for r in back) and back[2]["path"] == _records(6)[2]["path"]
+    build_index(tmp_path / "e", tmp_path / "idx", kind="flat")
+    records = tmp_path / "idx" / "records.parquet"
+    pq.write_table(pq.read_table(records).drop(["member"]), records)
+    index = load_index(tmp_path / "idx", verify=False)  # the checksum is of the file as written
+    assert index.record("img-2")["member"] is None and index.search(x[2], 1)[0][0].member is None

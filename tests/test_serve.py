@@ -174,3 +174,59 @@ def test_a_symlink_swapped_in_after_the_check_is_refused(tmp_path, monkeypatch):
         with pytest.raises(ServeError) as caught:
             files.open_image_file(str(path), (root,))
         assert caught.value.status == 403, path
+
+
+def test_webdataset_images_are_served_from_their_tars(tmp_path, monkeypatch):
+    # embed a wds: source, index it, serve it: thumbnails come out of the tars (members named as stored,
+    # upper-case extension included); only image members of tars inside the roots are served.
+    import io
+    import tarfile
+
+    from fastapi.testclient import TestClient
+    from test_serve_helpers import tiny_model
+
+    from clipworks.search.embed import embed_collection
+    from clipworks.search.index import build_index
+    from clipworks.serve import files
+    from clipworks.serve.app import create_app
+    from clipworks.serve.limits import ServeError, ServeSettings
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    shards, outside = tmp_path / "shards", tmp_path / "outside"
+    shards.mkdir()
+    outside.mkdir()
+    members = {"s0.png": png_bytes((255, 0, 0)), "dir/s1.PNG": png_bytes((0, 0, 255), (30, 20))}
+    with tarfile.open(shards / "shard-0.tar", "w") as tar:
+        for name, data in members.items():
+            add(tar, name, data)
+            add(tar, name.rpartition(".")[0] + ".txt", b"a square")
+        add(tar, "notes.txt", b"not an image")
+    model, preprocess, tokenizer = tiny_model()
+    embed_collection(model, f"wds:{shards}/shard-0.tar", tmp_path / "emb", model_name="tiny", transform=preprocess,
+                     progress=False, workers=0)  # fmt: skip
+    index = build_index(tmp_path / "emb", tmp_path / "index", kind="flat")
+    assert index.record("dir/s1")["member"] == "dir/s1.PNG"
+    client = TestClient(create_app(index, model, preprocess, tokenizer, ServeSettings()))
+    results = client.post("/api/search/text", json={"query": "a square", "k": 5}).json()["results"]
+    assert {r["key"]: r["image"] for r in results} == {"s0": "/api/image/s0", "dir/s1": "/api/image/dir%2Fs1"}
+    for key, name in (("s0", "s0.png"), ("dir%2Fs1", "dir/s1.PNG")):
+        r = client.get(f"/api/image/{key}")
+        assert (r.status_code, r.headers["content-type"], r.content) == (200, "image/png", members[name])
+
+    roots = (shards.resolve(),)
+    with tarfile.open(outside / "elsewhere.tar", "w") as tar:
+        add(tar, "x.png", png_bytes((1, 2, 3)))
+    tar_path = str(shards / "shard-0.tar")
+    for path, member, status in ((tar_path, "notes.txt", 403), (tar_path, "gone.png", 404),
+                                 (str(outside / "elsewhere.tar"), "x.png", 403), (None, "s0.png", 404)):  # fmt: skip
+        with pytest.raises(ServeError) as caught:
+            files.read_tar_member(path, member, roots)
+        assert caught.value.status == status, (path, member)
+    monkeypatch.setattr(files, "MAX_MEMBER_BYTES", 10)
+    with pytest.raises(ServeError) as caught:
+        files.read_tar_member(tar_path, "s0.png", roots)
+    assert caught.value.status == 413

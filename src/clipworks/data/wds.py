@@ -131,10 +131,11 @@ def _read_shards(shards: list[str]) -> Iterator[tuple]:
         yield shard, None, count
 
 
-def tar_samples(tar: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def tar_samples(tar: str, names: bool = False) -> Iterator[tuple]:
     """(key, {extension: bytes}) for each sample of a WebDataset tar, in file order; the key is the member path
-    without its extensions (`folder/stem`). Raises tarfile/OS errors of a cut or unreadable file as they come."""
-    group, key = {}, None
+    without its extensions (`folder/stem`). With `names`, (key, {extension: bytes}, {extension: member name}).
+    Raises tarfile/OS errors of a cut or unreadable file as they come."""
+    group, members, key = {}, {}, None
     with tarfile.open(tar, mode="r|*") as archive:
         for member in archive:
             if not member.isfile():
@@ -145,12 +146,13 @@ def tar_samples(tar: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 continue
             name = f"{folder}/{stem}" if folder else stem
             if name != key and group:
-                yield key, group
-                group = {}
+                yield (key, group, members) if names else (key, group)
+                group, members = {}, {}
             key = name
             group[ext.lower()] = archive.extractfile(member).read()
+            members[ext.lower()] = member.name
     if group:
-        yield key, group
+        yield (key, group, members) if names else (key, group)
 
 
 def _tar_groups(shard: str) -> Iterator[dict[str, bytes]]:

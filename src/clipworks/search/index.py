@@ -1,7 +1,7 @@
 """A saved FAISS index over an embeddings directory: build, load with checksum and model checks, search by key.
 
 An index directory holds `index.faiss`, `vectors.npy` (the unit-norm vectors, memory-mapped on load),
-`records.parquet` (key, path, caption per row) and `manifest.json`: model, dim, count, kind, metric "ip",
+`records.parquet` (key, path, caption, member per row) and `manifest.json`: model, dim, count, kind, metric "ip",
 search parameters, the measured recall@10 against exact search, the image roots and the sha256 of each
 file. Search answers with the stored keys, never bare row positions.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ann
-from .store import normalize_rows, read_embeddings, replace_directory, sha256_file, write_json
+from .store import RECORD_FIELDS, normalize_rows, read_embeddings, replace_directory, sha256_file, write_json
 
 __all__ = ["INDEX_FORMAT", "Hit", "IndexLoadError", "SearchIndex", "build_index", "load_index"]
 
@@ -38,6 +38,7 @@ class Hit:
     score: float
     path: str | None = None
     caption: str | None = None
+    member: str | None = None  # the image inside the tar `path` (WebDataset collections)
 
 
 class SearchIndex:
@@ -59,6 +60,7 @@ class SearchIndex:
         self.keys: list[str] = columns["key"]
         self._paths: list[str | None] = columns["path"]
         self._captions: list[str | None] = columns["caption"]
+        self._members: list[str | None] = columns.get("member") or [None] * len(self.keys)  # older indexes: none
         self._vectors = vectors
         self._rows = {k: i for i, k in enumerate(self.keys)}
         ann.set_search_param(faiss_index, manifest["kind"], manifest.get("search_param"))
@@ -108,7 +110,7 @@ class SearchIndex:
             faiss.omp_set_num_threads(before)
 
     def _hit(self, row: int, score: float) -> Hit:
-        return Hit(self.keys[row], score, self._paths[row], self._captions[row])
+        return Hit(self.keys[row], score, self._paths[row], self._captions[row], self._members[row])
 
     def row(self, key: str) -> int:
         """The row of `key`; KeyError if absent."""
@@ -118,9 +120,9 @@ class SearchIndex:
             raise KeyError(f"no key {key!r} in the index") from None
 
     def record(self, key: str) -> dict:
-        """The stored metadata of `key`: {"key", "path", "caption"}; KeyError if absent."""
+        """The stored metadata of `key`: {"key", "path", "caption", "member"}; KeyError if absent."""
         i = self.row(key)
-        return {"key": key, "path": self._paths[i], "caption": self._captions[i]}
+        return {"key": key, "path": self._paths[i], "caption": self._captions[i], "member": self._members[i]}
 
     def vector(self, key: str) -> np.ndarray:
         """The stored unit-norm vector of `key` as float32 (D,); KeyError if absent."""
@@ -195,7 +197,7 @@ def _write_files(tmp: Path, index, vectors: np.ndarray, records: list[dict], dty
     faiss = ann.import_faiss()
     faiss.write_index(index, str(tmp / "index.faiss"))
     np.save(tmp / "vectors.npy", vectors.astype(np.dtype(dtype)))
-    cols = {f: pa.array([r.get(f) for r in records], type=pa.string()) for f in ("key", "path", "caption")}
+    cols = {f: pa.array([r.get(f) for r in records], type=pa.string()) for f in RECORD_FIELDS}
     pq.write_table(pa.table(cols), tmp / "records.parquet")
 
 

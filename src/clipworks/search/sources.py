@@ -27,11 +27,13 @@ IMAGE_SCHEMES = ("folder", "csv", "tsv", "wds")
 
 @dataclass(frozen=True)
 class Item:
-    """One input: its key, the image file (None for a caption-only row) and its caption."""
+    """One input: its key, the image file (None for a caption-only row; for WebDataset the tar, with the
+    image's `member` name in it) and its caption."""
 
     key: str
     path: str | None
     caption: str | None = None
+    member: str | None = None
 
 
 @dataclass
@@ -110,7 +112,7 @@ def plan_images(data: str, shard_size: int) -> Plan:
         raise ValueError(f"embed reads {', '.join(s + ':' for s in IMAGE_SCHEMES)} sources; got {data!r}")
     if spec.scheme == "wds":
         tars = _tars(spec.path)
-        return Plan("wds", tars, [], _fingerprint(tars))
+        return Plan("wds", tars, sorted({str(Path(t).parent) for t in tars}), _fingerprint(tars))
     path = Path(spec.path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{spec.scheme} source not found: {spec.path!r}")
@@ -200,7 +202,7 @@ def plan_texts(data: str, shard_size: int) -> Plan:
 
 
 def _record(item: Item) -> dict:
-    return {"key": item.key, "path": item.path, "caption": item.caption}
+    return {"key": item.key, "path": item.path, "caption": item.caption, "member": item.member}
 
 
 def _decode_into(chunk: Chunk, item: Item, source, transform, images: list, draft_size: int | None) -> None:
@@ -257,19 +259,20 @@ class TarImages(IterableDataset):
     def _read(self, shard: int, tar: str):
         chunk, images = Chunk(shard), []
         try:
-            for key, files in tar_samples(tar):
+            for key, files, names in tar_samples(tar, names=True):
                 if len(chunk.records) + len(chunk.skipped) >= self.batch_size:
                     yield _finish(chunk, images)
                     chunk, images = Chunk(shard), []
-                self._sample(chunk, key, files, images)
+                self._sample(chunk, tar, key, files, names, images)
         except (tarfile.TarError, OSError, EOFError) as e:  # a cut or unreadable tar: what was read is kept
             chunk.skipped.append(f"{Path(tar).name}\tread stopped: {type(e).__name__}: {e}")
         chunk.end = True
         yield _finish(chunk, images)
 
-    def _sample(self, chunk: Chunk, key: str, files: dict, images: list) -> None:
-        image = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
-        item = Item(key, None, _caption(files))
+    def _sample(self, chunk: Chunk, tar: str, key: str, files: dict, names: dict, images: list) -> None:
+        ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+        image = files[ext] if ext else None
+        item = Item(key, tar if ext else None, _caption(files), names[ext] if ext else None)
         if image is None:
             chunk.skipped.append(f"{item.key}\tno .jpg/.jpeg/.png/.webp image in the sample")
         else:

@@ -1,7 +1,7 @@
 """Embedding collections on disk: shards of vectors (`emb-NNNNNN.npy`) with Parquet tables of their keys.
 
 An embeddings directory holds, per shard, `emb-000000.npy` (N, D) float16/float32 unit-norm rows and
-`meta-000000.parquet` (columns key, path, caption), plus `manifest.json` naming the model, dimension,
+`meta-000000.parquet` (columns key, path, caption, member), plus `manifest.json` naming the model, dimension,
 count, modality ("image" or "text"), dtype, the shards and the image roots. `skipped.txt` lists the
 inputs that could not be read. Directories and single files are written under temporary names and renamed
 when complete, so an interrupted write never leaves a half-written file under its final name.
@@ -24,7 +24,7 @@ __all__ = [
 EMBEDDINGS_FORMAT = "clipworks-embeddings"
 DTYPES = ("float16", "float32")
 MODALITIES = ("image", "text")
-RECORD_FIELDS = ("key", "path", "caption")
+RECORD_FIELDS = ("key", "path", "caption", "member")  # member: the image inside a tar `path` (WebDataset)
 
 
 def model_id(model_arg: str, pretrained: str | None = None) -> str:
@@ -138,7 +138,8 @@ def write_embeddings(
     Args:
         out_dir: the directory to create (an existing embeddings directory there is replaced).
         embeddings: (N, D) features; rows are normalised to unit length before storing.
-        records: one dict per row with a unique string "key" and optional "path" and "caption".
+        records: one dict per row with a unique string "key" and optional "path", "caption" and "member"
+            (the image's name inside a tar `path`).
         model: the model identity (see `model_id`).
         modality: "image" or "text".
         dtype: "float16" (default) or "float32" on disk.
@@ -193,7 +194,8 @@ def read_embeddings(directory: str | os.PathLike) -> tuple[np.ndarray, list[dict
     """Read a whole embeddings directory.
 
     Returns:
-        (float32 (N, D) array, records with "key", "path", "caption", the manifest dict).
+        (float32 (N, D) array, records with "key", "path", "caption", "member", the manifest dict). Files
+        written before "member" existed read as member None.
 
     Raises:
         ValueError: not an embeddings directory, a shard missing or unreadable, or counts that disagree.

@@ -11,11 +11,11 @@ try:
 except ImportError as e:
     raise ImportError("the search service needs FastAPI: pip install 'clipworks[search]'") from e
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .files import open_image_file
+from .files import open_image_file, read_tar_member
 from .limits import BodySizeLimit, ServeError, ServeSettings
 from .schemas import EmbedResponse, ErrorResponse, HealthResponse, SearchResponse, TextSearchRequest
 from .service import Encoder, ImageQuery, Service
@@ -146,8 +146,13 @@ def _add_api(app: FastAPI, service: Service) -> None:
     @app.get("/api/image/{key:path}", response_class=StreamingResponse, responses=ERRORS)
     def image(key: str) -> StreamingResponse:
         """The image file of an indexed key (only files inside the collection's roots)."""
-        file, media_type, size = open_image_file(service.record(key).get("path"), service.roots)
-        headers = {"Cache-Control": "private, max-age=3600", "Content-Length": str(size)}
+        record = service.record(key)
+        headers = {"Cache-Control": "private, max-age=3600"}
+        if record.get("member"):  # an image inside a WebDataset tar
+            data, media_type = read_tar_member(record.get("path"), record["member"], service.roots)
+            return Response(data, media_type=media_type, headers=headers)
+        file, media_type, size = open_image_file(record.get("path"), service.roots)
+        headers["Content-Length"] = str(size)
         return StreamingResponse(_chunks(file), media_type=media_type, headers=headers)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from .batching import Batcher
-from .files import collection_roots, resolve_image_file
+from .files import collection_roots, media_type_of, resolve_image_file
 from .limits import ModelLimiter, ServeError, ServeSettings, decode_upload
 from .urls import fetch_url
 
@@ -163,12 +163,14 @@ class Service:
         """JSON-ready results: key, score, caption, and (with `images`) the image URL when the item has a file
         that is served."""
         return [{"key": h.key, "score": round(float(h.score), 6), "caption": h.caption,
-                 "image": f"/api/image/{quote(h.key, safe='')}" if images and self._servable(h.path) else None}
+                 "image": f"/api/image/{quote(h.key, safe='')}" if images and self._servable(h) else None}
                 for h in hits]  # fmt: skip
 
-    def _servable(self, path: str | None) -> bool:
+    def _servable(self, hit: Hit) -> bool:
         try:
-            resolve_image_file(path, self.roots)
+            resolve_image_file(hit.path, self.roots, kind=None if hit.member else "image")
+            if hit.member:
+                media_type_of(hit.member)
         except ServeError:
             return False
         return True
