@@ -9,8 +9,9 @@ CLIP's 224 pixels takes ~50 ms on one core, as long as decoding it.
 Here the same sums run as integer matrix products (`torch._int_mm`, int8 x int8 -> int32, which oneDNN runs
 with VNNI instructions): pixels become `v - 128` (a byte flip), each weight is split into three signed
 8-bit digits (w = d2 * 65536 + d1 * 256 + d0), a pass multiplies the pixels by each digit's banded matrix
-and the three int32 sums and the `128 * sum(w)` correction are recombined in int64. Every product and sum
-is an exact integer, so the result does not depend on summation order: it equals Pillow's integer sum.
+and the three int32 sums and the `128 * sum(w)` correction are recombined in int32 (every partial sum is
+bounded below 2**31 beforehand). Every product and sum is an exact integer, so the result does not depend
+on summation order: it equals Pillow's integer sum.
 The weights themselves are computed with Pillow's double-precision operations in Pillow's order.
 
 `resize_crop_exact` reproduces `image.resize(size, resample).crop(box)` for RGB images, computing only the

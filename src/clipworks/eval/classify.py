@@ -34,9 +34,12 @@ def encode_image_files(model, preprocess: Callable, paths: Sequence[str], device
     """Normalised features (N, E) of image files (`load_image` errors propagate, naming the file)."""
     from ..data.decode import load_image
 
+    def load(path):  # EvalTransform.load: the same tensor, sooner for JPEG photos
+        return preprocess.load(path) if hasattr(preprocess, "load") else preprocess(load_image(path))
+
     chunks = []
     for i in range(0, len(paths), batch_size):
-        images = torch.stack([preprocess(load_image(p)) for p in paths[i : i + batch_size]])  # (B, 3, S, S)
+        images = torch.stack([load(p) for p in paths[i : i + batch_size]])  # (B, 3, S, S)
         chunks.append(model.encode_image(images.to(device), normalize=True).float().cpu())
     return torch.cat(chunks)
 
