@@ -144,7 +144,9 @@ def _tar_captions(tars: list[str]) -> list[Item]:
     rows = []
     for tar in tars:
         try:
-            rows += [Item(key, None, caption) for key, files in tar_samples(tar) if (caption := _caption(files))]
+            for key, files in tar_samples(tar):
+                if caption := _caption(files):
+                    rows.append(Item(key, None, caption))
         except (tarfile.TarError, OSError, EOFError):
             continue
     return rows
