@@ -174,3 +174,25 @@ def test_fast_transform_keeps_its_own_route():
     transform = image_transform(PreprocessConfig(), fast=True)
     data = _jpeg(_photo(640, 480))
     assert torch.equal(transform.load(data), transform(load_image(data)))
+
+
+def test_scratch_decodes_reuse_one_buffer_per_thread(monkeypatch):
+    import threading
+
+    from clipworks.data import jpeg
+
+    first, second = _jpeg(_photo(120, 90, seed=1)), _jpeg(_photo(90, 120, seed=2))
+    want = [decode_jpeg_pixels(d, None, None).copy() for d in (first, second)]
+    a = decode_jpeg_pixels(first, None, None, scratch=True)
+    np.testing.assert_array_equal(a, want[0])
+    b = decode_jpeg_pixels(second, None, None, scratch=True)
+    np.testing.assert_array_equal(b, want[1])
+    assert np.shares_memory(a, b)  # the same buffer: `a` is no longer valid, as documented
+    other = []
+    thread = threading.Thread(target=lambda: other.append(decode_jpeg_pixels(first, None, None, scratch=True)))
+    thread.start()
+    thread.join()
+    assert not np.shares_memory(other[0], b)  # each thread its own buffer
+    monkeypatch.setattr(jpeg, "SCRATCH_BYTES", 1000)  # above the cap: a fresh array each time
+    c = decode_jpeg_pixels(first, None, None, scratch=True)
+    assert not np.shares_memory(c, b) and not np.shares_memory(c, decode_jpeg_pixels(first, None, None, scratch=True))

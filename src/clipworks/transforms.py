@@ -190,7 +190,7 @@ class EvalTransform(_Transform):
 
         if not self.fast:
             data = _jpeg_bytes(source)
-            pixels = None if data is None else decode_jpeg_pixels(data, max_pixels, formats)
+            pixels = None if data is None else decode_jpeg_pixels(data, max_pixels, formats, scratch=True)
             if pixels is not None:
                 return self.from_pixels(pixels)
             if data is not None and hasattr(source, "read"):  # the stream is consumed: decode what was read

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import io
+import threading
 
 import numpy as np
 from PIL import Image
@@ -47,11 +48,15 @@ def _upright(pixels: np.ndarray, orientation: int | None) -> np.ndarray:
     return pixels
 
 
-def decode_jpeg_pixels(data: bytes, max_pixels: int | None, formats: tuple[str, ...] | None) -> np.ndarray | None:
+def decode_jpeg_pixels(data: bytes, max_pixels: int | None, formats: tuple[str, ...] | None,
+                       scratch: bool = False) -> np.ndarray | None:  # fmt: skip
     """uint8 (H, W, 3) RGB pixels of a JPEG, upright, equal to `np.asarray(load_image(data))`; or None when
     this route does not apply (not a plain 3-channel JPEG, refused, damaged, or simplejpeg unavailable).
 
-    The array may be a strided view (EXIF orientation is applied as one).
+    The array may be a strided view (EXIF orientation is applied as one). With `scratch`, photos up to
+    `SCRATCH_BYTES` are decoded into a buffer this thread reuses, which saves the page faults of a fresh
+    allocation (~5 ms of a 12-megapixel photo's ~60 ms): the array is then valid only until this thread's next
+    `scratch` call.
     """
     if not data.startswith(_JPEG_MAGIC) or (formats is not None and "JPEG" not in formats):
         return None
@@ -67,13 +72,29 @@ def decode_jpeg_pixels(data: bytes, max_pixels: int | None, formats: tuple[str, 
             orientation = _orientation(image)
     except (Image.DecompressionBombError, *_DECODE_ERRORS):
         return None
+    buffer = _scratch(height * width * 3) if scratch else None
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True,
+                                        buffer=buffer)  # fmt: skip
     except (ValueError, OSError):
         return None
     if pixels.shape != (height, width, 3):
         return None
     return _upright(pixels, orientation)
+
+
+# Largest decode a thread keeps a buffer for (a 16-megapixel photo); larger ones get a fresh array.
+SCRATCH_BYTES = 48 * 2**20
+_local = threading.local()
+
+
+def _scratch(nbytes: int) -> np.ndarray | None:
+    if nbytes > SCRATCH_BYTES:
+        return None
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or buffer.size < nbytes:
+        buffer = _local.buffer = np.empty(max(nbytes, 8 * 2**20), dtype=np.uint8)
+    return buffer[:nbytes]
 
 
 @functools.cache
