@@ -180,7 +180,7 @@ class EvalTransform(_Transform):
 
         A plain 3-channel JPEG is decoded by `clipworks.data.jpeg` (simplejpeg, when installed and verified
         equal to Pillow here) and resized by `clipworks.resample` (Pillow's arithmetic as integer matrix
-        products, verified here too): 1.39x the images per second of OpenCLIP's preprocessing on one thread,
+        products, verified here too): 1.44x the images per second of OpenCLIP's preprocessing on one thread,
         on a mix of 0.3-12 megapixel photos. Everything else takes `load_image` and `__call__`.
 
         Raises:
