@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_serve_helpers import COLOURS, collection, make_app, png_bytes  # noqa: F401 (collection is a fixture)
 
+from clipworks.data.decode import load_image
 from clipworks.serve.service import Encoder
 
 
@@ -90,6 +93,11 @@ def test_embed_text_and_image(client, collection):  # noqa: F811
     image = client.post("/api/embed", files={"file": ("x.png", png_bytes(COLOURS["white"]))}).json()
     assert image["modality"] == "image" and len(image["embedding"]) == collection.index.dim
     np.testing.assert_allclose(image["embedding"], collection.index.vector("white"), atol=2e-3)
+    photo = io.BytesIO()  # a JPEG photo takes EvalTransform.load's route: the same embedding as load_image's
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 410, 3), dtype=np.uint8)).save(photo, "JPEG")
+    jpeg = client.post("/api/embed", files={"file": ("x.jpg", photo.getvalue())}).json()
+    want = encoder.image([load_image(photo.getvalue())])[0]
+    np.testing.assert_allclose(jpeg["embedding"], want, atol=1e-6)
     both = client.post("/api/embed", data={"text": "a dog"}, files={"file": ("x.png", png_bytes((0, 0, 0)))})
     assert both.status_code == 422 and "not both" in both.json()["error"]
     assert client.post("/api/embed").status_code == 422  # nothing given

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .batching import Batcher
 from .files import collection_roots, media_type_of, resolve_image_file
-from .limits import ModelLimiter, ServeError, ServeSettings, decode_upload
+from .limits import ModelLimiter, ServeError, ServeSettings, preprocess_upload
 from .urls import fetch_url
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ class Service:
                 raise ServeError(400, "fetching images from URLs is disabled on this server (start it with "
                                       "--allow-urls); upload the image instead")  # fmt: skip
             data = fetch_url(query.url, max_bytes=self.settings.max_body_bytes, timeout_s=self.settings.url_timeout_s)
-        return self.encoder.preprocess(decode_upload(data, self.settings.max_pixels))
+        return preprocess_upload(data, self.settings.max_pixels, self.encoder.preprocess)
 
     def results(self, hits: list[Hit], images: bool = True) -> list[dict]:
         """JSON-ready results: key, score, caption, and (with `images`) the image URL when the item has a file
