@@ -113,14 +113,10 @@ def _device_name(device) -> str:
 
 
 def _cpu_ms(fn, items: int, repeats: int = 3) -> float:
+    from timing import best_rate
+
     with torch.inference_mode():
-        fn()
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.process_time()
-            fn()
-            best = min(best, time.process_time() - t)
-    return 1000 * best / items
+        return 1000 / best_rate(fn, items, repeats, clock=time.process_time)
 
 
 def bench_embed(images: int, batch_size: int, workers: int, repeats: int, device: str = "cpu") -> list[dict]:

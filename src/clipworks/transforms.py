@@ -24,7 +24,8 @@ from PIL import Image, ImageEnhance
 from .config import PreprocessConfig
 from .data.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_image
 
-__all__ = ["AugmentConfig", "EvalTransform", "INTERPOLATIONS", "RESIZE_MODES", "TrainTransform", "image_transform"]
+__all__ = ["AugmentConfig", "EvalTransform", "INTERPOLATIONS", "RESIZE_MODES", "TrainTransform", "image_transform",
+           "preprocess_file"]
 
 INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -158,10 +159,7 @@ class EvalTransform(_Transform):
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = self._rgb(image)
         size = self.cfg.image_size
-        new_w, new_h = _resized_size(*image.size, size, self.cfg.resize_mode)
-        # The part of the resized image that survives the centre crop, and where it lands in the output.
-        x0, x1, dx = _centre_span(new_w, size)
-        y0, y1, dy = _centre_span(new_h, size)
+        (new_w, new_h), (x0, y0, x1, y1), (dx, dy) = self._plan(*image.size)
         if self.fast:
             sx, sy = image.width / new_w, image.height / new_h
             box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
@@ -206,12 +204,9 @@ class EvalTransform(_Transform):
         if self.fast or self._resample not in resample.RESAMPLE_FILTERS or not resample.exact_on_this_build():
             return self(Image.fromarray(np.ascontiguousarray(pixels)))
         size = self.cfg.image_size
-        height, width = pixels.shape[:2]
-        new_w, new_h = _resized_size(width, height, size, self.cfg.resize_mode)
-        x0, x1, dx = _centre_span(new_w, size)
-        y0, y1, dy = _centre_span(new_h, size)
+        new_size, box, (dx, dy) = self._plan(pixels.shape[1], pixels.shape[0])
         try:
-            kept = resample.resize_crop_exact(pixels, (new_w, new_h), (x0, y0, x1, y1), self._resample)
+            kept = resample.resize_crop_exact(pixels, new_size, box, self._resample)
         except ValueError:  # weights whose sums could leave int32
             return self(Image.fromarray(np.ascontiguousarray(pixels)))
         if kept.shape[1:] != (size, size):
@@ -219,6 +214,15 @@ class EvalTransform(_Transform):
             canvas[:, dy : dy + kept.shape[1], dx : dx + kept.shape[2]] = kept
             kept = canvas
         return self._planes_to_tensor(kept)
+
+    def _plan(self, width: int, height: int):
+        """((new_w, new_h), crop box, (dx, dy)) for a width x height image: the resize, the part of the resized
+        image that survives the centre crop, and where that part lands in the output."""
+        size = self.cfg.image_size
+        new_w, new_h = _resized_size(width, height, size, self.cfg.resize_mode)
+        x0, x1, dx = _centre_span(new_w, size)
+        y0, y1, dy = _centre_span(new_h, size)
+        return (new_w, new_h), (x0, y0, x1, y1), (dx, dy)
 
     def __repr__(self) -> str:
         return f"EvalTransform({self.cfg}, fast={self.fast})"
@@ -287,6 +291,18 @@ class TrainTransform(_Transform):
 
     def __repr__(self) -> str:
         return f"TrainTransform({self.cfg}, {self.augment})"
+
+
+def preprocess_file(transform: Callable, source, **load_options) -> torch.Tensor:
+    """`transform(load_image(source, **load_options))`: through `EvalTransform.load` when the transform is
+    one (the same tensor, sooner for JPEG photos), else decoded by `load_image`.
+
+    Raises:
+        ImageDecodeError: as `load_image`.
+    """
+    if isinstance(transform, EvalTransform):
+        return transform.load(source, **load_options)
+    return transform(load_image(source, **load_options))
 
 
 class _NamedBytes(io.BytesIO):

@@ -62,8 +62,6 @@ def decode_jpeg_pixels(data: bytes, max_pixels: int | None, formats: tuple[str, 
         return None
     if not fast_jpeg_available():
         return None
-    import simplejpeg
-
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:  # the header only: no pixels decoded
             width, height = image.size
@@ -72,15 +70,22 @@ def decode_jpeg_pixels(data: bytes, max_pixels: int | None, formats: tuple[str, 
             orientation = _orientation(image)
     except (Image.DecompressionBombError, *_DECODE_ERRORS):
         return None
-    buffer = _scratch(height * width * 3) if scratch else None
-    try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True,
-                                        buffer=buffer)  # fmt: skip
-    except (ValueError, OSError):
-        return None
-    if pixels.shape != (height, width, 3):
+    pixels = _decode(data, _scratch(height * width * 3) if scratch else None)
+    if pixels is None or pixels.shape != (height, width, 3):
         return None
     return _upright(pixels, orientation)
+
+
+def _decode(data: bytes, buffer: np.ndarray | None = None) -> np.ndarray | None:
+    """simplejpeg's decode with Pillow's settings (accurate IDCT, smooth upsampling), strict: None where
+    libjpeg complains."""
+    import simplejpeg
+
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True,
+                                      buffer=buffer)  # fmt: skip
+    except (ValueError, OSError):
+        return None
 
 
 # Largest decode a thread keeps a buffer for (a 16-megapixel photo); larger ones get a fresh array.
@@ -101,7 +106,7 @@ def _scratch(nbytes: int) -> np.ndarray | None:
 def fast_jpeg_available() -> bool:
     """Whether simplejpeg is installed and decodes probe JPEGs to exactly Pillow's pixels on this machine."""
     try:
-        import simplejpeg
+        import simplejpeg  # noqa: F401
     except ImportError:
         return False
     rng = np.random.default_rng(0)
@@ -120,10 +125,7 @@ def fast_jpeg_available() -> bool:
         Image.fromarray(pixels).save(buffer, "JPEG", **kwargs)
         data = buffer.getvalue()
         want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-        try:
-            got = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
-        except (ValueError, OSError):
-            return False
-        if not np.array_equal(got, want):
+        got = _decode(data)
+        if got is None or not np.array_equal(got, want):
             return False
     return True

@@ -32,14 +32,11 @@ def _probabilities(model, image_features: Tensor, text_features: Tensor) -> Tens
 @torch.no_grad()
 def encode_image_files(model, preprocess: Callable, paths: Sequence[str], device="cpu", batch_size: int = 64) -> Tensor:
     """Normalised features (N, E) of image files (`load_image` errors propagate, naming the file)."""
-    from ..data.decode import load_image
-
-    def load(path):  # EvalTransform.load: the same tensor, sooner for JPEG photos
-        return preprocess.load(path) if hasattr(preprocess, "load") else preprocess(load_image(path))
+    from ..transforms import preprocess_file
 
     chunks = []
     for i in range(0, len(paths), batch_size):
-        images = torch.stack([load(p) for p in paths[i : i + batch_size]])  # (B, 3, S, S)
+        images = torch.stack([preprocess_file(preprocess, p) for p in paths[i : i + batch_size]])  # (B, 3, S, S)
         chunks.append(model.encode_image(images.to(device), normalize=True).float().cpu())
     return torch.cat(chunks)
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from ..data.datasets import parse_data_spec
 from ..data.decode import load_image
+from ..transforms import preprocess_file
 from .prompts import check_unique
 
 if TYPE_CHECKING:
@@ -101,9 +102,7 @@ class FileImages(ImageSet):
         return load_image(self.paths[i])
 
     def preprocess(self, i: int, transform) -> torch.Tensor:
-        if hasattr(transform, "load"):  # EvalTransform: JPEG photos by the faster exact route
-            return transform.load(self.paths[i])
-        return transform(self.load(i))
+        return preprocess_file(transform, self.paths[i])  # EvalTransform: JPEG photos by its faster route
 
     def name(self, i: int) -> str:
         return str(self.paths[i])

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from ..data.datasets import FOLDER_EXTENSIONS, parse_data_spec
 from ..data.decode import ImageDecodeError, load_image
 from ..data.wds import expand_braces, tar_samples
+from ..transforms import preprocess_file
 
 IMAGE_SCHEMES = ("folder", "csv", "tsv", "wds")
 
@@ -209,8 +210,8 @@ def _record(item: Item) -> dict:
 
 def _decode_into(chunk: Chunk, item: Item, source, transform, images: list, draft_size: int | None) -> None:
     try:
-        if draft_size is None and hasattr(transform, "load"):
-            images.append(transform.load(source))  # EvalTransform: JPEG photos by the faster exact route
+        if draft_size is None:
+            images.append(preprocess_file(transform, source))
         else:
             images.append(transform(load_image(source, draft_size=draft_size)))
         chunk.records.append(_record(item))

@@ -41,8 +41,8 @@ def collection_roots(explicit: tuple[Path, ...], manifest: dict) -> tuple[Path, 
     return tuple(real)
 
 
-def resolve_image_file(path: str | None, roots: tuple[Path, ...], kind: str | None = "image") -> tuple[Path, str | None]:
-    """(real path, media type) of an indexed image file that may be served (with `kind=None`, of any file
+def resolve_image_file(path: str | None, roots: tuple[Path, ...], any_type: bool = False) -> tuple[Path, str | None]:
+    """(real path, media type) of an indexed image file that may be served (with `any_type`, a file of any
     type, such as a WebDataset tar holding the image: the media type is then None).
 
     The path is resolved with every symlink followed, then must lie inside one of `roots` (themselves
@@ -59,7 +59,7 @@ def resolve_image_file(path: str | None, roots: tuple[Path, ...], kind: str | No
     real = Path(os.path.realpath(path))
     if not any(real.is_relative_to(root) for root in roots):
         raise ServeError(403, "the image file lies outside the collection's roots")
-    media_type = media_type_of(real.name) if kind == "image" else None
+    media_type = None if any_type else media_type_of(real.name)
     if not real.is_file():
         raise ServeError(404, "the image file is missing")
     return real, media_type
@@ -83,9 +83,8 @@ def read_tar_member(path: str | None, member: str, roots: tuple[Path, ...]) -> t
             types, 413 for a member over the size cap.
     """
     media_type = media_type_of(member)
-    if not path:
-        raise ServeError(404, "this key has no image file")
-    file, _ = _open_checked(Path(os.path.realpath(path)), roots)
+    real, _ = resolve_image_file(path, roots, any_type=True)
+    file, _ = _open_checked(real, roots)
     with file:
         try:
             with tarfile.open(fileobj=file, mode="r:*") as archive:
@@ -118,12 +117,8 @@ def open_image_file(path: str | None, roots: tuple[Path, ...]) -> tuple[BinaryIO
 
 
 def _open_checked(real: Path, roots: tuple[Path, ...]) -> tuple[BinaryIO, int]:
-    """`real` opened for reading, refused unless what was opened is a regular file inside `roots`."""
-    if not roots:
-        raise ServeError(404, "image files are not served: the index records no image roots (start the "
-                              "server with --image-root)")  # fmt: skip
-    if not any(real.is_relative_to(root) for root in roots):
-        raise ServeError(403, "the image file lies outside the collection's roots")
+    """`real` (checked by `resolve_image_file`) opened for reading, refused unless what was opened is still a
+    regular file inside `roots`."""
     try:
         fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as e:

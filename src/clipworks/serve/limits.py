@@ -176,13 +176,13 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def preprocess_upload(data: bytes, max_pixels: int, preprocess: Callable) -> torch.Tensor:
-    """`preprocess(decode_upload(data, max_pixels))`, with the same errors; through `preprocess.load` where
-    the transform has one (`EvalTransform`: JPEG photos by its faster exact route, the same tensor)."""
-    if not hasattr(preprocess, "load"):
-        return preprocess(decode_upload(data, max_pixels))
+    """`preprocess(decode_upload(data, max_pixels))`, with the same errors (`transforms.preprocess_file`:
+    an `EvalTransform` takes JPEG photos by its faster exact route, the same tensor)."""
+    from ..transforms import preprocess_file
+
     _check_upload(data, max_pixels)
     try:
-        return preprocess.load(data, max_pixels=max_pixels)
+        return preprocess_file(preprocess, data, max_pixels=max_pixels)
     except ImageDecodeError as e:
         raise ServeError(422, f"unreadable image: {e}") from e
 

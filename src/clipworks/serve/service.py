@@ -168,7 +168,7 @@ class Service:
 
     def _servable(self, hit: Hit) -> bool:
         try:
-            resolve_image_file(hit.path, self.roots, kind=None if hit.member else "image")
+            resolve_image_file(hit.path, self.roots, any_type=bool(hit.member))
             if hit.member:
                 media_type_of(hit.member)
         except ServeError:
