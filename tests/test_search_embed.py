@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -16,7 +17,7 @@ import clipworks
 from clipworks.cli import main
 from clipworks.data.decode import load_image
 from clipworks.search.embed import embed_collection
-from clipworks.search.index import load_index
+from clipworks.search.index import build_index, load_index
 from clipworks.search.store import read_embeddings
 
 
@@ -227,3 +228,125 @@ def test_resume_refuses_a_changed_source(tiny, tmp_path):
     (tmp_path / "photos" / "new.jpg").write_bytes(paths[0].read_bytes())
     with pytest.raises(ValueError, match="another job \\(the source's list of inputs changed\\)"):
         _embed(tiny, data, tmp_path / "emb")
+    with pytest.raises(ValueError, match="pass --update to embed only what changed"):
+        _embed(tiny, data, tmp_path / "emb")
+
+
+def _jpeg_file(path, seed: int, size=(40, 36)) -> None:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(path, quality=90)
+
+
+def test_update_embeds_new_and_changed_files_and_drops_deleted_ones(tiny, tmp_path):
+    photos = tmp_path / "photos"
+    paths = _photos(photos, 7)
+    data = f"folder:{photos}"
+    _embed(tiny, data, tmp_path / "emb", shard_size=3)
+    before = dict(zip((r["key"] for r in read_embeddings(tmp_path / "emb")[1]), read_embeddings(tmp_path / "emb")[0]))
+    paths[3].unlink()  # deleted
+    _jpeg_file(photos / "new.jpg", seed=10)  # added
+    _jpeg_file(paths[5], seed=11)  # changed in place (another size, another time)
+    os.utime(paths[5], ns=(paths[5].stat().st_atime_ns, paths[5].stat().st_mtime_ns + 10**10))
+    result = _embed(tiny, data, tmp_path / "emb", shard_size=3, update=True)
+    assert (result.complete, result.embedded, result.removed, result.shards_written, result.shards_total) == (
+        True, 2, 2, 1, 4)  # fmt: skip
+    x, records, manifest = read_embeddings(tmp_path / "emb")
+    keys = [r["key"] for r in records]
+    want = sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.jpg"))
+    assert sorted(keys) == want and manifest["count"] == len(want) == 7
+    # shards by key order: (nested/p00, nested/p04, p01), (p02, p03, p05), (p06,), then (new, p05) from the update
+    assert manifest["removed"] == {"1": [1, 2]} and manifest["shards"] == [3, 3, 1, 2]
+    _embed(tiny, data, tmp_path / "fresh", shard_size=3)
+    fresh = dict(zip((r["key"] for r in read_embeddings(tmp_path / "fresh")[1]), read_embeddings(tmp_path / "fresh")[0]))
+    now = dict(zip(keys, x))
+    for key in want:
+        np.testing.assert_allclose(now[key], fresh[key], atol=2e-3)  # as a whole new embed would store them
+        if key not in ("new.jpg", "p05.jpg"):
+            assert np.array_equal(now[key], before[key])  # untouched rows are the very same
+    assert not np.allclose(now["p05.jpg"], before["p05.jpg"], atol=1e-2)
+    assert {r["key"]: r["stamp"] for r in records}["new.jpg"] == f"{(photos / 'new.jpg').stat().st_size}:" \
+        f"{(photos / 'new.jpg').stat().st_mtime_ns}"  # fmt: skip
+    build_index(tmp_path / "emb", tmp_path / "index")  # no duplicate keys: the old p05 row is gone
+    assert sorted(load_index(tmp_path / "index").keys) == want
+
+    again = _embed(tiny, data, tmp_path / "emb", shard_size=3, update=True)  # nothing changed since
+    assert (again.embedded, again.shards_written, again.removed, again.complete) == (0, 0, 2, True)
+    plain = _embed(tiny, data, tmp_path / "emb", shard_size=3)  # a plain rerun of the updated job resumes it
+    assert (plain.complete, plain.shards_written, plain.removed) == (True, 0, 2)
+    assert read_embeddings(tmp_path / "emb")[1] == records
+
+
+def test_interrupted_update_keeps_the_old_collection_and_resumes(tiny, tmp_path):
+    photos = tmp_path / "photos"
+    _photos(photos, 4)
+    data = f"folder:{photos}"
+    _embed(tiny, data, tmp_path / "emb", shard_size=2)
+    for i in range(5):
+        _jpeg_file(photos / f"z{i}.jpg", seed=20 + i)
+
+    def stop(shard: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _embed(tiny, data, tmp_path / "emb", shard_size=2, update=True, on_shard=stop)
+    assert len(read_embeddings(tmp_path / "emb")[1]) == 4  # the last manifest still describes the old collection
+    resumed = _embed(tiny, data, tmp_path / "emb", shard_size=2, update=True)
+    assert (resumed.embedded, resumed.shards_written, resumed.removed, resumed.complete) == (3, 2, 0, True)
+    keys = [r["key"] for r in read_embeddings(tmp_path / "emb")[1]]
+    assert sorted(keys) == sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.jpg"))
+
+
+def test_update_fills_the_shards_an_interrupted_embed_left(tiny, tmp_path):
+    photos = tmp_path / "photos"
+    _photos(photos, 6)
+    data = f"folder:{photos}"
+
+    def stop(shard: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _embed(tiny, data, tmp_path / "emb", shard_size=2, on_shard=stop)  # shard 0 of 3 written
+    _jpeg_file(photos / "late.jpg", seed=30)
+    result = _embed(tiny, data, tmp_path / "emb", shard_size=2, update=True)
+    # 5 inputs without a row, 2 per shard: into the shards left unwritten (1, 2), then a new one (3)
+    assert (result.embedded, result.shards_written, result.shards_total, result.complete) == (5, 3, 4, True)
+    keys = [r["key"] for r in read_embeddings(tmp_path / "emb")[1]]
+    assert sorted(keys) == sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.jpg"))
+
+
+def test_update_refuses_what_it_cannot_do(tiny, tmp_path):
+    photos = tmp_path / "photos"
+    paths = _photos(photos, 3)
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        _add(tar, "s0.jpg", paths[0].read_bytes())
+    wds = f"wds:{tmp_path}/shard-0.tar"
+    first = _embed(tiny, wds, tmp_path / "wds", update=True)  # a new --out: a plain embed
+    assert first.complete and first.embedded == 1
+    with pytest.raises(ValueError, match="--update reads folder:, csv:, tsv: image sources"):
+        _embed(tiny, wds, tmp_path / "wds", update=True)
+    _embed(tiny, f"folder:{photos}", tmp_path / "emb")
+    with pytest.raises(ValueError, match="modality: 'image' there, 'text' now"):
+        _embed(tiny, f"folder:{photos}", tmp_path / "emb", text=True, update=True)
+    with pytest.raises(ValueError, match="dtype: 'float16' there, 'float32' now"):
+        _embed(tiny, f"folder:{photos}", tmp_path / "emb", dtype="float32", update=True)
+    with pytest.raises(ValueError, match="in one process"):
+        _embed(tiny, f"folder:{photos}", tmp_path / "emb", update=True, rank=0, world_size=2)
+    manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
+    (tmp_path / "emb" / "manifest.json").write_text(json.dumps({**manifest, "removed": {"0": [7]}}))
+    with pytest.raises(ValueError, match="removes rows 7..7 of shard 0, which holds 3"):
+        read_embeddings(tmp_path / "emb")
+
+
+def test_cli_embed_update(tiny, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    paths = _photos(photos, 3)
+    name = tiny[3]
+    args = ["embed", "--model", name, "--data", f"folder:{photos}", "--out", str(tmp_path / "e"), "--workers", "0",
+            "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    paths[1].unlink()
+    _jpeg_file(photos / "added.jpg", seed=40)
+    assert main(args + ["--update"]) == 0
+    out = capsys.readouterr().out
+    assert "1 embedded, 0 skipped, 1 rows of deleted or changed files removed" in out
+    assert sorted(r["key"] for r in read_embeddings(tmp_path / "e")[1]) == ["added.jpg", "nested/p00.jpg", "p02.jpg"]

@@ -53,7 +53,7 @@ def test_embeddings_round_trip(tmp_path):
     y, back, manifest = read_embeddings(tmp_path / "e")
     assert y.dtype == np.float32 and y.shape == (10, 8)
     np.testing.assert_allclose(y, x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-3)
-    assert back[3] == {"key": "no-meta", "path": None, "caption": None, "member": None}
+    assert back[3] == {"key": "no-meta", "path": None, "caption": None, "member": None, "stamp": None}
     assert back[0]["caption"] == "caption 0"
     assert (manifest["model"], manifest["dim"], manifest["count"], manifest["modality"]) == ("m", 8, 10, "image")
 

@@ -21,7 +21,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     result = embed_collection(
         model, args.data, args.out, model_name=model_id(args.model, args.pretrained), transform=preprocess,
         tokenizer=tokenizer, text=args.text, batch_size=args.batch_size, workers=args.workers, dtype=args.dtype,
-        shard_size=args.shard_size, fast_decode=args.fast_decode, progress=not args.quiet,
+        shard_size=args.shard_size, fast_decode=args.fast_decode, progress=not args.quiet, update=args.update,
     )  # fmt: skip
     print(describe(result))
     if result.skipped:
@@ -80,6 +80,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", action="store_true", help="embed the distinct captions instead (a caption bank)")
     p.add_argument("--fast-decode", action="store_true",
                    help="reduced-size JPEG decoding: much faster on large photos, pixels not identical to exact preprocessing")
+    p.add_argument("--update", action="store_true",
+                   help="bring a finished --out up to date with its changed source (folder, csv, tsv): embed new and "
+                        "changed files, drop the rows of deleted ones; rebuild the index afterwards")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_embed)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .sources import Chunk, ListedImages, Plan, TarImages, plan_images, plan_texts
-from .store import DTYPES, embeddings_manifest, shard_names, write_json, write_shard
+from .sources import Chunk, Item, ListedImages, Plan, TarImages, plan_images, plan_texts
+from .store import DTYPES, embeddings_manifest, read_shard_records, shard_names, write_json, write_shard
 
 __all__ = ["EmbedResult", "embed_collection", "rank_and_world"]
 
@@ -38,6 +38,7 @@ class EmbedResult:
     skipped: int
     complete: bool
     seconds: float
+    removed: int = 0  # rows of deleted or changed files dropped by an update (all updates so far)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -48,21 +49,25 @@ def rank_and_world() -> tuple[int, int]:
     return rank, world
 
 
-def _check_job(out: Path, job: dict) -> None:
-    """Write `job.json`, or check that the one there describes the same job (a resume)."""
+def _check_job(out: Path, job: dict, update: bool = False) -> dict | None:
+    """Write `job.json`, or check that the one there describes the same job (a resume) and return it. With
+    `update`, the list of inputs (and so the shard count) may differ."""
     file = out / "job.json"
     if file.is_file():
         old = json.loads(file.read_text(encoding="utf-8"))
-        diff = [k for k in job if old.get(k) != job[k]]
+        free = ("fingerprint", "shards") if update else ("shards",) if "removed" in old else ()  # an update's shards
+        diff = [k for k in job if old.get(k) != job[k] and k not in free]
         if diff:
             parts = [f"{k}: {old.get(k)!r} there, {job[k]!r} now" for k in diff if k != "fingerprint"]
             what = ", ".join(parts + ["the source's list of inputs changed"] * ("fingerprint" in diff))
-            raise ValueError(f"{out} holds embeddings of another job ({what}); use a new --out or remove it")
-        return
+            hint = "; pass --update to embed only what changed" if diff == ["fingerprint"] else ""
+            raise ValueError(f"{out} holds embeddings of another job ({what}); use a new --out or remove it{hint}")
+        return old
     if out.exists() and any(p.name != "job.json" and not p.name.startswith(".") for p in out.iterdir()):
         raise ValueError(f"{out} is a non-empty directory that is not an embed job; pass a new or empty --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json(file, job)
+    return None
 
 
 def _done(out: Path, shard: int) -> bool:
@@ -96,8 +101,44 @@ def _finalize(out: Path, job: dict, dim: int, roots: list[str]) -> bool:
     os.replace(tmp, out / "skipped.txt")
     write_json(out / "manifest.json", embeddings_manifest(
         model=job["model"], modality=job["modality"], dtype=job["dtype"], dim=dim, shard_counts=counts,
-        roots=roots, skipped=len(skipped), source=job["data"]))  # fmt: skip
+        roots=roots, skipped=len(skipped), source=job["data"], removed=job.get("removed")))  # fmt: skip
     return True
+
+
+UPDATE_SCHEMES = ("folder", "csv", "tsv")
+
+
+def _plan_update(out: Path, old_job: dict, plan: Plan, shard_size: int) -> tuple[Plan, list[int], dict]:
+    """What an update has to do: (the plan with the new and changed inputs in the shards to write, those
+    shards' indices, the rows no longer current per shard).
+
+    The rows of every shard written so far (the last finished job's and an interrupted update's) are
+    compared with the source: a row is current when its key is listed with the same stamp (a row written
+    before stamps existed counts as current) and no later current row has its key. Inputs without a current
+    row are embedded again, into the shards the last job left unwritten and then new ones after them.
+    """
+    written = [int(p.name[4:10]) for p in out.glob("emb-*.npy") if p.name[4:10].isdigit()]
+    end = max([old_job["shards"], *[i + 1 for i in written]])
+    listed = {item.key: item.stamp for shard in plan.shards for item in shard}
+    latest: dict[str, tuple[int, int]] = {}
+    removed: dict[int, list[int]] = {}
+    for i in sorted(written):
+        for row, record in enumerate(read_shard_records(out, i)):
+            key, stamp = record["key"], record.get("stamp")
+            if key not in listed or (stamp is not None and stamp != listed[key]):
+                removed.setdefault(i, []).append(row)
+                continue
+            if key in latest:  # embedded again after a change: the older row goes
+                removed.setdefault(latest[key][0], []).append(latest[key][1])
+            latest[key] = (i, row)
+    fresh = [item for shard in plan.shards for item in shard if item.key not in latest]
+    groups = [fresh[j : j + shard_size] for j in range(0, len(fresh), shard_size)]
+    gaps = [i for i in range(end) if i not in set(written)]
+    targets = (gaps + list(range(end, end + len(groups))))[: max(len(groups), len(gaps))]
+    shards: list[list[Item]] = [[] for _ in range(max([end, *[t + 1 for t in targets]]))]
+    for target, group in zip(targets, groups):
+        shards[target] = group
+    return Plan(plan.scheme, shards, plan.roots, plan.fingerprint), targets, removed
 
 
 @torch.inference_mode()
@@ -166,6 +207,7 @@ def embed_collection(
     fast_decode: bool = False,
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
+    update: bool = False,
 ) -> EmbedResult:
     """Embed the images (or, with `text=True`, the distinct captions) of `data` into shards under `out`.
 
@@ -185,9 +227,13 @@ def embed_collection(
             (and so the embeddings) differ slightly from the exact preprocessing. Off by default.
         progress: show a tqdm progress bar with items per second.
         on_shard: called with each shard index after it is written (tests interrupt from here).
+        update: bring the collection in `out` up to date with a changed source (folder, csv, tsv; one
+            process): embed new and changed files into new shards and drop the rows of deleted and changed
+            ones (see the module's docstring). A new `out` is embedded whole.
 
     Raises:
-        ValueError: bad arguments, a bad source, or an `out` holding another job.
+        ValueError: bad arguments, a bad source, or an `out` holding another job (or, with `update`, a job
+            of another model, dtype or preprocessing, a source that `update` does not read, or several ranks).
     """
     if dtype not in DTYPES or batch_size < 1 or workers < 0:
         raise ValueError(f"dtype={dtype!r}, batch_size={batch_size}, workers={workers}: expected dtype in {DTYPES}, "
@@ -201,17 +247,45 @@ def embed_collection(
     job = {"model": model_name, "data": data, "modality": "text" if text else "image", "dtype": dtype,
            "shard_size": shard_size, "shards": len(plan.shards), "fingerprint": plan.fingerprint,
            "fast_decode": fast_decode}  # fmt: skip
-    _check_job(out, job)
-    mine = [s for s in range(len(plan.shards)) if s % world_size == rank]
-    pending = [s for s in mine if not _done(out, s)]
+    old_job = _check_job(out, job, update)
     device = next(model.parameters()).device
     dim = int(model.config.embed_dim)
+    if update and old_job is not None:
+        if text or plan.scheme not in UPDATE_SCHEMES or world_size != 1:
+            raise ValueError(f"--update reads {', '.join(s + ':' for s in UPDATE_SCHEMES)} image sources in one "
+                             f"process; got {data!r}{' as text' if text else ''}, {world_size} processes")  # fmt: skip
+        return _update(out, old_job, job, plan, model, device, dim, transform, batch_size, workers, fast_decode,
+                       shard_size, progress, on_shard, start)  # fmt: skip
+    if old_job is not None and "removed" in old_job:  # an updated collection, source unchanged: its shards stand
+        complete = _finalize(out, old_job, dim, plan.roots)
+        return EmbedResult(out, old_job["shards"], 0, old_job["shards"], 0, 0, complete, time.perf_counter() - start,
+                           sum(len(v) for v in old_job["removed"].values()))  # fmt: skip
+    mine = [s for s in range(len(plan.shards)) if s % world_size == rank]
+    pending = [s for s in mine if not _done(out, s)]
     chunks = _chunks(plan, pending, text, transform, batch_size, workers, device, fast_decode)
     written, embedded, skipped = _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim,
                                       progress, on_shard)  # fmt: skip
     complete = _finalize(out, job, dim, plan.roots)
     return EmbedResult(out, len(plan.shards), written, len(mine) - len(pending), embedded, skipped, complete,
                        time.perf_counter() - start)  # fmt: skip
+
+
+def _update(out, old_job, job, plan, model, device, dim, transform, batch_size, workers, fast_decode, shard_size,
+            progress, on_shard, start) -> EmbedResult:  # fmt: skip
+    """`embed_collection(update=True)` over a job directory that exists (see `_plan_update`)."""
+    plan, targets, removed = _plan_update(out, old_job, plan, shard_size)
+    for shard in targets:  # shards the new inputs do not fill (gaps the last job left) are written empty
+        if not plan.shards[shard] and not _done(out, shard):
+            _write(out, shard, [], [], [], job["dtype"], dim)
+    pending = [s for s in targets if plan.shards[s]]
+    chunks = _chunks(plan, pending, False, transform, batch_size, workers, device, fast_decode)
+    written, embedded, skipped = _run(out, chunks, pending, plan, model, None, device, job["dtype"], dim,
+                                      progress, on_shard)  # fmt: skip
+    job = {**job, "shards": len(plan.shards), "removed": {str(k): v for k, v in removed.items()}}
+    write_json(out / "job.json", job)  # the update is done: a plain rerun now resumes this job
+    complete = _finalize(out, job, dim, plan.roots)
+    return EmbedResult(out, len(plan.shards), written, len(plan.shards) - len(pending), embedded, skipped, complete,
+                       time.perf_counter() - start, sum(len(v) for v in removed.values()))  # fmt: skip
 
 
 def _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim, progress, on_shard) -> tuple[int, int, int]:
@@ -249,8 +323,10 @@ def describe(result: EmbedResult) -> str:
     """A one-paragraph summary of an embed run for the command line."""
     rate = result.embedded / result.seconds if result.seconds > 0 else 0.0
     state = "complete" if result.complete else "this rank's shards done; waiting for other ranks' shards"
+    removed = f", {result.removed} rows of deleted or changed files removed" if result.removed else ""
     return (f"{result.out}: {result.shards_written} shards written, {result.shards_resumed} already done (of "
-            f"{result.shards_total}); {result.embedded} embedded, {result.skipped} skipped, {rate:.1f}/s; {state}")
+            f"{result.shards_total}); {result.embedded} embedded, {result.skipped} skipped{removed}, {rate:.1f}/s; "
+            f"{state}")
 
 
 def summary_dict(result: EmbedResult) -> dict:

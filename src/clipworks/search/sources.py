@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class Item:
     path: str | None
     caption: str | None = None
     member: str | None = None
+    stamp: str | None = None  # "size:mtime_ns" of a listed file, to tell a changed file at `embed --update`
 
 
 @dataclass
@@ -68,13 +70,22 @@ def _fingerprint(names: list[str]) -> str:
     return hashlib.sha256("\n".join(names).encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def file_stamp(path: str | os.PathLike) -> str | None:
+    """"size:mtime_ns" of a file (None if it cannot be read): what `embed --update` compares."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def _folder_items(root: Path) -> list[Item]:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in FOLDER_EXTENSIONS and p.is_file())
     items = []
     for p in files:
         text = p.with_suffix(".txt")
         caption = text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else None
-        items.append(Item(p.relative_to(root).as_posix(), str(p.resolve()), caption or None))
+        items.append(Item(p.relative_to(root).as_posix(), str(p.resolve()), caption or None, stamp=file_stamp(p)))
     return items
 
 
@@ -95,7 +106,7 @@ def _table_items(file: Path, delimiter: str, image_col: str, caption_col: str, n
         seen[key] = seen.get(key, 0) + 1
         key = key if seen[key] == 1 else f"{key}#{seen[key] - 1}"  # a file listed twice (several captions)
         path = str((file.parent / image).resolve()) if image else None
-        items.append(Item(key, path, caption))
+        items.append(Item(key, path, caption, stamp=file_stamp(path) if path else None))
     return items
 
 
@@ -205,7 +216,7 @@ def plan_texts(data: str, shard_size: int) -> Plan:
 
 
 def _record(item: Item) -> dict:
-    return {"key": item.key, "path": item.path, "caption": item.caption, "member": item.member}
+    return {"key": item.key, "path": item.path, "caption": item.caption, "member": item.member, "stamp": item.stamp}
 
 
 def _decode_into(chunk: Chunk, item: Item, source, transform, images: list, draft_size: int | None) -> None:

@@ -1,9 +1,10 @@
 """Embedding collections on disk: shards of vectors (`emb-NNNNNN.npy`) with Parquet tables of their keys.
 
 An embeddings directory holds, per shard, `emb-000000.npy` (N, D) float16/float32 unit-norm rows and
-`meta-000000.parquet` (columns key, path, caption, member), plus `manifest.json` naming the model, dimension,
-count, modality ("image" or "text"), dtype, the shards and the image roots. `skipped.txt` lists the
-inputs that could not be read. Directories and single files are written under temporary names and renamed
+`meta-000000.parquet` (columns key, path, caption, member, stamp), plus `manifest.json` naming the model,
+dimension, count, modality ("image" or "text"), dtype, the shards and the image roots. `skipped.txt` lists the
+inputs that could not be read. After `embed --update`, the manifest's "removed" maps a shard to the rows
+that no longer count (files deleted or changed since): readers drop them, so shards are never rewritten. Directories and single files are written under temporary names and renamed
 when complete, so an interrupted write never leaves a half-written file under its final name.
 """
 
@@ -18,13 +19,14 @@ import numpy as np
 
 __all__ = [
     "EMBEDDINGS_FORMAT", "DTYPES", "MODALITIES", "model_id", "write_embeddings", "read_embeddings", "write_shard",
-    "shard_names", "write_json", "sha256_file", "replace_directory", "normalize_rows",
+    "shard_names", "write_json", "sha256_file", "replace_directory", "normalize_rows", "read_shard_records",
 ]  # fmt: skip
 
 EMBEDDINGS_FORMAT = "clipworks-embeddings"
 DTYPES = ("float16", "float32")
 MODALITIES = ("image", "text")
-RECORD_FIELDS = ("key", "path", "caption", "member")  # member: the image inside a tar `path` (WebDataset)
+# member: the image inside a tar `path` (WebDataset); stamp: "size:mtime_ns" of the file when it was embedded
+RECORD_FIELDS = ("key", "path", "caption", "member", "stamp")
 
 
 def model_id(model_arg: str, pretrained: str | None = None) -> str:
@@ -93,16 +95,28 @@ def write_shard(out_dir: Path, index: int, embeddings: np.ndarray, records: list
     os.replace(tmp_emb, out_dir / emb_name)
 
 
-def _read_shard(directory: Path, index: int) -> tuple[np.ndarray, list[dict]]:
+def read_shard_records(directory: str | os.PathLike, index: int) -> list[dict]:
+    """The records (metadata rows) of shard `index`, without its embeddings.
+
+    Raises:
+        ValueError: the metadata file is missing or unreadable.
+    """
     import pyarrow.parquet as pq
 
-    emb_name, meta_name = shard_names(index)
     try:
-        emb = np.load(directory / emb_name, allow_pickle=False)
-        table = pq.read_table(directory / meta_name).to_pydict()
+        table = pq.read_table(Path(directory) / shard_names(index)[1]).to_pydict()
     except (OSError, ValueError) as e:
         raise ValueError(f"{directory}: shard {index} is unreadable ({type(e).__name__}: {e})") from e
-    records = [dict(zip(RECORD_FIELDS, row)) for row in zip(*(table.get(f, [None] * len(emb)) for f in RECORD_FIELDS))]
+    n = len(table.get("key", []))
+    return [dict(zip(RECORD_FIELDS, row)) for row in zip(*(table.get(f, [None] * n) for f in RECORD_FIELDS))]
+
+
+def _read_shard(directory: Path, index: int) -> tuple[np.ndarray, list[dict]]:
+    try:
+        emb = np.load(directory / shard_names(index)[0], allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{directory}: shard {index} is unreadable ({type(e).__name__}: {e})") from e
+    records = read_shard_records(directory, index)
     if emb.ndim != 2 or len(records) != emb.shape[0]:
         raise ValueError(f"{directory}: shard {index} has {emb.shape} embeddings for {len(records)} records")
     return emb, records
@@ -138,8 +152,8 @@ def write_embeddings(
     Args:
         out_dir: the directory to create (an existing embeddings directory there is replaced).
         embeddings: (N, D) features; rows are normalised to unit length before storing.
-        records: one dict per row with a unique string "key" and optional "path", "caption" and "member"
-            (the image's name inside a tar `path`).
+        records: one dict per row with a unique string "key" and optional "path", "caption", "member" (the
+            image's name inside a tar `path`) and "stamp".
         model: the model identity (see `model_id`).
         modality: "image" or "text".
         dtype: "float16" (default) or "float32" on disk.
@@ -163,11 +177,17 @@ def write_embeddings(
     return Path(out_dir)
 
 
-def embeddings_manifest(*, model, modality, dtype, dim, shard_counts, roots, skipped, **extra) -> dict:
-    """The manifest dict of an embeddings directory."""
-    return {"format": EMBEDDINGS_FORMAT, "version": 1, "model": model, "modality": modality, "dtype": dtype,
-            "dim": int(dim), "count": int(sum(shard_counts)), "shards": [int(c) for c in shard_counts],
-            "roots": [str(r) for r in roots], "skipped": int(skipped), **extra}  # fmt: skip
+def embeddings_manifest(*, model, modality, dtype, dim, shard_counts, roots, skipped, removed=None, **extra) -> dict:
+    """The manifest dict of an embeddings directory; `removed` maps shard index -> rows that no longer count
+    ("count" is the rows that do)."""
+    removed = {str(k): sorted(int(r) for r in v) for k, v in sorted((removed or {}).items(), key=lambda kv: int(kv[0])) if v}
+    manifest = {"format": EMBEDDINGS_FORMAT, "version": 1, "model": model, "modality": modality, "dtype": dtype,
+                "dim": int(dim), "count": int(sum(shard_counts)) - sum(len(v) for v in removed.values()),
+                "shards": [int(c) for c in shard_counts], "roots": [str(r) for r in roots], "skipped": int(skipped),
+                **extra}  # fmt: skip
+    if removed:
+        manifest["removed"] = removed
+    return manifest
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -194,8 +214,9 @@ def read_embeddings(directory: str | os.PathLike) -> tuple[np.ndarray, list[dict
     """Read a whole embeddings directory.
 
     Returns:
-        (float32 (N, D) array, records with "key", "path", "caption", "member", the manifest dict). Files
-        written before "member" existed read as member None.
+        (float32 (N, D) array, records with "key", "path", "caption", "member", "stamp", the manifest dict),
+        without the rows the manifest lists as "removed". Files written before "member" or "stamp" existed
+        read them as None.
 
     Raises:
         ValueError: not an embeddings directory, a shard missing or unreadable, or counts that disagree.
@@ -203,12 +224,22 @@ def read_embeddings(directory: str | os.PathLike) -> tuple[np.ndarray, list[dict
     directory = Path(directory)
     manifest = read_manifest(directory)
     dim, counts = int(manifest["dim"]), manifest["shards"]
+    removed = manifest.get("removed", {})
     arrays, records = [], []
     for i, count in enumerate(counts):
         emb, recs = _read_shard(directory, i)
         if emb.shape != (count, dim) and count:
             raise ValueError(f"{directory}: shard {i} holds {emb.shape} embeddings; manifest says ({count}, {dim})")
-        arrays.append(emb.astype(np.float32, copy=False).reshape(-1, dim))
+        emb = emb.astype(np.float32, copy=False).reshape(-1, dim)
+        if str(i) in removed:
+            rows = np.asarray(removed[str(i)], dtype=np.int64)
+            if rows.size and (rows.min() < 0 or rows.max() >= len(recs)):
+                raise ValueError(f"{directory}: the manifest removes rows {rows.min()}..{rows.max()} of shard {i}, "
+                                 f"which holds {len(recs)}")  # fmt: skip
+            keep = np.ones(len(recs), dtype=bool)
+            keep[rows] = False
+            emb, recs = emb[keep], [r for r, k in zip(recs, keep) if k]
+        arrays.append(emb)
         records.extend(recs)
     embeddings = np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float32)
     if len(records) != manifest["count"]:
