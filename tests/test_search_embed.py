@@ -350,3 +350,53 @@ def test_cli_embed_update(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 embedded, 0 skipped, 1 rows of deleted or changed files removed" in out
     assert sorted(r["key"] for r in read_embeddings(tmp_path / "e")[1]) == ["added.jpg", "nested/p00.jpg", "p02.jpg"]
+
+
+def test_shards_come_out_in_input_order_whatever_order_their_parts_arrive(tmp_path):
+    from clipworks.search.embed import _run
+    from clipworks.search.sources import Chunk, Plan
+    from clipworks.search.store import read_shard_records
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((10, 4)).astype(np.float32)
+    keys = [f"k{i}" for i in range(10)]
+    # shard 0: parts of 3, 3, 1 rows (the middle one with a skipped input); shard 1: 2 and 1 rows
+    spans = {(0, 0): (0, 3), (0, 1): (3, 5), (0, 2): (5, 6), (1, 0): (6, 8), (1, 1): (8, 10)}
+    chunks = []
+    for (shard, part), (a, b) in spans.items():
+        records = [{"key": k} for k in keys[a:b]]
+        chunk = Chunk(shard, records, None, ["bad\tunreadable"] if (shard, part) == (0, 1) else [], part == (2 if shard == 0 else 1),
+                      part, emb[a:b])  # fmt: skip
+        chunks.append(chunk)
+    order = [4, 2, 0, 3, 1]  # shard 1's last part first, shard 0's parts backwards
+    written = []
+    plan = Plan("folder", [[None] * 7, [None] * 3], [], "")
+    result = _run(tmp_path, [chunks[i] for i in order], [0, 1], plan, None, None, None, "float32", 4, False,
+                  written.append)  # fmt: skip
+    assert result == (2, 10, 1) and written == [1, 0]  # shard 1 completes first
+    assert [r["key"] for r in read_shard_records(tmp_path, 0)] == keys[:6]
+    assert [r["key"] for r in read_shard_records(tmp_path, 1)] == keys[6:]
+    np.testing.assert_array_equal(np.load(tmp_path / "emb-000000.npy"), emb[:6])
+    assert (tmp_path / "skipped-000000.txt").read_text() == "bad\tunreadable\n"
+
+
+def test_worker_encoding_and_in_process_encoding_store_the_same_collection(tiny, tmp_path, monkeypatch):
+    from clipworks.search import embed
+
+    photos = tmp_path / "photos"
+    _photos(photos, 10)
+    for i, size in enumerate((300, 20, 200)):  # unequal batches: the largest files' batch is decoded first
+        _jpeg_file(photos / f"big{i}.jpg", seed=50 + i, size=(size, size))
+    data = f"folder:{photos}"
+    monkeypatch.setattr(embed, "_cores", lambda: 2)  # two workers are enough for each to encode its own batches
+    here = []  # batches encoded in this process (a forked worker appends to its own copy of the list)
+    real = embed._encode_images
+    monkeypatch.setattr(embed, "_encode_images", lambda *a: here.append(1) or real(*a))
+    _embed(tiny, data, tmp_path / "workers", workers=2, shard_size=6)
+    assert not here  # the workers sent embeddings, not pixels
+    _embed(tiny, data, tmp_path / "here", workers=0, shard_size=6)
+    assert len(here) == 5  # 13 images, shards of 6 in batches of 4: 4 + 2, 4 + 2, 1
+    a, ra, _ = read_embeddings(tmp_path / "workers")
+    b, rb, _ = read_embeddings(tmp_path / "here")
+    assert ra == rb
+    np.testing.assert_allclose(a, b, atol=2e-3)

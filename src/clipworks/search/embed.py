@@ -9,6 +9,7 @@ shard writes the manifest.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -157,23 +158,49 @@ def _text_chunks(plan: Plan, shards: list[int], batch_size: int):
         items = plan.shards[s]
         for j in range(0, len(items), batch_size):
             recs = [{"key": i.key, "path": i.path, "caption": i.caption} for i in items[j : j + batch_size]]
-            yield Chunk(s, recs, None, [], j + batch_size >= len(items))
+            yield Chunk(s, recs, None, [], j + batch_size >= len(items), j // batch_size)
 
 
-def _image_loader(plan: Plan, shards: list[int], transform, batch_size: int, workers: int, pin: bool,
+class _WorkerEncoder:
+    """Encodes a batch in the DataLoader worker that decoded it, on one thread (CPU jobs with at least as many
+    workers as cores): the workers alone fill the cores. With the model in the main process, its intra-op
+    threads and the decoding workers contend for the same cores (OpenMP threads spin at every barrier while
+    a worker holds their core). One thread: a forked worker must not start an OpenMP pool of its own (GNU
+    OpenMP hangs in a child forked after the parent used one)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        torch.set_num_threads(1)  # DataLoader workers already run with one; a worker of another loader may not
+        return _encode_images(self.model, images, torch.device("cpu"))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _image_loader(plan: Plan, shards: list[int], transform, batch_size: int, workers: int, model,
                   draft_size: int | None) -> DataLoader:  # fmt: skip
     if plan.scheme == "wds":
         dataset = TarImages({s: plan.shards[s] for s in shards}, transform, batch_size, draft_size)
     else:
         dataset = ListedImages({s: plan.shards[s] for s in shards}, transform, batch_size, draft_size)
     workers = min(workers, len(dataset) if plan.scheme != "wds" else len(shards))
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin,
-                      prefetch_factor=4 if workers else None)  # fmt: skip
+    cuda = next(model.parameters()).device.type == "cuda"
+    if next(model.parameters()).device.type == "cpu" and workers >= _cores():
+        dataset.encoder = _WorkerEncoder(model)
+    # Batches go to whichever worker is idle and come back as they finish (`_run` puts shards back in order): a
+    # worker that drew a batch of large photos does not hold up the others, as in-order delivery would.
+    dynamic = {"in_order": False} if workers and "in_order" in inspect.signature(DataLoader).parameters else {}
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=cuda,
+                      prefetch_factor=(2 if dynamic else 4) if workers else None, **dynamic)  # fmt: skip
 
 
-def _chunks(plan: Plan, pending: list[int], text: bool, transform, batch_size: int, workers: int, device,
+def _chunks(plan: Plan, pending: list[int], text: bool, transform, batch_size: int, workers: int, model,
             fast_decode: bool):  # fmt: skip
-    """The stream of `Chunk`s for the pending shards: caption batches, or a DataLoader of decoded images."""
+    """The stream of `Chunk`s for the pending shards: caption batches, or a DataLoader of decoded images
+    (on the CPU with workers: of embeddings, each worker encoding what it decoded)."""
     if not pending:
         return []
     if text:
@@ -186,7 +213,7 @@ def _chunks(plan: Plan, pending: list[int], text: bool, transform, batch_size: i
         if cfg is None:
             raise ValueError("fast_decode needs clipworks' evaluation transform (it carries the preprocessing config)")
         draft, transform = cfg.image_size, image_transform(cfg, fast=True)
-    return _image_loader(plan, pending, transform, batch_size, workers, device.type == "cuda", draft)
+    return _image_loader(plan, pending, transform, batch_size, workers, model, draft)
 
 
 def embed_collection(
@@ -262,7 +289,7 @@ def embed_collection(
                            sum(len(v) for v in old_job["removed"].values()))  # fmt: skip
     mine = [s for s in range(len(plan.shards)) if s % world_size == rank]
     pending = [s for s in mine if not _done(out, s)]
-    chunks = _chunks(plan, pending, text, transform, batch_size, workers, device, fast_decode)
+    chunks = _chunks(plan, pending, text, transform, batch_size, workers, model, fast_decode)
     written, embedded, skipped = _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim,
                                       progress, on_shard)  # fmt: skip
     complete = _finalize(out, job, dim, plan.roots)
@@ -278,7 +305,7 @@ def _update(out, old_job, job, plan, model, device, dim, transform, batch_size, 
         if not plan.shards[shard] and not _done(out, shard):
             _write(out, shard, [], [], [], job["dtype"], dim)
     pending = [s for s in targets if plan.shards[s]]
-    chunks = _chunks(plan, pending, False, transform, batch_size, workers, device, fast_decode)
+    chunks = _chunks(plan, pending, False, transform, batch_size, workers, model, fast_decode)
     written, embedded, skipped = _run(out, chunks, pending, plan, model, None, device, job["dtype"], dim,
                                       progress, on_shard)  # fmt: skip
     job = {**job, "shards": len(plan.shards), "removed": {str(k): v for k, v in removed.items()}}
@@ -294,23 +321,28 @@ def _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim, progr
     total = None if plan.scheme == "wds" else sum(len(plan.shards[s]) for s in pending)
     bar = tqdm(total=total, unit="text" if plan.scheme == "text" else "img", disable=not progress or not pending,
                desc=f"embedding {len(pending)} shards", smoothing=0.1)  # fmt: skip
-    buffers: dict[int, tuple[list, list, list]] = {}
+    buffers: dict[int, dict[int, tuple]] = {}  # shard -> part -> (embeddings or None, records, skipped)
+    ends: dict[int, int] = {}  # shard -> its last part
     written = embedded = skipped = 0
     try:
         for chunk in chunks:
-            parts, records, bad = buffers.setdefault(chunk.shard, ([], [], []))
-            if chunk.records:
+            emb = chunk.embeddings  # encoded by the worker (CPU jobs), or here:
+            if emb is None and chunk.records:
                 if plan.scheme == "text":
-                    parts.append(_encode_texts(model, tokenizer, [r["caption"] for r in chunk.records], device))
+                    emb = _encode_texts(model, tokenizer, [r["caption"] for r in chunk.records], device)
                 else:
-                    parts.append(_encode_images(model, chunk.images, device))
-            records += chunk.records
-            bad += chunk.skipped
+                    emb = _encode_images(model, chunk.images, device)
+            got = buffers.setdefault(chunk.shard, {})
+            got[chunk.part] = (emb, chunk.records, chunk.skipped)
+            if chunk.end:
+                ends[chunk.shard] = chunk.part
             embedded, skipped = embedded + len(chunk.records), skipped + len(chunk.skipped)
             bar.update(len(chunk.records) + len(chunk.skipped))
-            if chunk.end:
-                _write(out, chunk.shard, parts, records, bad, dtype, dim)
-                del buffers[chunk.shard]
+            if ends.get(chunk.shard, -1) + 1 == len(got):  # every part of the shard is in
+                parts = [got[p] for p in range(len(got))]
+                _write(out, chunk.shard, [e for e, _, _ in parts if e is not None], [r for _, rs, _ in parts for r in rs],
+                       [s for _, _, ss in parts for s in ss], dtype, dim)  # fmt: skip
+                del buffers[chunk.shard], ends[chunk.shard]
                 written += 1
                 if on_shard is not None:
                     on_shard(chunk.shard)

@@ -16,6 +16,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
@@ -51,13 +52,16 @@ class Plan:
 
 @dataclass
 class Chunk:
-    """Decoded images of one shard, in input order; `end` marks the shard's last chunk."""
+    """Decoded images of part `part` of one shard (parts number a shard's batches in input order); `end`
+    marks the shard's last part. Parts may arrive out of order (the DataLoader hands work to idle workers)."""
 
     shard: int
     records: list[dict] = field(default_factory=list)
     images: torch.Tensor | None = None  # (B, 3, S, S)
     skipped: list[str] = field(default_factory=list)  # "key<TAB>reason"
     end: bool = False
+    part: int = 0
+    embeddings: np.ndarray | None = None  # (B, D) when the worker encoded the images itself (`encoder`)
 
     def pin_memory(self) -> Chunk:
         """Pin the images for a faster copy to the GPU (DataLoader calls this with pin_memory=True)."""
@@ -230,39 +234,52 @@ def _decode_into(chunk: Chunk, item: Item, source, transform, images: list, draf
         chunk.skipped.append(f"{item.key}\t{e}".replace("\n", " "))
 
 
-def _finish(chunk: Chunk, images: list) -> Chunk:
+def _file_bytes(item: Item) -> int:
+    return int(item.stamp.partition(":")[0]) if item.stamp else 0
+
+
+def _finish(chunk: Chunk, images: list, encoder=None) -> Chunk:
     chunk.images = torch.stack(images) if images else None  # (B, 3, S, S)
+    if encoder is not None and chunk.images is not None:
+        chunk.embeddings, chunk.images = encoder(chunk.images), None
     return chunk
 
 
 class ListedImages(Dataset):
-    """Map-style: element j decodes the j-th batch of the pending shards (folder, csv) into a `Chunk`."""
+    """Map-style: element j decodes the j-th batch of the pending shards (folder, csv) into a `Chunk`; with
+    an `encoder` (images -> embeddings), the chunk carries the batch's embeddings instead of its pixels."""
 
-    def __init__(self, shards: dict[int, list[Item]], transform, batch_size: int, draft_size: int | None = None):
-        self.transform, self.draft_size = transform, draft_size
-        self.batches = []  # (shard, items, last)
+    def __init__(self, shards: dict[int, list[Item]], transform, batch_size: int, draft_size: int | None = None,
+                 encoder=None):  # fmt: skip
+        self.transform, self.draft_size, self.encoder = transform, draft_size, encoder
+        self.batches = []  # (shard, items, last, part)
         for shard, items in sorted(shards.items()):
             starts = range(0, len(items), batch_size)
-            self.batches += [(shard, items[s : s + batch_size], s == starts[-1]) for s in starts]
+            batches = [(shard, items[s : s + batch_size], s == starts[-1], p) for p, s in enumerate(starts)]
+            # Within a shard, the batches of most bytes (the slowest to decode) go first, so that a job does not
+            # end with one worker on a batch of large photos while the others idle (shards still finish in turn).
+            self.batches += sorted(batches, key=lambda b: -sum(_file_bytes(i) for i in b[1]))
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, j: int) -> Chunk:
-        shard, items, last = self.batches[j]
-        chunk, images = Chunk(shard, end=last), []
+        shard, items, last, part = self.batches[j]
+        chunk, images = Chunk(shard, end=last, part=part), []
         for item in items:
             _decode_into(chunk, item, item.path, self.transform, images, self.draft_size)
-        return _finish(chunk, images)
+        return _finish(chunk, images, self.encoder)
 
 
 class TarImages(IterableDataset):
     """Iterable: each DataLoader worker reads whole pending tar shards (shard j to worker j % workers) and
-    yields `Chunk`s of up to `batch_size` samples in tar order; a shard's last chunk has `end=True`."""
+    yields `Chunk`s of up to `batch_size` samples in tar order; a shard's last chunk has `end=True`. `encoder`
+    as for `ListedImages`."""
 
-    def __init__(self, shards: dict[int, str], transform, batch_size: int, draft_size: int | None = None):
+    def __init__(self, shards: dict[int, str], transform, batch_size: int, draft_size: int | None = None,
+                 encoder=None):  # fmt: skip
         self.shards, self.transform, self.batch_size = sorted(shards.items()), transform, batch_size
-        self.draft_size = draft_size
+        self.draft_size, self.encoder = draft_size, encoder
 
     def __iter__(self):
         info = get_worker_info()
@@ -275,13 +292,13 @@ class TarImages(IterableDataset):
         try:
             for key, files, names in tar_samples(tar, names=True):
                 if len(chunk.records) + len(chunk.skipped) >= self.batch_size:
-                    yield _finish(chunk, images)
-                    chunk, images = Chunk(shard), []
+                    yield _finish(chunk, images, self.encoder)
+                    chunk, images = Chunk(shard, part=chunk.part + 1), []
                 self._sample(chunk, tar, key, files, names, images)
         except (tarfile.TarError, OSError, EOFError) as e:  # a cut or unreadable tar: what was read is kept
             chunk.skipped.append(f"{Path(tar).name}\tread stopped: {type(e).__name__}: {e}")
         chunk.end = True
-        yield _finish(chunk, images)
+        yield _finish(chunk, images, self.encoder)
 
     def _sample(self, chunk: Chunk, tar: str, key: str, files: dict, names: dict, images: list) -> None:
         ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
