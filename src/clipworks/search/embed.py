@@ -134,7 +134,8 @@ def _plan_update(out: Path, old_job: dict, plan: Plan, shard_size: int) -> tuple
             latest[key] = (i, row)
     fresh = [item for shard in plan.shards for item in shard if item.key not in latest]
     groups = [fresh[j : j + shard_size] for j in range(0, len(fresh), shard_size)]
-    gaps = [i for i in range(end) if i not in set(written)]
+    done = set(written)
+    gaps = [i for i in range(end) if i not in done]
     targets = (gaps + list(range(end, end + len(groups))))[: max(len(groups), len(gaps))]
     shards: list[list[Item]] = [[] for _ in range(max([end, *[t + 1 for t in targets]]))]
     for target, group in zip(targets, groups):
