@@ -240,8 +240,11 @@ def _jpeg_file(path, seed: int, size=(40, 36)) -> None:
 def test_update_embeds_new_and_changed_files_and_drops_deleted_ones(tiny, tmp_path):
     photos = tmp_path / "photos"
     paths = _photos(photos, 7)
+    (photos / "fixed.jpg").write_bytes(b"\xff\xd8 cut short")  # unreadable at first, repaired before the update
     data = f"folder:{photos}"
     _embed(tiny, data, tmp_path / "emb", shard_size=3)
+    assert (tmp_path / "emb" / "skipped.txt").read_text().startswith("fixed.jpg\t")
+    _jpeg_file(photos / "fixed.jpg", seed=12)
     before = dict(zip((r["key"] for r in read_embeddings(tmp_path / "emb")[1]), read_embeddings(tmp_path / "emb")[0]))
     paths[3].unlink()  # deleted
     _jpeg_file(photos / "new.jpg", seed=10)  # added
@@ -249,19 +252,21 @@ def test_update_embeds_new_and_changed_files_and_drops_deleted_ones(tiny, tmp_pa
     os.utime(paths[5], ns=(paths[5].stat().st_atime_ns, paths[5].stat().st_mtime_ns + 10**10))
     result = _embed(tiny, data, tmp_path / "emb", shard_size=3, update=True)
     assert (result.complete, result.embedded, result.removed, result.shards_written, result.shards_total) == (
-        True, 2, 2, 1, 4)  # fmt: skip
+        True, 3, 2, 1, 4)  # fmt: skip
+    assert (tmp_path / "emb" / "skipped.txt").read_text() == ""  # fixed.jpg is in, no longer listed
     x, records, manifest = read_embeddings(tmp_path / "emb")
     keys = [r["key"] for r in records]
     want = sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.jpg"))
-    assert sorted(keys) == want and manifest["count"] == len(want) == 7
-    # shards by key order: (nested/p00, nested/p04, p01), (p02, p03, p05), (p06,), then (new, p05) from the update
-    assert manifest["removed"] == {"1": [1, 2]} and manifest["shards"] == [3, 3, 1, 2]
+    assert sorted(keys) == want and manifest["count"] == len(want) == 8
+    # shards by path: (fixed.jpg skipped, nested/p00, nested/p04), (p01, p02, p03), (p05, p06), then the
+    # update's (fixed, new, p05): p03 (shard 1, row 2) and the old p05 (shard 2, row 0) are removed
+    assert manifest["removed"] == {"1": [2], "2": [0]} and manifest["shards"] == [2, 3, 2, 3]
     _embed(tiny, data, tmp_path / "fresh", shard_size=3)
     fresh = dict(zip((r["key"] for r in read_embeddings(tmp_path / "fresh")[1]), read_embeddings(tmp_path / "fresh")[0]))
     now = dict(zip(keys, x))
     for key in want:
         np.testing.assert_allclose(now[key], fresh[key], atol=2e-3)  # as a whole new embed would store them
-        if key not in ("new.jpg", "p05.jpg"):
+        if key not in ("new.jpg", "p05.jpg", "fixed.jpg"):
             assert np.array_equal(now[key], before[key])  # untouched rows are the very same
     assert not np.allclose(now["p05.jpg"], before["p05.jpg"], atol=1e-2)
     assert {r["key"]: r["stamp"] for r in records}["new.jpg"] == f"{(photos / 'new.jpg').stat().st_size}:" \

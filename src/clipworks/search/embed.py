@@ -309,11 +309,28 @@ def _update(out, old_job, job, plan, model, device, dim, transform, batch_size, 
     chunks = _chunks(plan, pending, False, transform, batch_size, workers, model, fast_decode)
     written, embedded, skipped = _run(out, chunks, pending, plan, model, None, device, job["dtype"], dim,
                                       progress, on_shard)  # fmt: skip
+    _forget_skipped(out, [s for s in range(len(plan.shards)) if s not in targets],
+                    {item.key for s in targets for item in plan.shards[s]})  # fmt: skip
     job = {**job, "shards": len(plan.shards), "removed": {str(k): v for k, v in removed.items()}}
     write_json(out / "job.json", job)  # the update is done: a plain rerun now resumes this job
     complete = _finalize(out, job, dim, plan.roots)
     return EmbedResult(out, len(plan.shards), written, len(plan.shards) - len(pending), embedded, skipped, complete,
                        time.perf_counter() - start, sum(len(v) for v in removed.values()))  # fmt: skip
+
+
+def _forget_skipped(out: Path, shards: list[int], retried: set[str]) -> None:
+    """Drop from the skipped lists of `shards` the inputs an update tried again (a new failure is listed with
+    the shard it went to)."""
+    for shard in shards:
+        file = out / f"skipped-{shard:06d}.txt"
+        if not file.is_file():
+            continue
+        lines = file.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.partition("\t")[0] not in retried]
+        if len(kept) != len(lines):
+            tmp = out / f".{file.name}.tmp-{os.getpid()}"
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, file)
 
 
 def _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim, progress, on_shard) -> tuple[int, int, int]:
