@@ -281,6 +281,15 @@ def test_update_embeds_new_and_changed_files_and_drops_deleted_ones(tiny, tmp_pa
     assert read_embeddings(tmp_path / "emb")[1] == records
 
 
+def _interrupt(shard: int) -> None:
+    raise KeyboardInterrupt
+
+
+def _assert_holds_every_photo(out, photos) -> None:
+    keys = [r["key"] for r in read_embeddings(out)[1]]
+    assert sorted(keys) == sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.jpg"))
+
+
 def test_interrupted_update_keeps_the_old_collection_and_resumes(tiny, tmp_path):
     photos = tmp_path / "photos"
     _photos(photos, 4)
@@ -289,16 +298,12 @@ def test_interrupted_update_keeps_the_old_collection_and_resumes(tiny, tmp_path)
     for i in range(5):
         _jpeg_file(photos / f"z{i}.jpg", seed=20 + i)
 
-    def stop(shard: int) -> None:
-        raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        _embed(tiny, data, tmp_path / "emb", shard_size=2, update=True, on_shard=stop)
+        _embed(tiny, data, tmp_path / "emb", shard_size=2, update=True, on_shard=_interrupt)
     assert len(read_embeddings(tmp_path / "emb")[1]) == 4  # the last manifest still describes the old collection
     resumed = _embed(tiny, data, tmp_path / "emb", shard_size=2, update=True)
     assert (resumed.embedded, resumed.shards_written, resumed.removed, resumed.complete) == (3, 2, 0, True)
-    keys = [r["key"] for r in read_embeddings(tmp_path / "emb")[1]]
-    assert sorted(keys) == sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.jpg"))
+    _assert_holds_every_photo(tmp_path / "emb", photos)
 
 
 def test_update_fills_the_shards_an_interrupted_embed_left(tiny, tmp_path):
@@ -306,17 +311,13 @@ def test_update_fills_the_shards_an_interrupted_embed_left(tiny, tmp_path):
     _photos(photos, 6)
     data = f"folder:{photos}"
 
-    def stop(shard: int) -> None:
-        raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        _embed(tiny, data, tmp_path / "emb", shard_size=2, on_shard=stop)  # shard 0 of 3 written
+        _embed(tiny, data, tmp_path / "emb", shard_size=2, on_shard=_interrupt)  # shard 0 of 3 written
     _jpeg_file(photos / "late.jpg", seed=30)
     result = _embed(tiny, data, tmp_path / "emb", shard_size=2, update=True)
     # 5 inputs without a row, 2 per shard: into the shards left unwritten (1, 2), then a new one (3)
     assert (result.embedded, result.shards_written, result.shards_total, result.complete) == (5, 3, 4, True)
-    keys = [r["key"] for r in read_embeddings(tmp_path / "emb")[1]]
-    assert sorted(keys) == sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.jpg"))
+    _assert_holds_every_photo(tmp_path / "emb", photos)
 
 
 def test_update_refuses_what_it_cannot_do(tiny, tmp_path):
