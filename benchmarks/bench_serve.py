@@ -93,7 +93,7 @@ def start_server(index: Path, model: str, port: int, concurrency: int) -> subpro
     import httpx
 
     cmd = [sys.executable, "-m", "clipworks.cli", "serve", "--index", str(index), "--model", model,
-           "--port", str(port), "--concurrency", str(concurrency), "--max-k", "100"]  # fmt: skip
+           "--port", str(port), "--concurrency", str(concurrency), "--max-k", "100", "--random-init"]  # fmt: skip
     server = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

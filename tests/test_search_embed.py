@@ -406,3 +406,16 @@ def test_worker_encoding_and_in_process_encoding_store_the_same_collection(tiny,
     b, rb, _ = read_embeddings(tmp_path / "here")
     assert ra == rb
     np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+def test_cli_embed_refuses_a_preset_without_weights(tmp_path, capsys):
+    _photos(tmp_path / "photos", 2)
+    args = ["embed", "--model", "ViT-B-32", "--data", f"folder:{tmp_path / 'photos'}", "--out", str(tmp_path / "e")]
+    assert main(args) == 2
+    assert "random initialisation, new on every run" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+    from clipworks.factory import names_no_weights
+
+    assert names_no_weights("ViT-B-32", None) and not names_no_weights("ViT-B-32", "openai")
+    assert not names_no_weights("ViT-B-32:openai", None) and not names_no_weights("local-dir:/m", None)
+    assert not names_no_weights("hf-hub:org/repo", None)

@@ -39,6 +39,19 @@ def test_serve_command_refuses_an_index_of_another_model(saved, capsys):
     assert f"built with model {model_arg!r}, not 'ViT-B-32'" in capsys.readouterr().err
 
 
+def test_serve_command_refuses_a_preset_without_weights(tmp_path, capsys):
+    from clipworks.cli import main
+    from clipworks.search.index import build_index
+    from clipworks.search.store import write_embeddings
+
+    vectors = np.random.default_rng(0).standard_normal((5, 512))
+    write_embeddings(tmp_path / "emb", vectors, [{"key": f"k{i}"} for i in range(5)], model="ViT-B-32")
+    build_index(tmp_path / "emb", tmp_path / "index", kind="flat")
+    # the index says ViT-B-32, and so does --model: yet a fresh random init is not the model that embedded it
+    assert main(["serve", "--index", str(tmp_path / "index"), "--model", "ViT-B-32", "--port", "1"]) == 2
+    assert "random initialisation, new on every run" in capsys.readouterr().err
+
+
 def test_serve_command_options_become_settings():
     from clipworks.cli import build_parser
     from clipworks.serve.commands import settings_from_args

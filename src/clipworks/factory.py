@@ -89,6 +89,13 @@ def _load_into_new(cfg: CLIPConfig, sd: dict, source: str) -> CLIP:
     return model
 
 
+def names_no_weights(name: str, pretrained) -> bool:
+    """Whether `create_model(name, pretrained)` would give a randomly initialised model: a preset name with no
+    ":TAG", no `pretrained`, and not a `local-dir:`/`hf-hub:` spec. Commands whose output outlives the process
+    (embed, serve) refuse such a model unless asked: a fresh random init differs on every run."""
+    return isinstance(name, str) and pretrained is None and ":" not in name
+
+
 def _split_tag(name: str, pretrained) -> tuple[str, object]:
     """"ViT-B-32:openai" is the preset "ViT-B-32" with pretrained="openai" (the CLI's --model syntax)."""
     if ":" in name and not name.startswith((LOCAL_DIR, HF_HUB)):

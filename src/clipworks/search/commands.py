@@ -14,6 +14,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from .embed import describe, embed_collection
     from .store import model_id
 
+    refuse_random_weights(args)
     local_rank = os.environ.get("LOCAL_RANK", "0")  # under torchrun: one GPU per process on a machine
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
@@ -27,6 +28,22 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     if result.skipped:
         print(f"{result.skipped} unreadable inputs skipped; listed in {args.out}/skipped.txt", file=sys.stderr)
     return 0
+
+
+def refuse_random_weights(args: argparse.Namespace) -> None:
+    """Raise ValueError when --model/--pretrained name no weights and --random-init was not given."""
+    from ..factory import names_no_weights
+
+    if names_no_weights(args.model, args.pretrained) and not args.random_init:
+        raise ValueError(f"--model {args.model} with no --pretrained is a random initialisation, new on every run: "
+                         "its embeddings would match nothing embedded or served by another run; name weights "
+                         "(--pretrained TAG or FILE, NAME:TAG, local-dir:DIR, hf-hub:ORG/REPO) or pass --random-init "
+                         "(e.g. to time a model)")  # fmt: skip
+
+
+def add_random_init_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--random-init", action="store_true",
+                   help="accept a preset with no weights (randomly initialised, different on every run)")
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -85,6 +102,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "changed files, drop the rows of deleted ones; rebuild the index afterwards")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_random_init_flag(p)
     p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("index", help="build a FAISS index over an embeddings directory")

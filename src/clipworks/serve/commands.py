@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..search.commands import add_random_init_flag
 from .limits import MIB, ServeSettings
 
 __all__ = ["add_commands", "settings_from_args"]
@@ -19,6 +20,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, help="the image index directory (from `clipworks index`)")
     p.add_argument("--model", required=True, help="the model the index was embedded with (preset, NAME:TAG, local-dir:DIR)")
     p.add_argument("--pretrained", default=None, help="the weights the index was embedded with, if --model names none")
+    add_random_init_flag(p)
     p.add_argument("--captions", default=None, help="an index of caption embeddings for image-to-text search")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8000)
@@ -58,6 +60,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ImportError("clipworks serve needs the search extra: pip install 'clipworks[search]'") from e
     from ..factory import create_model_and_transforms, get_tokenizer
+    from ..search.commands import refuse_random_weights
     from ..search.index import load_index
     from ..search.store import model_id
     from .app import create_app
@@ -66,6 +69,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     identity = model_id(args.model, args.pretrained)
     index = load_index(args.index, model=identity, verify=args.verify)
     captions = None if args.captions is None else load_index(args.captions, model=identity, verify=args.verify)
+    refuse_random_weights(args)
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained)
     app = create_app(index, model, preprocess, get_tokenizer(model), settings, captions=captions)
     print(f"clipworks serve: {len(index)} images ({identity}) on http://{args.host}:{args.port}/", file=sys.stderr)
