@@ -419,3 +419,14 @@ def test_cli_embed_refuses_a_preset_without_weights(tmp_path, capsys):
     assert names_no_weights("ViT-B-32", None) and not names_no_weights("ViT-B-32", "openai")
     assert not names_no_weights("ViT-B-32:openai", None) and not names_no_weights("local-dir:/m", None)
     assert not names_no_weights("hf-hub:org/repo", None)
+
+
+def test_default_workers_share_the_cores(monkeypatch):
+    from clipworks.search import embed
+
+    monkeypatch.setattr(embed.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert embed.default_workers(torch.device("cpu")) == 16  # each worker also encodes
+    assert embed.default_workers(torch.device("cuda")) == 15  # a core left for the process feeding the GPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: four processes on this machine
+    assert embed.default_workers(torch.device("cpu")) == 4 and embed.default_workers(torch.device("cuda")) == 3

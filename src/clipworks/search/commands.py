@@ -11,7 +11,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
     from ..factory import create_model_and_transforms, get_tokenizer
-    from .embed import describe, embed_collection
+    from .embed import default_workers, describe, embed_collection
     from .store import model_id
 
     refuse_random_weights(args)
@@ -21,7 +21,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     tokenizer = get_tokenizer(model) if args.text else None
     result = embed_collection(
         model, args.data, args.out, model_name=model_id(args.model, args.pretrained), transform=preprocess,
-        tokenizer=tokenizer, text=args.text, batch_size=args.batch_size, workers=args.workers, dtype=args.dtype,
+        tokenizer=tokenizer, text=args.text, batch_size=args.batch_size, dtype=args.dtype,
+        workers=default_workers(torch.device(device)) if args.workers is None else args.workers,
         shard_size=args.shard_size, fast_decode=args.fast_decode, progress=not args.quiet, update=args.update,
     )  # fmt: skip
     print(describe(result))
@@ -91,7 +92,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="folder:DIR, csv:FILE, tsv:FILE or wds:PATTERN (with --text also a file of captions)")
     p.add_argument("--out", required=True, help="output directory; rerun the same command to resume")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4, help="decoding worker processes (0: decode in this one)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding worker processes (0: decode in this one); default: one per core on a CPU job (each "
+                        "then encodes its own batches), one per core but one on a GPU job")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="embeddings on disk")
     p.add_argument("--shard-size", type=int, default=10_000, help="items per output shard (wds: one per tar)")
     p.add_argument("--text", action="store_true", help="embed the distinct captions instead (a caption bank)")

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from .sources import Chunk, Item, ListedImages, Plan, TarImages, plan_images, plan_texts
 from .store import DTYPES, embeddings_manifest, read_shard_records, shard_names, write_json, write_shard
 
-__all__ = ["EmbedResult", "embed_collection", "rank_and_world"]
+__all__ = ["EmbedResult", "default_workers", "embed_collection", "rank_and_world"]
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,16 @@ class _WorkerEncoder:
 
 
 def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may use: its CPU affinity, shared among torchrun's processes on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding workers for a job on `device`: one per core on the CPU (each then encodes its own batches,
+    see `_WorkerEncoder`), one per core but one for the process feeding a GPU; under torchrun, per process's
+    share of the machine's cores."""
+    return _cores() if device.type == "cpu" else max(1, _cores() - 1)
 
 
 def _image_loader(plan: Plan, shards: list[int], transform, batch_size: int, workers: int, model,
