@@ -184,6 +184,19 @@ def test_dedup_finds_each_near_duplicate_pair_once(tmp_path, kind):
         find_duplicates(index, 1.5)
 
 
+def test_dedup_on_hnsw_lists_more_duplicates_than_its_first_k(tmp_path):
+    from clipworks.search.dedup import find_duplicates
+
+    x = _clustered(300, 32, clusters=300, seed=4)
+    x[1:31] = x[0]  # 31 copies of one vector: 465 pairs, far more than 5 neighbours per query
+    write_embeddings(tmp_path / "emb", x, _records(300), model="m", dtype="float32")
+    index = build_index(tmp_path / "emb", tmp_path / "idx", kind="hnsw")
+    pairs = find_duplicates(index, 0.99, neighbours=5)
+    want = {frozenset((f"img-{a}", f"img-{b}")) for a in range(31) for b in range(a + 1, 31)}
+    assert len(pairs) == len(want) == 465 and {frozenset((p.a, p.b)) for p in pairs} == want
+    assert all(p.score == pytest.approx(1.0, abs=1e-5) for p in pairs)
+
+
 def test_build_refuses_duplicate_keys_and_bad_targets(tmp_path):
     from clipworks.search.store import embeddings_manifest, write_json, write_shard
 

@@ -120,6 +120,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dedup", help="list pairs of near-duplicate images in an index")
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity at or above which a pair is listed")
-    p.add_argument("--neighbours", type=int, default=20, help="neighbours per image for HNSW indexes (k-NN)")
+    p.add_argument("--neighbours", type=int, default=20,
+                   help="first k-NN width for HNSW indexes, doubled for an image whose k-th neighbour is still a duplicate")
     p.add_argument("--out", default=None, help="CSV file to write (a, b, score); default: print")
     p.set_defaults(func=_cmd_dedup)

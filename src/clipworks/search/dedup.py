@@ -31,8 +31,9 @@ def find_duplicates(index: SearchIndex, threshold: float = 0.95, *, neighbours: 
     """Every pair of stored vectors with similarity >= `threshold`, each pair once, most similar first.
 
     Each stored vector is a query: exact and IVF indexes answer a range search (all neighbours above the
-    threshold, within the index's accuracy); other kinds (HNSW) answer a k-NN search of `neighbours`
-    results, so a vector with more near-duplicates than that lists only its closest ones.
+    threshold, within the index's accuracy); other kinds (HNSW) answer a k-NN search of `neighbours` results,
+    widened (doubling k) for every vector whose last result still reaches the threshold, so a vector with
+    more near-duplicates than `neighbours` still lists them all (within the index's recall).
 
     Raises:
         ValueError: a threshold outside [-1, 1] or neighbours < 1.
@@ -59,8 +60,18 @@ def _neighbours(index: SearchIndex, q: np.ndarray, threshold: float, k: int, ran
     if ranged:
         lims, scores, rows = index.faiss_index.range_search(q, threshold - _MARGIN)
         return [(rows[lims[i] : lims[i + 1]], scores[lims[i] : lims[i + 1]]) for i in range(len(q))]
-    scores, rows = index.faiss_index.search(q, min(k + 1, len(index)))
-    return list(zip(rows, scores))
+    n, k = len(index), min(k + 1, len(index))
+    scores, rows = index.faiss_index.search(q, k)
+    found = list(zip(rows, scores))
+    while k < n:  # a full result list whose last hit is still a duplicate may have cut some off: ask for more
+        full = [i for i, (r, s) in enumerate(found) if r[-1] >= 0 and s[-1] >= threshold - _MARGIN]
+        if not full:
+            break
+        k = min(2 * k, n)
+        scores, rows = index.faiss_index.search(np.ascontiguousarray(q[full]), k)
+        for t, i in enumerate(full):
+            found[i] = (rows[t], scores[t])
+    return found
 
 
 def write_pairs(pairs: list[Pair], path: str | os.PathLike) -> Path:
