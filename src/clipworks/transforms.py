@@ -23,6 +23,7 @@ from PIL import Image, ImageEnhance
 
 from .config import PreprocessConfig
 from .data.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_image
+from .data.jpeg import JPEG_MAGIC
 
 __all__ = ["AugmentConfig", "EvalTransform", "INTERPOLATIONS", "RESIZE_MODES", "TrainTransform", "image_transform",
            "preprocess_file"]
@@ -320,11 +321,11 @@ def _jpeg_bytes(source) -> bytes | None:
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = bytes(source)
-            return data if data.startswith(b"\xff\xd8\xff") else None
+            return data if data.startswith(JPEG_MAGIC) else None
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as f:
-                head = f.read(3)
-                return head + f.read() if head == b"\xff\xd8\xff" else None
+                head = f.read(len(JPEG_MAGIC))
+                return head + f.read() if head == JPEG_MAGIC else None
         if hasattr(source, "read"):
             return source.read()
     except OSError:

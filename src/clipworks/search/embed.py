@@ -197,13 +197,13 @@ def _image_loader(plan: Plan, shards: list[int], transform, batch_size: int, wor
     else:
         dataset = ListedImages({s: plan.shards[s] for s in shards}, transform, batch_size, draft_size)
     workers = min(workers, len(dataset) if plan.scheme != "wds" else len(shards))
-    cuda = next(model.parameters()).device.type == "cuda"
-    if next(model.parameters()).device.type == "cpu" and workers >= _cores():
+    device = next(model.parameters()).device
+    if device.type == "cpu" and workers >= _cores():
         dataset.encoder = _WorkerEncoder(model)
     # Batches go to whichever worker is idle and come back as they finish (`_run` puts shards back in order): a
     # worker that drew a batch of large photos does not hold up the others, as in-order delivery would.
     dynamic = {"in_order": False} if workers and "in_order" in inspect.signature(DataLoader).parameters else {}
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=cuda,
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                       prefetch_factor=(2 if dynamic else 4) if workers else None, **dynamic)  # fmt: skip
 
 
@@ -287,44 +287,32 @@ def embed_collection(
     old_job = _check_job(out, job, update)
     device = next(model.parameters()).device
     dim = int(model.config.embed_dim)
-    if update and old_job is not None:
+    updating = update and old_job is not None
+    if updating:
         if text or plan.scheme not in UPDATE_SCHEMES or world_size != 1:
             raise ValueError(f"--update reads {', '.join(s + ':' for s in UPDATE_SCHEMES)} image sources in one "
                              f"process; got {data!r}{' as text' if text else ''}, {world_size} processes")  # fmt: skip
-        return _update(out, old_job, job, plan, model, device, dim, transform, batch_size, workers, fast_decode,
-                       shard_size, progress, on_shard, start)  # fmt: skip
-    if old_job is not None and "removed" in old_job:  # an updated collection, source unchanged: its shards stand
-        complete = _finalize(out, old_job, dim, plan.roots)
-        return EmbedResult(out, old_job["shards"], 0, old_job["shards"], 0, 0, complete, time.perf_counter() - start,
-                           sum(len(v) for v in old_job["removed"].values()))  # fmt: skip
-    mine = [s for s in range(len(plan.shards)) if s % world_size == rank]
-    pending = [s for s in mine if not _done(out, s)]
+        plan, targets, removed = _plan_update(out, old_job, plan, shard_size)
+        for shard in targets:  # shards the new inputs do not fill (gaps the last job left) are written empty
+            if not plan.shards[shard] and not _done(out, shard):
+                _write(out, shard, [], [], [], dtype, dim)
+        mine = range(len(plan.shards))
+        pending = [s for s in targets if plan.shards[s]]
+    elif old_job is not None and "removed" in old_job:  # an updated collection, source unchanged: its shards stand
+        job, mine, pending = old_job, range(old_job["shards"]), []
+    else:
+        mine = [s for s in range(len(plan.shards)) if s % world_size == rank]
+        pending = [s for s in mine if not _done(out, s)]
     chunks = _chunks(plan, pending, text, transform, batch_size, workers, model, fast_decode)
     written, embedded, skipped = _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim,
                                       progress, on_shard)  # fmt: skip
+    if updating:
+        _forget_skipped(out, sorted(set(mine) - set(targets)), {i.key for s in targets for i in plan.shards[s]})
+        job = {**job, "shards": len(plan.shards), "removed": {str(k): v for k, v in removed.items()}}
+        write_json(out / "job.json", job)  # the update is done: a plain rerun now resumes this job
     complete = _finalize(out, job, dim, plan.roots)
-    return EmbedResult(out, len(plan.shards), written, len(mine) - len(pending), embedded, skipped, complete,
-                       time.perf_counter() - start)  # fmt: skip
-
-
-def _update(out, old_job, job, plan, model, device, dim, transform, batch_size, workers, fast_decode, shard_size,
-            progress, on_shard, start) -> EmbedResult:  # fmt: skip
-    """`embed_collection(update=True)` over a job directory that exists (see `_plan_update`)."""
-    plan, targets, removed = _plan_update(out, old_job, plan, shard_size)
-    for shard in targets:  # shards the new inputs do not fill (gaps the last job left) are written empty
-        if not plan.shards[shard] and not _done(out, shard):
-            _write(out, shard, [], [], [], job["dtype"], dim)
-    pending = [s for s in targets if plan.shards[s]]
-    chunks = _chunks(plan, pending, False, transform, batch_size, workers, model, fast_decode)
-    written, embedded, skipped = _run(out, chunks, pending, plan, model, None, device, job["dtype"], dim,
-                                      progress, on_shard)  # fmt: skip
-    _forget_skipped(out, [s for s in range(len(plan.shards)) if s not in targets],
-                    {item.key for s in targets for item in plan.shards[s]})  # fmt: skip
-    job = {**job, "shards": len(plan.shards), "removed": {str(k): v for k, v in removed.items()}}
-    write_json(out / "job.json", job)  # the update is done: a plain rerun now resumes this job
-    complete = _finalize(out, job, dim, plan.roots)
-    return EmbedResult(out, len(plan.shards), written, len(plan.shards) - len(pending), embedded, skipped, complete,
-                       time.perf_counter() - start, sum(len(v) for v in removed.values()))  # fmt: skip
+    return EmbedResult(out, job["shards"], written, len(mine) - len(pending), embedded, skipped, complete,
+                       time.perf_counter() - start, sum(len(v) for v in job.get("removed", {}).values()))  # fmt: skip
 
 
 def _forget_skipped(out: Path, shards: list[int], retried: set[str]) -> None:

@@ -4,8 +4,9 @@ An embeddings directory holds, per shard, `emb-000000.npy` (N, D) float16/float3
 `meta-000000.parquet` (columns key, path, caption, member, stamp), plus `manifest.json` naming the model,
 dimension, count, modality ("image" or "text"), dtype, the shards and the image roots. `skipped.txt` lists the
 inputs that could not be read. After `embed --update`, the manifest's "removed" maps a shard to the rows
-that no longer count (files deleted or changed since): readers drop them, so shards are never rewritten. Directories and single files are written under temporary names and renamed
-when complete, so an interrupted write never leaves a half-written file under its final name.
+that no longer count (files deleted or changed since): readers drop them, so shards are never rewritten.
+Directories and single files are written under temporary names and renamed when complete, so an interrupted
+write never leaves a half-written file under its final name.
 """
 
 from __future__ import annotations

@@ -149,4 +149,3 @@ def _opened_path(fd: int) -> Path | None:
         return Path(os.readlink(f"/proc/self/fd/{fd}"))
     except OSError:
         return None
-

@@ -84,4 +84,3 @@ def follow_config(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: OptimConfig
     for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
         group["lr"] = base * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
-
