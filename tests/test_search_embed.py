@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -406,6 +408,47 @@ def test_worker_encoding_and_in_process_encoding_store_the_same_collection(tiny,
     b, rb, _ = read_embeddings(tmp_path / "here")
     assert ra == rb
     np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+_FAULTS = """
+import resource, sys, torch
+from clipworks.search.embed import _keep_freed_memory
+kept = _keep_freed_memory() if sys.argv[1] == "keep" else None
+def layers():  # a transformer's pattern: 20 MB temporaries made and freed, layer after layer
+    x = torch.ones(1600, 768)
+    for _ in range(12):
+        h = torch.nn.functional.gelu(torch.ones(1600, 3072) * x.sum())
+        x = x + h[:, :768]
+        del h
+layers()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    layers()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_encoding_workers_keep_freed_memory_mapped(tiny, tmp_path, monkeypatch):
+    from clipworks.search import embed
+    from clipworks.search.sources import plan_images
+
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        kept, count = out.stdout.split()
+        return kept, int(count)
+
+    (kept, with_setting), (_, default) = faults("keep"), faults("default")
+    assert kept == "True"
+    assert with_setting * 20 < default  # freed activations are reused, not unmapped and faulted in again
+    _photos(tmp_path / "p", 4)
+    plan = plan_images(f"folder:{tmp_path / 'p'}", 2)
+    monkeypatch.setattr(embed, "_cores", lambda: 2)
+    model, transform = tiny[:2]
+    encoding = embed._image_loader(plan, [0, 1], transform, 2, 2, model, None)
+    decoding = embed._image_loader(plan, [0, 1], transform, 2, 1, model, None)  # fewer workers than cores
+    assert encoding.dataset.encoder is not None and encoding.worker_init_fn is embed._keep_freed_memory
+    assert decoding.dataset.encoder is None and decoding.worker_init_fn is None
 
 
 def test_cli_embed_refuses_a_preset_without_weights(tmp_path, capsys):
