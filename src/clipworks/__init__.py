@@ -5,6 +5,7 @@ from .checkpoints.io import CheckpointError
 from .config import CLIPConfig, ConvNeXtConfig, PreprocessConfig, ResNetConfig, TextConfig, VisionTransformerConfig
 from .factory import create_model, create_model_and_transforms, get_tokenizer
 from .models.clip import CLIP, CLIPOutput
+from .models.quant import quantize_int8
 from .presets import get_preset, list_models
 from .pretrained import PretrainedEntry, get_pretrained, list_pretrained
 from .tokenizer import TokenizedText, Tokenizer, default_tokenizer
@@ -16,5 +17,5 @@ __all__ = [
     "CLIP", "CLIPConfig", "CLIPOutput", "CheckpointError", "ConvNeXtConfig", "PreprocessConfig", "ResNetConfig",
     "TextConfig", "VisionTransformerConfig", "create_model", "create_model_and_transforms", "get_preset",
     "get_tokenizer", "list_models", "save_pretrained", "TokenizedText", "Tokenizer", "default_tokenizer",
-    "PretrainedEntry", "get_pretrained", "list_pretrained",
+    "PretrainedEntry", "get_pretrained", "list_pretrained", "quantize_int8",
 ]  # fmt: skip

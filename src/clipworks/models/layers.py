@@ -24,6 +24,15 @@ def build_activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+def _outputs(layer: nn.Module, x: Tensor, start: int, stop: int) -> Tensor:
+    """Outputs `start:stop` of the linear `layer(x)`, without computing the others (an `nn.Linear`, or a
+    layer with `forward_rows`, such as `quant.Int8Linear`)."""
+    if isinstance(layer, nn.Linear):
+        bias = None if layer.bias is None else layer.bias[start:stop]
+        return F.linear(x, layer.weight[start:stop], bias)
+    return layer.forward_rows(x, start, stop)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one packed qkv projection, computed by scaled_dot_product_attention."""
 
@@ -50,9 +59,8 @@ class Attention(nn.Module):
         B, L, D = x.shape
         Dh = D // self.heads
         rows = torch.arange(B, device=x.device)
-        w, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[rows, index][:, None], w[:D], b[:D]).view(B, 1, self.heads, Dh).transpose(1, 2)  # (B, H, 1, Dh)
-        k, v = F.linear(x, w[D:], b[D:]).view(B, L, 2, self.heads, Dh).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, Dh)
+        q = _outputs(self.qkv, x[rows, index][:, None], 0, D).view(B, 1, self.heads, Dh).transpose(1, 2)  # (B, H, 1, Dh)
+        k, v = _outputs(self.qkv, x, D, 3 * D).view(B, L, 2, self.heads, Dh).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, Dh)
         mask = None
         if causal:  # the query at position p sees keys 0..p
             mask = (torch.arange(L, device=x.device)[None, :] <= index[:, None])[:, None, None, :]  # (B, 1, 1, L)

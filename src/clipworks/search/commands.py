@@ -18,6 +18,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     local_rank = os.environ.get("LOCAL_RANK", "0")  # under torchrun: one GPU per process on a machine
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
+    if args.int8:
+        from ..models.quant import quantize_int8
+
+        quantize_int8(model)  # refuses a model that is not on the CPU
     tokenizer = get_tokenizer(model) if args.text else None
     result = embed_collection(
         model, args.data, args.out, model_name=model_id(args.model, args.pretrained), transform=preprocess,
@@ -100,6 +104,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", action="store_true", help="embed the distinct captions instead (a caption bank)")
     p.add_argument("--fast-decode", action="store_true",
                    help="reduced-size JPEG decoding: much faster on large photos, pixels not identical to exact preprocessing")
+    p.add_argument("--int8", action="store_true",
+                   help="CPU only: int8 matrix products in the transformer blocks, about twice as fast to encode; "
+                        "embeddings differ from fp32 ones by about 1%% (cosine ~0.99)")
     p.add_argument("--update", action="store_true",
                    help="bring a finished --out up to date with its changed source (folder, csv, tsv): embed new and "
                         "changed files, drop the rows of deleted ones; rebuild the index afterwards")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..models.quant import is_quantized
 from .sources import Chunk, Item, ListedImages, Plan, TarImages, plan_images, plan_texts
 from .store import DTYPES, embeddings_manifest, read_shard_records, shard_names, write_json, write_shard
 
@@ -52,6 +53,10 @@ def rank_and_world() -> tuple[int, int]:
     return rank, world
 
 
+# Job settings written only when set (so jobs from before they existed still match): a resume must agree on them.
+OPTIONAL_JOB_KEYS = ("int8",)
+
+
 def _check_job(out: Path, job: dict, update: bool = False) -> dict | None:
     """Write `job.json`, or check that the one there describes the same job (a resume) and return it. With
     `update`, the list of inputs (and so the shard count) may differ."""
@@ -59,9 +64,10 @@ def _check_job(out: Path, job: dict, update: bool = False) -> dict | None:
     if file.is_file():
         old = json.loads(file.read_text(encoding="utf-8"))
         free = ("fingerprint", "shards") if update else ("shards",) if "removed" in old else ()  # an update's shards
-        diff = [k for k in job if old.get(k) != job[k] and k not in free]
+        keys = list(job) + [k for k in OPTIONAL_JOB_KEYS if k in old and k not in job]
+        diff = [k for k in keys if old.get(k) != job.get(k) and k not in free]
         if diff:
-            parts = [f"{k}: {old.get(k)!r} there, {job[k]!r} now" for k in diff if k != "fingerprint"]
+            parts = [f"{k}: {old.get(k)!r} there, {job.get(k)!r} now" for k in diff if k != "fingerprint"]
             what = ", ".join(parts + ["the source's list of inputs changed"] * ("fingerprint" in diff))
             hint = "; pass --update to embed only what changed" if diff == ["fingerprint"] else ""
             raise ValueError(f"{out} holds embeddings of another job ({what}); use a new --out or remove it{hint}")
@@ -273,7 +279,8 @@ def embed_collection(
     """Embed the images (or, with `text=True`, the distinct captions) of `data` into shards under `out`.
 
     Args:
-        model: a `clipworks.CLIP` in eval mode (on the device to use).
+        model: a `clipworks.CLIP` in eval mode (on the device to use); one passed through `quantize_int8`
+            is recorded as such in the job, and a resume must agree.
         data: a `folder:`, `csv:`, `tsv:` or `wds:` source; for text also a plain file of one caption per line.
         out: the output directory; rerunning into it resumes (finished shards are skipped).
         model_name: the model identity written into the manifest (`store.model_id`).
@@ -308,6 +315,8 @@ def embed_collection(
     job = {"model": model_name, "data": data, "modality": "text" if text else "image", "dtype": dtype,
            "shard_size": shard_size, "shards": len(plan.shards), "fingerprint": plan.fingerprint,
            "fast_decode": fast_decode}  # fmt: skip
+    if is_quantized(model):  # recorded only when set: jobs written before the option resume as before
+        job["int8"] = True
     old_job = _check_job(out, job, update)
     device = next(model.parameters()).device
     dim = int(model.config.embed_dim)
