@@ -40,6 +40,7 @@ def test_health(client, collection):  # noqa: F811
     assert body["status"] == "ok" and body["model"] == "tiny"
     assert body["images"] == len(collection.index) and body["captions"] == len(collection.captions)
     assert body["dim"] == collection.index.dim and body["max_k"] == 100 and body["allow_urls"] is False
+    assert body["int8"] is False
 
 
 def test_text_search_ranks_the_index_by_the_query_embedding(client, collection):  # noqa: F811

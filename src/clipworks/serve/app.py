@@ -6,6 +6,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import torch
+
 try:
     from fastapi import FastAPI, File, Form, Request, UploadFile
 except ImportError as e:
@@ -15,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..models.quant import is_quantized
 from .files import open_image_file, read_tar_member
 from .limits import BodySizeLimit, ServeError, ServeSettings
 from .schemas import EmbedResponse, ErrorResponse, HealthResponse, SearchResponse, TextSearchRequest
@@ -118,7 +121,8 @@ def _add_search_api(app: FastAPI, service: Service) -> None:
 
 
 def _add_api(app: FastAPI, service: Service) -> None:
-    index, settings = service.index, service.settings
+    index, settings, model = service.index, service.settings, service.encoder.model
+    int8 = isinstance(model, torch.nn.Module) and is_quantized(model)
 
     @app.get("/api/health", response_model=HealthResponse)
     def health() -> dict:
@@ -126,7 +130,7 @@ def _add_api(app: FastAPI, service: Service) -> None:
         captions = None if service.captions is None else len(service.captions)
         return {"status": "ok", "model": index.model, "dim": index.dim, "images": len(index), "captions": captions,
                 "max_k": settings.max_k, "max_body_bytes": settings.max_body_bytes,
-                "allow_urls": settings.allow_urls}  # fmt: skip
+                "allow_urls": settings.allow_urls, "int8": int8}  # fmt: skip
 
     @app.post("/api/embed", response_model=EmbedResponse, responses=ERRORS)
     async def embed(text: str | None = Form(None), file: UploadFile | None = File(None),

@@ -50,6 +50,7 @@ class HealthResponse(BaseModel):
     max_k: int
     max_body_bytes: int
     allow_urls: bool
+    int8: bool = Field(description="whether the model runs with int8 matrix products (`serve --int8`)")
 
 
 class ErrorResponse(BaseModel):
