@@ -106,7 +106,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="reduced-size JPEG decoding: much faster on large photos, pixels not identical to exact preprocessing")
     p.add_argument("--int8", action="store_true",
                    help="CPU only: int8 matrix products in the transformer blocks, about twice as fast to encode; "
-                        "embeddings differ from fp32 ones by about 1%% (cosine ~0.99)")
+                        "not the fp32 embeddings (cosine 0.9999 to them on the models measured; see README)")
     p.add_argument("--update", action="store_true",
                    help="bring a finished --out up to date with its changed source (folder, csv, tsv): embed new and "
                         "changed files, drop the rows of deleted ones; rebuild the index afterwards")
