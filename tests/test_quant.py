@@ -79,13 +79,19 @@ def test_quantised_model_stays_close_to_fp32(preset):
             assert cos.min() > 0.99 and not torch.equal(a, b), (encode, cos)
 
 
-def test_quantize_refuses_what_it_cannot_quantise():
+def test_quantize_refuses_what_it_cannot_quantise(monkeypatch):
     torch.manual_seed(0)
     model = clipworks.create_model(tiny_config(clipworks.get_preset("RN50")))
     with pytest.raises(ValueError, match="no transformer blocks"):
         quantize_int8(model.visual)  # a ResNet tower alone
     with pytest.raises(ValueError, match="runs on the CPU"):
         quantize_int8(torch.nn.Linear(2, 2, device="meta"))
+    from clipworks.models import quant
+
+    assert quant.int8_products_available()  # this machine's torch has them
+    monkeypatch.setattr(quant, "int8_products_available", lambda: False)
+    with pytest.raises(ValueError, match="no CPU int8 matrix product"):
+        quantize_int8(model)
 
 
 def test_int8_embed_is_recorded_and_resumes_only_as_int8(tiny, tmp_path):  # noqa: F811

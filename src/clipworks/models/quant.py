@@ -20,10 +20,12 @@ layers hold buffers, not parameters, and have no gradient.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Int8Linear", "is_quantized", "quantize_int8"]
+__all__ = ["Int8Linear", "int8_products_available", "is_quantized", "quantize_int8"]
 
 _TINY = 1e-12  # floor for scales: an all-zero row or weight channel quantises to zeros, not to NaN
 
@@ -81,6 +83,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     devices = {p.device.type for p in model.parameters()}
     if devices - {"cpu"}:
         raise ValueError(f"int8 inference runs on the CPU; the model is on {sorted(devices)}")
+    if not int8_products_available():
+        raise ValueError(f"this torch build ({torch.__version__}) has no CPU int8 matrix product (torch._int_mm)")
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no transformer blocks to quantise")
@@ -90,6 +94,20 @@ def quantize_int8(model: nn.Module) -> nn.Module:
             if isinstance(layer, nn.Linear):
                 setattr(parent, name, Int8Linear(layer))
     return model
+
+
+@functools.cache
+def int8_products_available() -> bool:
+    """Whether `torch._int_mm` runs on the CPU here and gives exact int32 sums (on a probe with row slices,
+    as `Int8Linear.forward_rows` takes them)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (19, 40), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8)
+    try:
+        got = torch._int_mm(a, w[8:24].t())
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return torch.equal(got, a.int() @ w[8:24].int().t())
 
 
 def is_quantized(model: nn.Module) -> bool:
