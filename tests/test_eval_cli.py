@@ -214,6 +214,12 @@ def test_features_are_cached_by_model_and_data(env, capsys, tmp_path):
     assert "embedded 2 images and 0 texts" in _run(capsys, "eval", "zeroshot", "--model", model, "--no-progress", *args)[1]
     uncached = _run(capsys, "eval", "zeroshot", "--model", model, "--no-progress", "--no-cache", *args)[1]
     assert "embedded 2 images and 2 texts, 0 feature set(s)" in uncached
+    # --int8 features are not the fp32 ones: cached apart, never read for the other
+    int8 = [_run(capsys, "eval", "zeroshot", "--model", model, "--no-progress", "--int8", *args)[1] for _ in range(2)]
+    assert "embedded 2 images and 2 texts, 0 feature set(s) read from the cache" in int8[0]
+    assert "embedded 0 images and 0 texts, 2 feature set(s) read from the cache" in int8[1]
+    assert "2 feature set(s) read from the cache" in _run(capsys, "eval", "zeroshot", "--model", model,
+                                                            "--no-progress", *args)[1]  # fmt: skip
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.decode import ImageDecodeError
+from ..models.quant import is_quantized
 from ..train.distributed import everywhere, rank_world
 from .sources import ImageSet
 
@@ -110,6 +111,8 @@ class Embedder:
                  cache_dir: str | os.PathLike | None = None, batch_size: int = 64, workers: int = 0,
                  device: str | torch.device = "cpu", show_progress: bool = True):  # fmt: skip
         self.model, self.transform, self.tokenizer = model.eval(), transform, tokenizer
+        if identity is not None and is_quantized(model):  # int8 features are cached apart from fp32 ones
+            identity = f"{identity} int8"
         self.identity, self.batch_size, self.workers, self.device = identity, batch_size, workers, device
         self.cache = Path(cache_dir).expanduser() if cache_dir is not None and identity is not None else None
         self.rank, self.world_size = rank_world()
