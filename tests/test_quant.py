@@ -53,6 +53,8 @@ def test_int8_linear_slices_zero_rows_and_devices():
         assert torch.equal(full[1], torch.zeros(40)) and torch.isfinite(full).all()
         assert q(torch.zeros(0, 48)).shape == (0, 40)
         assert q(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="no gradient flows"):
+        q(torch.randn(2, 48, requires_grad=True))  # a silently cut graph would be worse
     with pytest.raises(RuntimeError, match="CPU only"):
         q(torch.zeros(2, 48, device="meta"))
     assert "in_features=48, out_features=40, bias=False" in repr(q)
@@ -77,6 +79,11 @@ def test_quantised_model_stays_close_to_fp32(preset):
                 continue
             cos = (a * b).sum(-1)
             assert cos.min() > 0.99 and not torch.equal(a, b), (encode, cos)
+    assert not any(p.requires_grad for p in int8.parameters())  # inference only: works without no_grad too
+    torch.testing.assert_close(int8.encode_text(tokens), int8.encode_text(tokens).detach())
+    if preset.startswith("ViT"):
+        with pytest.raises(RuntimeError, match="no gradient flows"):
+            int8.encode_image(images.requires_grad_())  # e.g. CLIP guidance: needs the fp32 model
 
 
 def test_quantize_refuses_what_it_cannot_quantise(monkeypatch):

@@ -56,6 +56,8 @@ class Int8Linear(nn.Module):
         """Outputs `start:stop` of `self(x)` only (the others are not computed)."""
         if x.device.type != "cpu":
             raise RuntimeError(f"Int8Linear runs on the CPU only; got an input on {x.device}")
+        if x.requires_grad and torch.is_grad_enabled():  # rounding and _int_mm would cut the graph silently
+            raise RuntimeError("Int8Linear is for inference: no gradient flows through it (use the fp32 model)")
         rows = x.reshape(-1, self.in_features)
         if not rows.shape[0]:
             return x.new_zeros(*x.shape[:-1], stop - start)
@@ -72,7 +74,8 @@ class Int8Linear(nn.Module):
 
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace, in place, the linear layers of every transformer block in `model` (both towers of a `CLIP`,
-    or one tower) by `Int8Linear`s, and return `model`. The model must be on the CPU.
+    or one tower) by `Int8Linear`s, and return `model`, now for inference only (its other parameters no
+    longer require gradients). The model must be on the CPU.
 
     Raises:
         ValueError: the model is not on the CPU, or has no transformer blocks (a ResNet or ConvNeXt image
@@ -93,7 +96,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
             layer = getattr(parent, name)
             if isinstance(layer, nn.Linear):
                 setattr(parent, name, Int8Linear(layer))
-    return model
+    return model.requires_grad_(False)  # inference only: activations need no graph (Int8Linear refuses one)
 
 
 @functools.cache
