@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..search.commands import add_int8_flag, quantize_if_asked
+
 EVAL_TASKS = ("zeroshot", "retrieval", "linear-probe", "compositional", "clipscore", "fit-score")
 
 
@@ -13,9 +15,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", default=None, help="registry tag, weights file or checkpoint directory")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for random initialisation (no --pretrained)")
-    p.add_argument("--int8", action="store_true",
-                   help="CPU only: int8 matrix products in the transformer blocks (`clipworks.quantize_int8`); "
-                        "evaluate with and without it to see what it costs your model")
+    add_int8_flag(p)
 
 
 def _eval_args(p: argparse.ArgumentParser, out_help: str = "write results.json, results.md and a figure here") -> None:
@@ -105,10 +105,7 @@ def _load_model(args: argparse.Namespace):
     device = _device(args.device)
     torch.manual_seed(args.seed)  # random weights are the same on every rank and every run
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
-    if getattr(args, "int8", False):  # `score` has no --int8
-        from ..models.quant import quantize_int8
-
-        quantize_int8(model)
+    quantize_if_asked(args, model)  # `score` has no --int8
     return model, preprocess, get_tokenizer(model), device
 
 

@@ -12,7 +12,7 @@ products (AVX-512 VNNI / AVX-VNNI, through oneDNN): measured 3.0x on a 1600 x 76
 The outputs are not the fp32 model's: the embeddings measured here are within cosine 0.9999 of the fp32 ones
 (a random ViT-B-32; the trained demo model of `clipworks train`, whose held-out zero-shot accuracy moved from
 56.4% to 56.8%), and models with large activation outliers can lose more. So this is an opt-in
-(`clipworks embed --int8`, `serve --int8`), never a default.
+(`--int8` on `clipworks embed`, `serve`, `eval` and `classify`), never a default.
 Only the blocks' qkv, output and MLP projections are quantised (nearly all of the FLOPs); embeddings,
 norms, attention itself, pooling and the final projections stay fp32. For inference only: the quantised
 layers hold buffers, not parameters, and have no gradient.
@@ -113,6 +113,6 @@ def int8_products_available() -> bool:
     return torch.equal(got, a.int() @ w[8:24].int().t())
 
 
-def is_quantized(model: nn.Module) -> bool:
-    """Whether `model` holds any `Int8Linear` (was passed through `quantize_int8`)."""
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+def is_quantized(model) -> bool:
+    """Whether `model` is a module holding any `Int8Linear` (was passed through `quantize_int8`)."""
+    return isinstance(model, nn.Module) and any(isinstance(m, Int8Linear) for m in model.modules())

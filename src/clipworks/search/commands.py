@@ -18,10 +18,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     local_rank = os.environ.get("LOCAL_RANK", "0")  # under torchrun: one GPU per process on a machine
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
-    if args.int8:
-        from ..models.quant import quantize_int8
-
-        quantize_int8(model)  # refuses a model that is not on the CPU
+    quantize_if_asked(args, model)
     tokenizer = get_tokenizer(model) if args.text else None
     result = embed_collection(
         model, args.data, args.out, model_name=model_id(args.model, args.pretrained), transform=preprocess,
@@ -49,6 +46,20 @@ def refuse_random_weights(args: argparse.Namespace) -> None:
 def add_random_init_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-init", action="store_true",
                    help="accept a preset with no weights (randomly initialised, different on every run)")
+
+
+def add_int8_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--int8", action="store_true",
+                   help="CPU only: int8 matrix products in the transformer blocks (clipworks.quantize_int8), about "
+                        "twice as fast; not the fp32 embeddings (cosine 0.9999 to them on the models measured)")
+
+
+def quantize_if_asked(args: argparse.Namespace, model) -> None:
+    """`quantize_int8(model)` when the command was given --int8 (a command without the flag never is)."""
+    if getattr(args, "int8", False):
+        from ..models.quant import quantize_int8
+
+        quantize_int8(model)  # refuses a model that is not on the CPU
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -104,9 +115,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", action="store_true", help="embed the distinct captions instead (a caption bank)")
     p.add_argument("--fast-decode", action="store_true",
                    help="reduced-size JPEG decoding: much faster on large photos, pixels not identical to exact preprocessing")
-    p.add_argument("--int8", action="store_true",
-                   help="CPU only: int8 matrix products in the transformer blocks, about twice as fast to encode; "
-                        "not the fp32 embeddings (cosine 0.9999 to them on the models measured; see README)")
+    add_int8_flag(p)
     p.add_argument("--update", action="store_true",
                    help="bring a finished --out up to date with its changed source (folder, csv, tsv): embed new and "
                         "changed files, drop the rows of deleted ones; rebuild the index afterwards")

@@ -6,8 +6,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
 try:
     from fastapi import FastAPI, File, Form, Request, UploadFile
 except ImportError as e:
@@ -121,8 +119,8 @@ def _add_search_api(app: FastAPI, service: Service) -> None:
 
 
 def _add_api(app: FastAPI, service: Service) -> None:
-    index, settings, model = service.index, service.settings, service.encoder.model
-    int8 = isinstance(model, torch.nn.Module) and is_quantized(model)
+    index, settings = service.index, service.settings
+    int8 = is_quantized(service.encoder.model)
 
     @app.get("/api/health", response_model=HealthResponse)
     def health() -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..search.commands import add_random_init_flag
+from ..search.commands import add_int8_flag, add_random_init_flag, quantize_if_asked
 from .limits import MIB, ServeSettings
 
 __all__ = ["add_commands", "settings_from_args"]
@@ -40,9 +40,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"seconds a request body may take to arrive; slower gets 408 (default {d.body_timeout_s:g})")  # fmt: skip
     p.add_argument("--image-root", action="append", default=None, metavar="DIR",
                    help="folder image files may be served from (repeatable; default: the roots the index records)")  # fmt: skip
-    p.add_argument("--int8", action="store_true",
-                   help="int8 matrix products in the transformer blocks (the server runs on the CPU): faster "
-                        "queries; not the fp32 embeddings (cosine 0.9999 to them on the models measured)")
+    add_int8_flag(p)
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the index checksum check at start")
     p.set_defaults(func=_cmd_serve)
 
@@ -74,10 +72,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     captions = None if args.captions is None else load_index(args.captions, model=identity, verify=args.verify)
     refuse_random_weights(args)
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained)
-    if args.int8:
-        from ..models.quant import quantize_int8
-
-        quantize_int8(model)
+    quantize_if_asked(args, model)
     app = create_app(index, model, preprocess, get_tokenizer(model), settings, captions=captions)
     print(f"clipworks serve: {len(index)} images ({identity}) on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
