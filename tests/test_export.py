@@ -106,10 +106,10 @@ def timm_sized(monkeypatch):
             sizes = {"depths": v.depths, "dims": v.dims}
         elif v.kind == "vit" and v.pool == "map":
             name, base = f"vit_cwtest_patch{v.patch_size}_siglip_{v.image_size}", "vit_base_patch16_siglip_224"
-            entry = (v.width, v.layers, v.heads, v.mlp_ratio, v.patch_size, v.image_size)
+            entry = (v.width, v.layers, v.heads, v.mlp_ratio, v.patch_size, v.image_size, v.act)
             monkeypatch.setitem(open_clip_dir.TIMM_SIGLIP, name, entry)
             sizes = {"patch_size": v.patch_size, "embed_dim": v.width, "depth": v.layers, "num_heads": v.heads,
-                     "img_size": v.image_size}  # fmt: skip
+                     "img_size": v.image_size, "act_layer": v.act}  # fmt: skip
         else:
             return
         create = registry[base]
@@ -273,11 +273,14 @@ def test_timm_tables_match_timm():
             assert isinstance(block.mlp.fc1, torch.nn.Linear) and block.norm.eps == eps, name
             assert tuple(len(s.blocks) for s in m.stages) == depths, name
             assert tuple(s.blocks[0].conv_dw.out_channels for s in m.stages) == dims, name
-        for name, (width, layers, heads, mlp_ratio, patch, image) in open_clip_dir.TIMM_SIGLIP.items():
+        for name, (width, layers, heads, mlp_ratio, patch, image, act) in open_clip_dir.TIMM_SIGLIP.items():
             m = timm.create_model(name)
+            act_layer = m.blocks[0].mlp.act
+            tanh = type(act_layer).__name__ == "GELUTanh" or getattr(act_layer, "approximate", "none") == "tanh"
             got = (m.embed_dim, len(m.blocks), m.blocks[0].attn.num_heads, m.blocks[0].mlp.fc1.out_features,
-                   m.patch_embed.patch_size, m.patch_embed.img_size, m.cls_token, m.global_pool)  # fmt: skip
-            assert got == (width, layers, heads, int(width * mlp_ratio), (patch,) * 2, (image,) * 2, None, "map")
+                   m.patch_embed.patch_size, m.patch_embed.img_size, m.cls_token, m.global_pool, tanh)  # fmt: skip
+            want = (width, layers, heads, int(width * mlp_ratio), (patch,) * 2, (image,) * 2, None, "map", act == "gelu_tanh")
+            assert got == want, name
 
 
 # transformers' layout ------------------------------------------------------------------------------------------

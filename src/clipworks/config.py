@@ -19,7 +19,8 @@ class VisionTransformerConfig:
 
     Attributes:
         image_size: input side in pixels (square).
-        patch_size: side of each patch; the image is cut into (image_size // patch_size)**2 tokens.
+        patch_size: side of each patch; the image is cut into (image_size // patch_size)**2 tokens (a remainder is
+            not seen, as in OpenCLIP and timm: SigLIP SO400M/14 at 384px has a 27x27 grid).
         width: hidden size D.
         layers: number of transformer blocks.
         heads: attention heads per block.
@@ -113,6 +114,8 @@ class TextConfig:
             "last" at the final position (SigLIP).
         eos_id: the end-of-text token id.
         pad_id: the padding token id.
+        projection: project pooled features to embed_dim; False passes them through (SigLIP i18n SO400M,
+            OpenCLIP's `proj_type='none'`), which needs embed_dim == width.
         proj_bias: the output projection has a bias (SigLIP).
         norm_eps: LayerNorm epsilon.
     """
@@ -128,46 +131,66 @@ class TextConfig:
     pool: str = "argmax"
     eos_id: int = 49407
     pad_id: int = 0
+    projection: bool = True
     proj_bias: bool = False
     norm_eps: float = 1e-5
+
+    kind = "transformer"
+
+
+# Text tower configs by kind. Further kinds (the Hugging Face text-encoder families) register below.
+TEXT_CONFIGS: dict[str, type] = {TextConfig.kind: TextConfig}
 
 
 @dataclass(frozen=True)
 class CLIPConfig:
     """A whole CLIP model: both towers and the shared embedding size.
 
+    A model may have one tower only (transformers' `CLIPVisionModelWithProjection`, `CLIPTextModelWithProjection`):
+    the other is None.
+
     Attributes:
         embed_dim: size E of the shared embedding space.
-        vision: the image tower's config.
-        text: the text tower's config.
+        vision: the image tower's config, or None for a text-only model.
+        text: the text tower's config, or None for an image-only model.
         init_logit_scale: initial log temperature, ln(1/0.07) for CLIP, ln(10) for SigLIP.
         init_logit_bias: initial logit bias for sigmoid-loss models; None for softmax CLIP (no bias).
     """
 
     embed_dim: int
-    vision: VisionConfig
-    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig | None
+    text: Any = field(default_factory=TextConfig)  # one of TEXT_CONFIGS' classes, or None
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None
 
+    def __post_init__(self):
+        if self.vision is None and self.text is None:
+            raise ValueError("a CLIPConfig needs at least one tower: vision and text are both None")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["vision"] = {"kind": self.vision.kind, **d["vision"]}
+        for tower in ("vision", "text"):
+            cfg = getattr(self, tower)
+            if cfg is not None:
+                d[tower] = {"kind": cfg.kind, **d[tower]}
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
         d = dict(d)
-        vision = dict(d.pop("vision"))
-        kind = vision.pop("kind", "vit")
-        if kind not in VISION_CONFIGS:
-            raise ValueError(f"unknown vision tower kind {kind!r}; expected one of {sorted(VISION_CONFIGS)}")
-        vcls = VISION_CONFIGS[kind]
-        return cls(
-            vision=_build(vcls, vision),
-            text=_build(TextConfig, d.pop("text", {})),
-            **_check_keys(cls, d, exclude={"vision", "text"}),
-        )
+        vision = _tower_from_dict(d.pop("vision"), VISION_CONFIGS, "vit", "vision")
+        text = _tower_from_dict(d.pop("text", {}), TEXT_CONFIGS, TextConfig.kind, "text")
+        return cls(vision=vision, text=text, **_check_keys(cls, d, exclude={"vision", "text"}))
+
+
+def _tower_from_dict(d: dict[str, Any] | None, kinds: dict[str, type], default: str, where: str):
+    if d is None:
+        return None
+    d = dict(d)
+    kind = d.pop("kind", default)  # configs written before towers had kinds name none
+    if kind not in kinds:
+        raise ValueError(f"unknown {where} tower kind {kind!r}; expected one of {sorted(kinds)}")
+    return _build(kinds[kind], d)
 
 
 @dataclass(frozen=True)
@@ -196,6 +219,49 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        return _build(cls, d)
+
+
+TOKENIZER_KINDS = ("clip", "hf")
+TEXT_CLEANING = ("lower", "canonicalize", "whitespace")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Which tokenizer a text tower was trained with: like preprocessing, it travels with the weights.
+
+    Attributes:
+        kind: "clip" is clipworks' built-in CLIP BPE (OpenAI's vocabulary); "hf" is a Hugging Face `tokenizers`
+            tokenizer read from the release's own files (SentencePiece/Unigram for SigLIP and XLM-R, Gemma's BPE
+            for SigLIP 2, byte-level BPE for RoBERTa, NLLB's, ...), as OpenCLIP's `HFTokenizer` reads them.
+        source: for "hf", the Hugging Face hub repository whose tokenizer files are used (OpenCLIP's
+            `hf_tokenizer_name`, e.g. "timm/ViT-B-16-SigLIP"); None when the files sit beside the weights (a
+            `local-dir:` or `hf-hub:` checkpoint, or a clipworks directory that saved them).
+        clean: text cleaning before tokenizing, as OpenCLIP names it: "lower" (ftfy, HTML unescape, whitespace
+            collapsed, lower case: CLIP's), "canonicalize" (that, then punctuation removed: SigLIP's), or
+            "whitespace" (ftfy, HTML unescape, whitespace collapsed, case kept: the HF text towers').
+        context_length: tokens per text, special tokens included; texts are padded or truncated to it.
+        language: the source-language code a multilingual tokenizer prefixes (NLLB: "eng_Latn"); None for the
+            tokenizer's default.
+    """
+
+    kind: str = "clip"
+    source: str | None = None
+    clean: str = "lower"
+    context_length: int = 77
+    language: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in TOKENIZER_KINDS:
+            raise ValueError(f"unknown tokenizer kind {self.kind!r}; expected one of {TOKENIZER_KINDS}")
+        if self.clean not in TEXT_CLEANING:
+            raise ValueError(f"unknown text cleaning {self.clean!r}; expected one of {TEXT_CLEANING}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
         return _build(cls, d)
 
 

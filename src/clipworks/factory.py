@@ -6,15 +6,16 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from .checkpoints.io import CheckpointError, load_state_dict, load_weights
 from .checkpoints.native import is_clipworks_dir, load_clipworks
 from .checkpoints.open_clip import convert_from_open_clip
-from .config import SIGLIP_MEAN, SIGLIP_STD, CLIPConfig, PreprocessConfig
+from .config import SIGLIP_MEAN, SIGLIP_STD, CLIPConfig, PreprocessConfig, TokenizerConfig
 from .models.clip import CLIP
-from .presets import get_preset
+from .presets import get_preset, get_preset_tokenizer
 
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
@@ -25,6 +26,19 @@ def default_preprocess(cfg: CLIPConfig) -> PreprocessConfig:
     if cfg.init_logit_bias is not None:  # SigLIP models were trained on [-1, 1] inputs
         return PreprocessConfig(image_size=cfg.vision.image_size, mean=SIGLIP_MEAN, std=SIGLIP_STD)
     return PreprocessConfig(image_size=cfg.vision.image_size)
+
+
+def default_tokenizer_config(cfg: CLIPConfig) -> TokenizerConfig:
+    """The tokenizer of a model known only by its architecture: the CLIP BPE, at the text tower's context length."""
+    return TokenizerConfig(context_length=cfg.text.context_length) if cfg.text is not None else TokenizerConfig()
+
+
+def dir_tokenizer_config(path: Path, cfg: CLIPConfig) -> TokenizerConfig:
+    """The tokenizer a checkpoint directory's text tower was trained with: what its config names, else the CLIP
+    BPE. `source` is the directory itself when the tokenizer's files are in it."""
+    from .hf_tokenizer import tokenizer_config_of_dir
+
+    return tokenizer_config_of_dir(path, cfg)
 
 
 def _load_dir(path: Path) -> tuple[CLIPConfig, PreprocessConfig, dict]:
@@ -106,7 +120,18 @@ def _split_tag(name: str, pretrained) -> tuple[str, object]:
     return name, pretrained
 
 
-def _resolve(name: str | CLIPConfig, pretrained: str | os.PathLike | None) -> tuple[CLIP, PreprocessConfig]:
+class _Resolved(NamedTuple):
+    model: CLIP
+    preprocess: PreprocessConfig
+    tokenizer: TokenizerConfig
+
+
+def _from_dir(path: Path, source: str) -> _Resolved:
+    cfg, preprocess, sd = _load_dir(path)
+    return _Resolved(_load_into_new(cfg, sd, source), preprocess, dir_tokenizer_config(path, cfg))
+
+
+def _resolve(name: str | CLIPConfig, pretrained: str | os.PathLike | None) -> _Resolved:
     if isinstance(name, str):
         name, pretrained = _split_tag(name, pretrained)
         for scheme in (LOCAL_DIR, HF_HUB):
@@ -115,29 +140,29 @@ def _resolve(name: str | CLIPConfig, pretrained: str | os.PathLike | None) -> tu
         if name.startswith(HF_HUB):
             from .hub import download_repo
 
-            cfg, preprocess, sd = _load_dir(download_repo(name[len(HF_HUB) :]))
-            return _load_into_new(cfg, sd, name), preprocess
+            return _from_dir(download_repo(name[len(HF_HUB) :]), name)
         if name.startswith(LOCAL_DIR):
-            cfg, preprocess, sd = _load_dir(Path(name[len(LOCAL_DIR) :]).expanduser())
-            return _load_into_new(cfg, sd, name), preprocess
+            return _from_dir(Path(name[len(LOCAL_DIR) :]).expanduser(), name)
     cfg = name if isinstance(name, CLIPConfig) else get_preset(name)
+    tokenizer = default_tokenizer_config(cfg) if isinstance(name, CLIPConfig) else get_preset_tokenizer(name)
     if pretrained is None:
-        return CLIP(cfg), default_preprocess(cfg)
+        return _Resolved(CLIP(cfg), default_preprocess(cfg), tokenizer)
     path = Path(pretrained).expanduser()
     if path.is_dir():
         dir_cfg, preprocess, sd = _load_dir(path)
         if not _same_architecture(dir_cfg, cfg):
             raise CheckpointError(f"{path} holds another architecture than {name!r}; load it as {LOCAL_DIR}{path}")
-        return _load_into_new(cfg, sd, str(path)), preprocess
+        return _Resolved(_load_into_new(cfg, sd, str(path)), preprocess, dir_tokenizer_config(path, cfg))
     if path.exists():
-        return _load_into_new(cfg, load_state_dict(path), str(path)), default_preprocess(cfg)
+        return _Resolved(_load_into_new(cfg, load_state_dict(path), str(path)), default_preprocess(cfg), tokenizer)
     if isinstance(name, CLIPConfig):
         raise FileNotFoundError(f"pretrained={str(pretrained)!r} is neither a file nor a directory")
     # a registry tag: the entry names the preset its weights need (OpenAI's are QuickGELU) and their preprocessing
     from .hub import resolve_pretrained
 
     weights, entry = resolve_pretrained(name, str(pretrained))
-    return _load_into_new(get_preset(entry.preset), load_state_dict(weights), f"{name}:{pretrained}"), entry.preprocess
+    model = _load_into_new(get_preset(entry.preset), load_state_dict(weights), f"{name}:{pretrained}")
+    return _Resolved(model, entry.preprocess, get_preset_tokenizer(entry.preset))
 
 
 def create_model(
@@ -165,8 +190,9 @@ def create_model(
         ValueError: unknown name, or weights that cannot be found; never a silently random model.
         CheckpointError: weights that are unsafe or do not fit (names every mismatching key).
     """
-    model, preprocess = _resolve(name, pretrained)
+    model, preprocess, tokenizer = _resolve(name, pretrained)
     model.preprocess_config = preprocess
+    model.tokenizer_config = tokenizer
     model.to(device=device, dtype=dtype)
     return model.eval()
 

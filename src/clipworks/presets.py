@@ -6,7 +6,7 @@ import difflib
 import math
 from dataclasses import replace
 
-from .config import CLIPConfig, ConvNeXtConfig, ResNetConfig, TextConfig, VisionTransformerConfig
+from .config import CLIPConfig, ConvNeXtConfig, ResNetConfig, TextConfig, TokenizerConfig, VisionTransformerConfig
 
 
 def _text(width: int, heads: int, layers: int = 12) -> TextConfig:
@@ -44,20 +44,89 @@ _BASE: dict[str, CLIPConfig] = {
     "convnext_base": CLIPConfig(512, ConvNeXtConfig(image_size=224, drop_path=0.1), _text(512, 8)),
     "convnext_base_w": CLIPConfig(640, ConvNeXtConfig(image_size=256, drop_path=0.1), _text(640, 10)),
     "convnext_base_w_320": CLIPConfig(640, ConvNeXtConfig(image_size=320, drop_path=0.1), _text(640, 10)),
-    "ViT-B-16-SigLIP": CLIPConfig(
-        768,
-        VisionTransformerConfig(
-            patch_size=16, width=768, layers=12, heads=12, pool="map", class_token=False,
-            patch_bias=True, ln_pre=False, projection=False, norm_eps=1e-6,
-        ),  # fmt: skip
-        TextConfig(
-            context_length=64, vocab_size=32000, width=768, heads=12, layers=12, causal=False, pool="last",
-            eos_id=1, pad_id=1, proj_bias=True, norm_eps=1e-6,
-        ),  # fmt: skip
-        init_logit_scale=math.log(10.0),
-        init_logit_bias=-10.0,
-    ),
 }
+
+
+# SigLIP towers as timm builds them: (width, layers, heads, mlp_ratio) of the image tower, then of the text tower.
+_SIGLIP_SIZES = {
+    "B": ((768, 12, 12, 4.0), (768, 12, 12, 4.0)),
+    "L": ((1024, 24, 16, 4.0), (1024, 24, 16, 4.0)),
+    "SO400M": ((1152, 27, 16, 3.7362), (1152, 27, 16, 3.7362)),
+    "gopt": ((1536, 40, 16, 4.0), (1152, 27, 16, 3.7362)),  # giant-opt image tower, SO400M text tower
+}
+# Text vocabularies: SigLIP's English SentencePiece, its multilingual one (mC4) and SigLIP 2's Gemma tokenizer;
+# (end id, padding id) as their tokenizers emit them.
+_SIGLIP_VOCABS = {32000: (1, 1), 250000: (1, 1), 256000: (1, 0)}
+
+
+def _siglip(size: str, patch: int, image: int, vocab: int, *, vision_act: str = "gelu", text_act: str = "gelu",
+            context: int = 64, text_projection: bool = True) -> CLIPConfig:  # fmt: skip
+    """A SigLIP / SigLIP 2 model as OpenCLIP builds it: timm's attention-pool ViT (no class token, patch bias, no
+    ln_pre, no projection) and a bidirectional text tower pooled at the last position."""
+    (vw, vl, vh, vr), (tw, tl, th, tr) = _SIGLIP_SIZES[size]
+    eos, pad = _SIGLIP_VOCABS[vocab]
+    vision = VisionTransformerConfig(
+        image_size=image, patch_size=patch, width=vw, layers=vl, heads=vh, mlp_ratio=vr, act=vision_act, pool="map",
+        class_token=False, patch_bias=True, ln_pre=False, projection=False, norm_eps=1e-6,
+    )  # fmt: skip
+    text = TextConfig(
+        context_length=context, vocab_size=vocab, width=tw, heads=th, layers=tl, mlp_ratio=tr, act=text_act,
+        causal=False, pool="last", eos_id=eos, pad_id=pad, projection=text_projection, proj_bias=text_projection,
+        norm_eps=1e-6,
+    )  # fmt: skip
+    return CLIPConfig(vw, vision, text, init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+
+
+_TANH = {"vision_act": "gelu_tanh"}  # timm's newer SigLIP ViTs (B/32, L/16-512, SO400M/16, gopt) use tanh GELU
+_SIGLIP2 = {"text_act": "gelu_tanh"}  # SigLIP 2's text tower
+_SIGLIP_PRESETS: dict[str, CLIPConfig] = {
+    "ViT-B-16-SigLIP": _siglip("B", 16, 224, 32000),
+    "ViT-B-16-SigLIP-256": _siglip("B", 16, 256, 32000),
+    "ViT-B-16-SigLIP-384": _siglip("B", 16, 384, 32000),
+    "ViT-B-16-SigLIP-512": _siglip("B", 16, 512, 32000),
+    "ViT-B-16-SigLIP-i18n-256": _siglip("B", 16, 256, 250000),
+    "ViT-L-16-SigLIP-256": _siglip("L", 16, 256, 32000),
+    "ViT-L-16-SigLIP-384": _siglip("L", 16, 384, 32000),
+    "ViT-SO400M-14-SigLIP": _siglip("SO400M", 14, 224, 32000, context=16),
+    "ViT-SO400M-14-SigLIP-378": _siglip("SO400M", 14, 378, 32000),
+    "ViT-SO400M-14-SigLIP-384": _siglip("SO400M", 14, 384, 32000),
+    "ViT-SO400M-16-SigLIP-i18n-256": _siglip("SO400M", 16, 256, 250000, **_TANH, text_projection=False),
+    "ViT-B-32-SigLIP2-256": _siglip("B", 32, 256, 256000, **_TANH, **_SIGLIP2),
+    "ViT-B-16-SigLIP2": _siglip("B", 16, 224, 256000, **_SIGLIP2),
+    "ViT-B-16-SigLIP2-256": _siglip("B", 16, 256, 256000, **_SIGLIP2),
+    "ViT-B-16-SigLIP2-384": _siglip("B", 16, 384, 256000, **_SIGLIP2),
+    "ViT-B-16-SigLIP2-512": _siglip("B", 16, 512, 256000, **_SIGLIP2),
+    "ViT-L-16-SigLIP2-256": _siglip("L", 16, 256, 256000, **_SIGLIP2),
+    "ViT-L-16-SigLIP2-384": _siglip("L", 16, 384, 256000, **_SIGLIP2),
+    "ViT-L-16-SigLIP2-512": _siglip("L", 16, 512, 256000, **_TANH, **_SIGLIP2),
+    "ViT-SO400M-14-SigLIP2": _siglip("SO400M", 14, 224, 256000, **_SIGLIP2),
+    "ViT-SO400M-14-SigLIP2-378": _siglip("SO400M", 14, 378, 256000, **_SIGLIP2),
+    "ViT-SO400M-16-SigLIP2-256": _siglip("SO400M", 16, 256, 256000, **_TANH, **_SIGLIP2),
+    "ViT-SO400M-16-SigLIP2-384": _siglip("SO400M", 16, 384, 256000, **_TANH, **_SIGLIP2),
+    "ViT-SO400M-16-SigLIP2-512": _siglip("SO400M", 16, 512, 256000, **_TANH, **_SIGLIP2),
+    "ViT-gopt-16-SigLIP2-256": _siglip("gopt", 16, 256, 256000, **_TANH, **_SIGLIP2),
+    "ViT-gopt-16-SigLIP2-384": _siglip("gopt", 16, 384, 256000, **_TANH, **_SIGLIP2),
+}
+
+
+def _worldwide(base: str, image: int = 224, vocab: int = 901629, eos: int = 2, pad: int = 1) -> CLIPConfig:
+    """MetaCLIP 2 "worldwide": the CLIP ViT of `base` with a causal text tower over a multilingual vocabulary
+    (XLM-V's 901,629 tokens; mT5's for L/14), pooled at the first end token."""
+    cfg = _BASE[base]
+    text = replace(cfg.text, vocab_size=vocab, pool="eos", eos_id=eos, pad_id=pad)
+    return replace(cfg, vision=replace(cfg.vision, image_size=image), text=text)
+
+
+_WORLDWIDE_PRESETS: dict[str, CLIPConfig] = {
+    "ViT-L-14-worldwide": _worldwide("ViT-L-14", vocab=250100, eos=1, pad=0),  # mT5's tokenizer
+    "ViT-H-14-worldwide": _worldwide("ViT-H-14"),
+    "ViT-H-14-worldwide-378": _worldwide("ViT-H-14", 378),
+    "ViT-bigG-14-worldwide": _worldwide("ViT-bigG-14"),
+    "ViT-bigG-14-worldwide-378": _worldwide("ViT-bigG-14", 378),
+}
+
+# Presets whose text towers are Hugging Face encoder families (RoBERTa, XLM-R, mT5, NLLB): see models/hf_text.py.
+_HF_TEXT_PRESETS: dict[str, CLIPConfig] = {}
 
 
 def _quickgelu(cfg: CLIPConfig) -> CLIPConfig:
@@ -67,13 +136,45 @@ def _quickgelu(cfg: CLIPConfig) -> CLIPConfig:
 
 # OpenAI's weights were trained with QuickGELU: OpenCLIP names those variants "<name>-quickgelu".
 _QUICKGELU = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336",
-              "ViT-H-14", "ViT-bigG-14"]  # fmt: skip
-PRESETS: dict[str, CLIPConfig] = {**_BASE, **{f"{n}-quickgelu": _quickgelu(_BASE[n]) for n in _QUICKGELU}}
+              "ViT-H-14", "ViT-bigG-14", "ViT-L-14-worldwide", "ViT-H-14-worldwide"]  # fmt: skip
+_UNVARIED = {**_BASE, **_SIGLIP_PRESETS, **_WORLDWIDE_PRESETS, **_HF_TEXT_PRESETS}
+PRESETS: dict[str, CLIPConfig] = {**_UNVARIED, **{f"{n}-quickgelu": _quickgelu(_UNVARIED[n]) for n in _QUICKGELU}}
+
+
+def _siglip_tokenizer(repo: str, context: int = 64) -> TokenizerConfig:
+    return TokenizerConfig(kind="hf", source=repo, clean="canonicalize", context_length=context)
+
+
+# The tokenizer each preset's text tower was trained with, as OpenCLIP's configs name it (`hf_tokenizer_name`,
+# `tokenizer_kwargs`); presets not listed use the CLIP BPE tokenizer.
+_SIGLIP_EN, _SIGLIP_I18N = "timm/ViT-B-16-SigLIP", "timm/ViT-B-16-SigLIP-i18n-256"
+PRESET_TOKENIZERS: dict[str, TokenizerConfig] = {
+    **{n: _siglip_tokenizer(_SIGLIP_EN, PRESETS[n].text.context_length) for n in _SIGLIP_PRESETS
+       if PRESETS[n].text.vocab_size == 32000},
+    **{n: _siglip_tokenizer(_SIGLIP_I18N) for n in _SIGLIP_PRESETS if PRESETS[n].text.vocab_size == 250000},
+    # SigLIP 2 releases each carry their own copy of the Gemma tokenizer
+    **{n: _siglip_tokenizer(f"timm/{n}") for n in _SIGLIP_PRESETS if PRESETS[n].text.vocab_size == 256000},
+    **{n: TokenizerConfig(kind="hf", source="facebook/xlm-v-base", clean="whitespace")
+       for n in PRESETS if n.split("-quickgelu")[0] in _WORLDWIDE_PRESETS},
+    **{n: TokenizerConfig(kind="hf", source="google/mt5-base", clean="canonicalize")
+       for n in ("ViT-L-14-worldwide", "ViT-L-14-worldwide-quickgelu")},
+}  # fmt: skip
 
 
 def list_models() -> list[str]:
     """Every preset name, sorted."""
     return sorted(PRESETS)
+
+
+def get_preset_tokenizer(name: str) -> TokenizerConfig:
+    """The tokenizer the preset's text tower was trained with (the CLIP BPE unless the preset says otherwise).
+
+    Raises:
+        ValueError: the name is unknown; the message lists the closest names.
+    """
+    cfg = get_preset(name)
+    default = TokenizerConfig(context_length=cfg.text.context_length) if cfg.text is not None else TokenizerConfig()
+    return PRESET_TOKENIZERS.get(name, default)
 
 
 def get_preset(name: str) -> CLIPConfig:

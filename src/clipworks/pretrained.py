@@ -60,7 +60,16 @@ _HALF_PP = dict(_OPENAI_PP, mean=_HALF, std=_HALF)
 _SQUASH_PP = dict(_OPENAI_PP, resize_mode="squash")  # Apple's DFN-5B resizes both sides, ignoring aspect ratio
 _SIGLIP_PP = dict(mean=_HALF, std=_HALF, interpolation="bicubic", resize_mode="squash")
 
-_MIT, _NC = "mit", "cc-by-nc-4.0"
+_MIT, _NC, _APACHE = "mit", "cc-by-nc-4.0", "apache-2.0"
+# SigLIP and SigLIP 2 models timm hosts under their OpenCLIP names (each repository also holds the tokenizer files).
+_SIGLIP_RELEASES = [
+    "ViT-B-16-SigLIP", "ViT-B-16-SigLIP-256", "ViT-B-16-SigLIP-384", "ViT-B-16-SigLIP-512", "ViT-B-16-SigLIP-i18n-256",
+    "ViT-L-16-SigLIP-256", "ViT-L-16-SigLIP-384", "ViT-SO400M-14-SigLIP", "ViT-SO400M-14-SigLIP-384",
+    "ViT-SO400M-16-SigLIP-i18n-256", "ViT-B-32-SigLIP2-256", "ViT-B-16-SigLIP2", "ViT-B-16-SigLIP2-256",
+    "ViT-B-16-SigLIP2-384", "ViT-B-16-SigLIP2-512", "ViT-L-16-SigLIP2-256", "ViT-L-16-SigLIP2-384",
+    "ViT-L-16-SigLIP2-512", "ViT-SO400M-14-SigLIP2", "ViT-SO400M-14-SigLIP2-378", "ViT-SO400M-16-SigLIP2-256",
+    "ViT-SO400M-16-SigLIP2-384", "ViT-SO400M-16-SigLIP2-512", "ViT-gopt-16-SigLIP2-256", "ViT-gopt-16-SigLIP2-384",
+]  # fmt: skip
 
 # SHA-256 of OpenAI's original TorchScript files, as their release URLs state them. The hub copies are
 # re-serialised state dicts, so these cannot check a hub download; they are kept as provenance.
@@ -172,10 +181,19 @@ _RELEASES: dict[str, dict[str, tuple[str, dict, str | None]]] = {
             "laion/CLIP-convnext_base_w_320-laion_aesthetic-s13B-b82K-augreg", {}, _MIT
         ),
     },
-    "ViT-B-16-SigLIP": {
-        "webli": ("timm/ViT-B-16-SigLIP", {**_SIGLIP_PP, "notes": "SigLIP's SentencePiece tokenizer is not shipped"},
-                  "apache-2.0"),
-    },  # fmt: skip
+    # timm's SigLIP / SigLIP 2 releases (WebLI), one repository per model; SO400M/14 at 378px reads the 384px weights
+    # (both have a 27x27 patch grid)
+    **{name: {"webli": (f"timm/{name}", _SIGLIP_PP, _APACHE)} for name in _SIGLIP_RELEASES},
+    "ViT-SO400M-14-SigLIP-378": {"webli": ("timm/ViT-SO400M-14-SigLIP-384", _SIGLIP_PP, _APACHE)},
+    # MetaCLIP 2 "worldwide" (Meta; CC-BY-NC 4.0); the H/14 224px release was trained with QuickGELU
+    "ViT-H-14-worldwide": {"metaclip2_worldwide": ("timm/vit_huge_patch14_clip_224.metaclip2_worldwide", _Q, _NC)},
+    "ViT-H-14-worldwide-378": {
+        "metaclip2_worldwide": ("timm/vit_huge_patch14_clip_378.metaclip2_worldwide", _SQUASH_PP, _NC)
+    },
+    "ViT-bigG-14-worldwide": {"metaclip2_worldwide": ("timm/vit_gigantic_patch14_clip_224.metaclip2_worldwide", {}, _NC)},
+    "ViT-bigG-14-worldwide-378": {
+        "metaclip2_worldwide": ("timm/vit_gigantic_patch14_clip_378.metaclip2_worldwide", _SQUASH_PP, _NC)
+    },
 }
 
 

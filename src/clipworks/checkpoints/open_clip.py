@@ -49,14 +49,19 @@ def convert_from_open_clip(sd: dict[str, Tensor], cfg: CLIPConfig) -> dict[str, 
     return out
 
 
+def custom_text(cfg: CLIPConfig) -> bool:
+    """Whether OpenCLIP holds this model as a `CustomTextCLIP` (text tower nested under `text.`, projection a Linear):
+    its SigLIP-style bidirectional text towers, and any whose projection has a bias."""
+    return not cfg.text.causal or cfg.text.proj_bias
+
+
 def convert_to_open_clip(sd: dict[str, Tensor], cfg: CLIPConfig) -> dict[str, Tensor]:
     """clipworks' `CLIP` keys to the state dict OpenCLIP's model of the same architecture loads."""
     visual = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
     text = {k[len("text.") :]: v for k, v in sd.items() if k.startswith("text.")}
-    # OpenCLIP nests the text tower (CustomTextCLIP) exactly when the text projection has a bias.
-    custom_text = cfg.text.proj_bias
+    nested = custom_text(cfg)
     out = {f"visual.{k}": v for k, v in _vision_module(cfg).convert_to_open_clip(visual).items()}
-    prefix = "text." if custom_text else ""
-    out.update({prefix + k: v for k, v in text_tower.convert_to_open_clip(text, custom_text).items()})
+    prefix = "text." if nested else ""
+    out.update({prefix + k: v for k, v in text_tower.convert_to_open_clip(text, nested).items()})
     out.update({k: v for k, v in sd.items() if k in ("logit_scale", "logit_bias")})
     return out

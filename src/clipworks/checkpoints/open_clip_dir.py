@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..config import CLIPConfig, ConvNeXtConfig, PreprocessConfig, ResNetConfig, TextConfig, VisionTransformerConfig
 from .io import CheckpointError, atomic_directory, load_state_dict
-from .open_clip import convert_from_open_clip, convert_to_open_clip
+from .open_clip import convert_from_open_clip, convert_to_open_clip, custom_text
 
 CONFIG_FILE = "open_clip_config.json"
 SAFETENSORS_FILE = "open_clip_model.safetensors"
@@ -43,17 +43,20 @@ TIMM_CONVNEXT: dict[str, tuple[tuple[int, ...], tuple[int, ...], float]] = {
     "convnext_xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048), 1e-6),
     "convnext_xxlarge": ((3, 4, 30, 3), (384, 768, 1536, 3072), 1e-5),
 }
-# timm's SigLIP ViTs (attention-pool head, no class token): (width, layers, heads, mlp_ratio, patch, image size).
-_SIGLIP_SIZES = {"base": (768, 12, 12, 4.0), "large": (1024, 24, 16, 4.0), "so400m": (1152, 27, 16, 3.7362)}
+# timm's SigLIP ViTs (attention-pool head, no class token):
+# (width, layers, heads, mlp_ratio, patch, image size, activation). timm's newer variants use tanh GELU.
+_SIGLIP_SIZES = {"base": (768, 12, 12, 4.0), "large": (1024, 24, 16, 4.0), "so400m": (1152, 27, 16, 3.7362),
+                 "giantopt": (1536, 40, 16, 4.0)}  # fmt: skip
 _SIGLIP_VARIANTS = {
-    "base": [(16, 224), (16, 256), (16, 384), (16, 512), (32, 256)],
-    "large": [(16, 256), (16, 384), (16, 512)],
-    "so400m": [(14, 224), (14, 378), (14, 384), (16, 256), (16, 384), (16, 512)],
+    "base": [(16, 224), (16, 256), (16, 384), (16, 512), (32, 256, "gelu_tanh")],
+    "large": [(16, 256), (16, 384), (16, 512, "gelu_tanh")],
+    "so400m": [(14, 224), (14, 378), (14, 384), (16, 256, "gelu_tanh"), (16, 384, "gelu_tanh"), (16, 512, "gelu_tanh")],
+    "giantopt": [(16, 256, "gelu_tanh"), (16, 384, "gelu_tanh")],
 }
-TIMM_SIGLIP: dict[str, tuple[int, int, int, float, int, int]] = {
-    f"vit_{size}_patch{patch}_siglip_{image}": (*_SIGLIP_SIZES[size], patch, image)
+TIMM_SIGLIP: dict[str, tuple[int, int, int, float, int, int, str]] = {
+    f"vit_{size}_patch{variant[0]}_siglip_{variant[1]}": (*_SIGLIP_SIZES[size], *variant[:2], (*variant[2:], "gelu")[0])
     for size, variants in _SIGLIP_VARIANTS.items()
-    for patch, image in variants
+    for variant in variants
 }
 # Text vocabularies by size: their end and padding ids, and the tokenizer OpenCLIP's text_cfg names for them.
 _VOCABS: dict[int, dict[str, Any]] = {
@@ -63,6 +66,10 @@ _VOCABS: dict[int, dict[str, Any]] = {
         "pad_id": 1,
         "tokenizer": {"hf_tokenizer_name": "timm/ViT-B-16-SigLIP", "tokenizer_kwargs": {"clean": "canonicalize"}},
     },
+    250000: {"eos_id": 1, "pad_id": 1, "tokenizer": {}},  # SigLIP's multilingual (mC4) SentencePiece vocabulary
+    256000: {"eos_id": 1, "pad_id": 0, "tokenizer": {}},  # SigLIP 2's Gemma vocabulary
+    250100: {"eos_id": 1, "pad_id": 0, "tokenizer": {}},  # mT5's (MetaCLIP 2 L/14)
+    901629: {"eos_id": 2, "pad_id": 1, "tokenizer": {}},  # XLM-V's (MetaCLIP 2)
 }
 # OpenCLIP ViT/text options clipworks has no counterpart for, with the values (OpenCLIP's defaults) it accepts.
 _BLOCK_FIXED = {"ls_init_value": (None,), "block_type": (None, "default"), "qk_norm": (False,),
@@ -70,7 +77,7 @@ _BLOCK_FIXED = {"ls_init_value": (None,), "block_type": (None, "default"), "qk_n
                 "scale_attn": (False,), "scale_fc": (False,)}  # fmt: skip
 _VIT_FIXED = {**_BLOCK_FIXED, "attentional_pool": (False,), "pos_embed_type": ("learnable",),
               "final_ln_after_pool": (False,), "pool_type": ("tok",)}  # fmt: skip
-_TEXT_FIXED = {**_BLOCK_FIXED, "embed_cls": (False,), "final_ln_after_pool": (False,), "proj_type": ("linear",),
+_TEXT_FIXED = {**_BLOCK_FIXED, "embed_cls": (False,), "final_ln_after_pool": (False,), "proj_type": ("linear", "none"),
                "hf_model_name": (None,)}  # fmt: skip
 
 
@@ -115,6 +122,7 @@ def _text_from_open_clip(t: dict[str, Any], quick_gelu: bool) -> TextConfig:
         pool=pool,
         eos_id=t.get("eos_id", 2) if pool == "eos" else known["eos_id"],  # OpenCLIP's eos_id default is 2
         pad_id=t.get("pad_id", known["pad_id"]),
+        projection=t.get("proj_type", "linear") != "none",
         proj_bias=t.get("proj_bias", False),
         norm_eps=_eps(t, "text_cfg"),
     )
@@ -128,11 +136,11 @@ def _timm_from_open_clip(v: dict[str, Any]) -> VisionTransformerConfig | ConvNeX
         drop_path = v.get("timm_drop_path") or 0.0
         return ConvNeXtConfig(v.get("image_size", 224), depths, dims, drop_path=drop_path, norm_eps=eps)
     if name in TIMM_SIGLIP and head == ("map", "none", False):
-        width, layers, heads, mlp_ratio, patch, image = TIMM_SIGLIP[name]
-        if v.get("image_size", image) != image:
-            raise CheckpointError(f"vision_cfg.image_size={v['image_size']!r}, but timm's {name} takes {image}px")
+        width, layers, heads, mlp_ratio, patch, image, act = TIMM_SIGLIP[name]
+        # OpenCLIP passes image_size to timm, which sizes the position table for it (SO400M/14-378 reads 384's)
+        image = v.get("image_size", image)
         return VisionTransformerConfig(
-            image_size=image, patch_size=patch, width=width, layers=layers, heads=heads, mlp_ratio=mlp_ratio,
+            image_size=image, patch_size=patch, width=width, layers=layers, heads=heads, mlp_ratio=mlp_ratio, act=act,
             pool="map", class_token=False, patch_bias=True, ln_pre=False, projection=False, norm_eps=1e-6,
         )  # fmt: skip
     known = sorted(TIMM_CONVNEXT) + sorted(TIMM_SIGLIP)
@@ -217,6 +225,8 @@ def _text_to_open_clip(t: TextConfig) -> dict[str, Any]:
         d["no_causal_mask"] = True
     if t.proj_bias:
         d["proj_bias"] = True
+    if not t.projection:
+        d["proj_type"] = "none"
     if t.pool != "argmax":
         d["pool_type"] = t.pool
     if t.pool == "eos":
@@ -235,14 +245,14 @@ def _timm_name(table: dict[str, tuple], key: tuple, what: str) -> str:
 
 
 def _siglip_to_open_clip(v: VisionTransformerConfig) -> dict[str, Any]:
-    timm_like = (not v.class_token, v.patch_bias, not v.ln_pre, not v.projection, v.norm_eps == 1e-6, v.act == "gelu")
+    timm_like = (not v.class_token, v.patch_bias, not v.ln_pre, not v.projection, v.norm_eps == 1e-6)
     if not all(timm_like):
         raise ValueError(
             "an attention-pool ViT can be written for OpenCLIP only as timm's SigLIP ViT (class_token=False, "
-            "patch_bias=True, ln_pre=False, projection=False, norm_eps=1e-6, act='gelu')"
+            "patch_bias=True, ln_pre=False, projection=False, norm_eps=1e-6)"
         )
-    key = (v.width, v.layers, v.heads, v.mlp_ratio, v.patch_size, v.image_size)
-    name = _timm_name(TIMM_SIGLIP, key, "SigLIP ViT (width, layers, heads, mlp_ratio, patch_size, image_size)")
+    key = (v.width, v.layers, v.heads, v.mlp_ratio, v.patch_size, v.image_size, v.act)
+    name = _timm_name(TIMM_SIGLIP, key, "SigLIP ViT (width, layers, heads, mlp_ratio, patch_size, image_size, act)")
     return {"image_size": v.image_size, "timm_model_name": name, "timm_model_pretrained": False, "timm_pool": "map",
             "timm_proj": "none"}  # fmt: skip
 
@@ -298,7 +308,7 @@ def config_to_open_clip(cfg: CLIPConfig) -> dict[str, Any]:
         d["init_logit_scale"] = cfg.init_logit_scale
     if cfg.init_logit_bias is not None:
         d["init_logit_bias"] = cfg.init_logit_bias
-    if cfg.text.proj_bias:  # OpenCLIP nests the text tower (CustomTextCLIP) exactly then: see convert_to_open_clip
+    if custom_text(cfg):
         d["custom_text"] = True
     return {**d, "vision_cfg": _vision_to_open_clip(cfg.vision), "text_cfg": _text_to_open_clip(cfg.text)}
 

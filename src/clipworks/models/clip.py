@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import CLIPConfig, VisionConfig
-from .text import TextHidden, TextTransformer
+from .text import TextHidden
 
 
 class CLIPOutput(NamedTuple):
@@ -52,41 +52,75 @@ def build_image_tower(cfg: VisionConfig, embed_dim: int) -> nn.Module:
     raise ValueError(f"unknown vision tower kind {cfg.kind!r}; expected 'vit', 'resnet' or 'convnext'")
 
 
+def build_text_tower(cfg, embed_dim: int) -> nn.Module:
+    """The text tower a config describes; every tower maps token ids (B, L) to (B, embed_dim) and has
+    `forward_hidden` (every layer's states) and `set_grad_checkpointing`."""
+    if cfg.kind == "transformer":
+        from .text import TextTransformer
+
+        return TextTransformer(cfg, embed_dim)
+    from .hf_text import build_hf_text_tower  # the Hugging Face encoder families (RoBERTa, XLM-R, mT5, NLLB)
+
+    return build_hf_text_tower(cfg, embed_dim)
+
+
+class MissingTowerError(ValueError):
+    """A one-tower model was asked to encode with the tower it does not have."""
+
+
 class CLIP(nn.Module):
-    """Two towers and a learnable temperature (plus a bias for sigmoid-loss models such as SigLIP)."""
+    """Two towers and a learnable temperature (plus a bias for sigmoid-loss models such as SigLIP).
+
+    A model loaded from a one-tower checkpoint (transformers' `CLIPVisionModelWithProjection` or
+    `CLIPTextModelWithProjection`) has `visual` or `text` set to None; encoding with the missing tower raises
+    `MissingTowerError`.
+    """
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.config = cfg
-        self.visual = build_image_tower(cfg.vision, cfg.embed_dim)
-        self.text = TextTransformer(cfg.text, cfg.embed_dim)
+        self.visual = None if cfg.vision is None else build_image_tower(cfg.vision, cfg.embed_dim)
+        self.text = None if cfg.text is None else build_text_tower(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(cfg.init_logit_bias))
 
     @property
     def image_size(self) -> int:
-        return self.config.vision.image_size
+        return self._tower("vision").image_size
 
     @property
     def context_length(self) -> int:
-        return self.config.text.context_length
+        return self._tower("text").context_length
+
+    def _tower(self, which: str):
+        """The config of tower `which` ("vision" or "text"); a clear error when the model lacks it."""
+        cfg = getattr(self.config, which)
+        if cfg is None:
+            what = "image" if which == "vision" else "text"
+            raise MissingTowerError(f"this model has no {what} tower (it was loaded from a one-tower checkpoint), "
+                                    f"so it cannot encode {what}s")  # fmt: skip
+        return cfg
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual.set_grad_checkpointing(enable)
-        self.text.set_grad_checkpointing(enable)
+        for tower in (self.visual, self.text):
+            if tower is not None:
+                tower.set_grad_checkpointing(enable)
 
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
         """Images (B, 3, H, W), preprocessed, to features (B, E)."""
+        self._tower("vision")
         x = self.visual(images)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
         """Token ids (B, L) to features (B, E); padding past the longest sequence costs nothing."""
+        self._tower("text")
         x = self.text(tokens)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text_hidden(self, tokens: Tensor) -> TextHidden:
         """Every text layer's hidden states, the final-norm states and the pooled features (diffusion use)."""
+        self._tower("text")
         return self.text.forward_hidden(tokens)
 
     def forward(self, images: Tensor, tokens: Tensor) -> CLIPOutput:

@@ -34,22 +34,25 @@ class TextTransformer(nn.Module):
         super().__init__()
         if cfg.pool not in ("argmax", "eos", "last"):
             raise ValueError(f"unknown text pool {cfg.pool!r}; expected 'argmax', 'eos' or 'last'")
+        if not cfg.projection and embed_dim != cfg.width:
+            raise ValueError(f"text projection=False needs embed_dim == width, got {embed_dim} and {cfg.width}")
         self.config = cfg
         self.context_length = cfg.context_length
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps)
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
-        self.proj = nn.Linear(cfg.width, embed_dim, bias=cfg.proj_bias)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=cfg.proj_bias) if cfg.projection else nn.Identity()
         self.init_weights()
 
     def init_weights(self) -> None:
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
         self.transformer.init_weights()
-        nn.init.normal_(self.proj.weight, std=self.config.width**-0.5)
-        if self.proj.bias is not None:
-            nn.init.zeros_(self.proj.bias)
+        if isinstance(self.proj, nn.Linear):
+            nn.init.normal_(self.proj.weight, std=self.config.width**-0.5)
+            if self.proj.bias is not None:
+                nn.init.zeros_(self.proj.bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable

@@ -40,8 +40,8 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, cfg: VisionTransformerConfig, embed_dim: int):
         super().__init__()
-        if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+        if cfg.image_size < cfg.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} is smaller than patch_size {cfg.patch_size}")
         if cfg.pool not in ("cls", "map"):
             raise ValueError(f"unknown ViT pool {cfg.pool!r}; expected 'cls' or 'map'")
         if cfg.pool == "cls" and not cfg.class_token:
@@ -51,6 +51,8 @@ class VisionTransformer(nn.Module):
         self.config = cfg
         self.image_size = cfg.image_size
         D = cfg.width
+        # The patch grid is floored: pixels past the last whole patch are not seen (the strided convolution
+        # drops them), as OpenCLIP and timm do (SO400M/14 at 384px: a 27x27 grid).
         tokens = (cfg.image_size // cfg.patch_size) ** 2 + int(cfg.class_token)
         self.patch_embed = nn.Conv2d(3, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.class_token = nn.Parameter(torch.zeros(D)) if cfg.class_token else None
