@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import torch
@@ -13,7 +14,9 @@ def tiny_config(cfg: CLIPConfig) -> CLIPConfig:
     """The same architecture family and variant flags as `cfg`, at a size a test can run in milliseconds."""
     v = cfg.vision
     if v.kind == "vit":
-        vision = replace(v, image_size=32, patch_size=8 if v.patch_size < 16 else 16, width=32, heads=2, layers=2)
+        # a preset whose patch grid is floored (SO400M/14 at 384px) keeps a remainder at the tiny size too
+        image = 32 + (4 if v.image_size % v.patch_size else 0)
+        vision = replace(v, image_size=image, patch_size=8 if v.patch_size < 16 else 16, width=32, heads=2, layers=2)
         embed = 32 if not v.projection else 24
     elif v.kind == "resnet":
         vision = replace(v, image_size=64, layers=(1, 1, 1, 1), width=8, heads=8 * 32 // 64)
@@ -22,6 +25,8 @@ def tiny_config(cfg: CLIPConfig) -> CLIPConfig:
         vision = replace(v, image_size=64, depths=(1, 1, 2, 1), dims=(8, 16, 24, 32))
         embed = 24
     text = replace(cfg.text, width=32, heads=2, layers=2, vocab_size=min(cfg.text.vocab_size, 49408))
+    if cfg.text.kind != "transformer":  # a Hugging Face encoder family: its feed-forward (and T5's head) sizes too
+        text = replace(text, mlp_width=48, **({"head_width": 16} if cfg.text.kind == "t5" else {}))
     return replace(cfg, embed_dim=embed, vision=vision, text=text)
 
 
@@ -30,7 +35,16 @@ def open_clip_meta_model(name: str):
     import open_clip
 
     cfg = open_clip.factory.get_model_config(name)
-    cls = open_clip.model.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.model.CLIP
+    hf_name = cfg.get("text_cfg", {}).get("hf_model_name")
+    if hf_name:  # OpenCLIP reads the text tower's size from the hub: give it the named model's config, built here
+        from clipworks.checkpoints.open_clip_hf import HF_TEXT_MODELS
+
+        cfg.pop("custom_text", False)  # OpenCLIP builds every HF text tower as a CustomTextCLIP
+        cfg["text_cfg"]["hf_model_pretrained"] = False
+        config = transformers_config(HF_TEXT_MODELS[hf_name], HF_MODEL_TYPES[hf_name])
+        with local_hf_config(config), torch.device("meta"):
+            return open_clip.model.CustomTextCLIP(**cfg)
+    cls = open_clip.model.CLIP if not cfg.pop("custom_text", False) else open_clip.model.CustomTextCLIP
     with torch.device("meta"):
         return cls(**cfg)
 
@@ -62,7 +76,7 @@ def open_clip_model(cfg: CLIPConfig):
     v, t = cfg.vision, cfg.text
     quick_gelu = t.act == "quick_gelu"
     text = CLIPTextCfg(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
-                       layers=t.layers, mlp_ratio=t.mlp_ratio)  # fmt: skip
+                       layers=t.layers, mlp_ratio=t.mlp_ratio, pool_type=t.pool, eos_id=t.eos_id)  # fmt: skip
     if v.kind == "vit" and v.pool == "cls":
         vision = CLIPVisionCfg(layers=v.layers, width=v.width, head_width=v.width // v.heads, mlp_ratio=v.mlp_ratio,
                                patch_size=v.patch_size, image_size=v.image_size)  # fmt: skip
@@ -80,12 +94,83 @@ def open_clip_model(cfg: CLIPConfig):
     # SigLIP: timm ViT with attention-pool head, OpenCLIP's bidirectional text tower pooled at the last token
     vision = CLIPVisionCfg(timm_model_name="vit_base_patch16_siglip_224", timm_pool="map", timm_proj="none",
                            image_size=224)  # fmt: skip
+    text_act = {"act_kwargs": {"approximate": "tanh"}} if t.act == "gelu_tanh" else {}
     text = CLIPTextCfg(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
-                       layers=t.layers, no_causal_mask=True, proj_bias=True, pool_type="last",
-                       norm_kwargs={"eps": t.norm_eps})  # fmt: skip
+                       layers=t.layers, mlp_ratio=t.mlp_ratio, no_causal_mask=True, proj_bias=t.proj_bias,
+                       proj_type="linear" if t.projection else "none", pool_type="last",
+                       norm_kwargs={"eps": t.norm_eps}, **text_act)  # fmt: skip
     model = CustomTextCLIP(cfg.embed_dim, vision, text, init_logit_bias=cfg.init_logit_bias)
     model.visual.trunk = timm.create_model(
         "vit_base_patch16_siglip_224", depth=v.layers, embed_dim=v.width, num_heads=v.heads, img_size=v.image_size,
-        num_classes=0, global_pool="map",
+        patch_size=v.patch_size, mlp_ratio=v.mlp_ratio, act_layer=v.act, num_classes=0, global_pool="map",
     )  # fmt: skip
+    return model
+
+
+# Hugging Face text towers -------------------------------------------------------------------------------------------
+
+# transformers' model type of each text model OpenCLIP's configs name (OpenCLIP's hf_configs.arch_dict keys).
+HF_MODEL_TYPES = {"roberta-base": "roberta", "xlm-roberta-base": "xlm-roberta", "xlm-roberta-large": "xlm-roberta",
+                  "google/mt5-base": "mt5", "google/mt5-xl": "mt5", "facebook/nllb-200-distilled-600M": "m2m_100",
+                  "facebook/nllb-200-distilled-1.3B": "m2m_100"}  # fmt: skip
+
+
+def transformers_config(t, model_type: str):
+    """The transformers config of the model whose encoder clipworks' Hugging Face text config `t` describes (decoders,
+    where the model has one, as large as the encoder, as in mT5 and NLLB)."""
+    import transformers
+
+    if t.kind == "bert":
+        cls = {"roberta": transformers.RobertaConfig, "xlm-roberta": transformers.XLMRobertaConfig}[model_type]
+        return cls(vocab_size=t.vocab_size, hidden_size=t.width, num_hidden_layers=t.layers,
+                   num_attention_heads=t.heads, intermediate_size=t.mlp_width, hidden_act=t.act,
+                   max_position_embeddings=t.max_positions, type_vocab_size=t.type_vocab_size,
+                   layer_norm_eps=t.norm_eps, pad_token_id=t.pad_id, bos_token_id=0, eos_token_id=2)  # fmt: skip
+    if t.kind == "t5":
+        assert model_type == "mt5", model_type
+        return transformers.MT5Config(vocab_size=t.vocab_size, d_model=t.width, d_kv=t.head_width, d_ff=t.mlp_width,
+                                      num_layers=t.layers, num_heads=t.heads, feed_forward_proj="gated-gelu",
+                                      relative_attention_num_buckets=t.rel_buckets,
+                                      relative_attention_max_distance=t.rel_max_distance,
+                                      layer_norm_epsilon=t.norm_eps, pad_token_id=t.pad_id, eos_token_id=1,
+                                      decoder_start_token_id=0, tie_word_embeddings=False)  # fmt: skip
+    assert t.kind == "m2m100" and model_type == "m2m_100", (t.kind, model_type)
+    return transformers.M2M100Config(vocab_size=t.vocab_size, d_model=t.width, encoder_layers=t.layers,
+                                     decoder_layers=t.layers, encoder_attention_heads=t.heads,
+                                     decoder_attention_heads=t.heads, encoder_ffn_dim=t.mlp_width,
+                                     decoder_ffn_dim=t.mlp_width, activation_function=t.act,
+                                     scale_embedding=t.scale_embedding, pad_token_id=t.pad_id, bos_token_id=0,
+                                     eos_token_id=2, decoder_start_token_id=2)  # fmt: skip
+
+
+@contextlib.contextmanager
+def local_hf_config(config):
+    """OpenCLIP's HFTextEncoder reads the named model's config from the hub: hand it `config` instead (offline)."""
+    from unittest import mock
+
+    import open_clip.hf_model
+
+    with mock.patch.object(open_clip.hf_model.AutoConfig, "from_pretrained", lambda *a, **k: config):
+        yield
+
+
+def open_clip_hf_model(cfg: CLIPConfig, model_type: str):
+    """OpenCLIP's CustomTextCLIP with an HFTextEncoder of clipworks' (reduced-size) Hugging Face text config, built
+    along OpenCLIP's own path for an `hf_model_name` (the encoder alone of an encoder-decoder model, BERT's pooler
+    only for cls_pooler), from a local transformers config; the image tower is `open_clip_model`'s for `cfg.vision`."""
+    from open_clip.model import CustomTextCLIP
+
+    from clipworks.config import TextConfig
+
+    t = cfg.text
+    pooler = {"mean": "mean_pooler", "cls": "cls_pooler", "first": "cls_last_hidden_state_pooler"}[t.pool]
+    text_cfg = {"hf_model_name": "clipworks-test/tiny", "hf_model_pretrained": False, "hf_pooler_type": pooler,
+                "hf_proj_type": {"none": None}.get(t.proj_type, t.proj_type)}  # fmt: skip
+    with local_hf_config(transformers_config(t, model_type)):
+        # a throwaway image tower: replaced below by OpenCLIP's tower of cfg.vision
+        vision = {"image_size": 16, "patch_size": 16, "width": 8, "layers": 1, "head_width": 8}
+        model = CustomTextCLIP(cfg.embed_dim, vision, text_cfg, init_logit_bias=cfg.init_logit_bias)
+    act = cfg.vision.act if cfg.vision.kind == "vit" else "gelu"  # OpenCLIP's quick_gelu flag reaches the image tower
+    plain_text = TextConfig(context_length=t.context_length, width=8, heads=1, layers=1, act=act)
+    model.visual = open_clip_model(replace(cfg, text=plain_text)).visual
     return model

@@ -14,6 +14,14 @@ def _batch(cfg, B=2):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(B, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
     L = cfg.text.context_length
+    if cfg.text.kind != "transformer":  # a Hugging Face encoder: [<s>] text </s>, then its own padding id
+        pad = cfg.text.pad_id
+        start, end = ([], [1]) if pad == 0 else ([0], [2])  # mT5's tokenizer has no start token; pads with 0
+        tokens = torch.full((B, L), pad)
+        for i, n in enumerate([5, 9][:B]):
+            ids = [*start, *torch.randint(3, 1000, (n,), generator=g).tolist(), *end]
+            tokens[i, : len(ids)] = torch.tensor(ids)
+        return images, tokens
     tokens = torch.zeros(B, L, dtype=torch.long)
     for i, n in enumerate([5, 9][:B]):  # real-looking sequences: start, n ids, end, padding
         tokens[i, 0] = 49406 % cfg.text.vocab_size

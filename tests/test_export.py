@@ -17,6 +17,7 @@ from reference import open_clip_model, perturb_, tiny_config
 
 import clipworks
 from clipworks import CLIP, PreprocessConfig, cli, get_preset
+from clipworks.presets import get_preset_tokenizer
 from clipworks.checkpoints import open_clip_dir
 from clipworks.checkpoints.export import FORMATS, formats_for, preprocess_to_transformers, save_pretrained
 from clipworks.checkpoints.io import CheckpointError, load_weights
@@ -26,6 +27,7 @@ from clipworks.checkpoints.open_clip_dir import (
     config_to_open_clip,
     is_open_clip_dir,
     load_open_clip_dir,
+    tokenizer_from_open_clip,
 )
 from clipworks.checkpoints.transformers import preprocess_from_transformers
 from clipworks.config import OPENAI_MEAN, OPENAI_STD
@@ -237,7 +239,7 @@ def _open_clip_json(name: str) -> dict:
 @pytest.mark.parametrize("name", clipworks.list_models())
 def test_config_to_open_clip_equals_open_clips_own_json(name):
     theirs = _open_clip_json(name)
-    ours = config_to_open_clip(get_preset(name))
+    ours = config_to_open_clip(get_preset(name), get_preset_tokenizer(name))  # the tokenizer: text_cfg's hf_* keys
     if name == "ViT-B-16-SigLIP":  # OpenCLIP's SigLIP configs leave out the ln(10) start its trainer passes
         assert ours.get("init_logit_scale") is None
     assert _without_defaults(ours) == _without_defaults(theirs)
@@ -245,24 +247,24 @@ def test_config_to_open_clip_equals_open_clips_own_json(name):
 
 
 def test_every_open_clip_config_is_read_or_refused_clearly():
-    """Each of OpenCLIP's model configs is either read and written back the same, or refused with a CheckpointError."""
-    tokenizer_keys = ("hf_tokenizer_name", "tokenizer_kwargs")  # clipworks knows only the tokenizers it can run
+    """Each of OpenCLIP's model configs is either read and written back the same (its tokenizer too), or refused with
+    a CheckpointError."""
     read, refused = [], []
     for path in sorted((Path(open_clip.__file__).parent / "model_configs").glob("*.json")):
         theirs = json.loads(path.read_text())
         try:
-            cfg = config_from_open_clip(theirs)
+            cfg, tokenizer = config_from_open_clip(theirs), tokenizer_from_open_clip(theirs)
         except CheckpointError:
             refused.append(path.stem)
             continue
-        ours, theirs = _without_defaults(config_to_open_clip(cfg)), _without_defaults(theirs)
-        for d in (ours["text_cfg"], theirs["text_cfg"]):
-            for key in tokenizer_keys if cfg.text.vocab_size not in (49408, 32000) else ():
-                d.pop(key, None)
+        ours, theirs = _without_defaults(config_to_open_clip(cfg, tokenizer)), _without_defaults(theirs)
         assert ours == theirs, path.stem
         read.append(path.stem)
-    assert len(read) >= 70 and {"ViT-SO400M-14-SigLIP", "convnext_xxlarge", "ViT-L-16-SigLIP-256"} <= set(read)
-    assert {"coca_ViT-B-32", "EVA02-B-16", "convnext_large_d", "roberta-ViT-B-32"} <= set(refused)
+    hf_text = {"roberta-ViT-B-32", "xlm-roberta-base-ViT-B-32", "xlm-roberta-large-ViT-H-14", "mt5-base-ViT-B-32",
+               "mt5-xl-ViT-H-14", "nllb-clip-base", "nllb-clip-large", "nllb-clip-base-siglip",
+               "nllb-clip-large-siglip"}  # fmt: skip
+    assert len(read) >= 79 and hf_text | {"ViT-SO400M-14-SigLIP", "convnext_xxlarge", "ViT-L-16-SigLIP-256"} <= set(read)
+    assert {"coca_ViT-B-32", "EVA02-B-16", "convnext_large_d", "coca_roberta-ViT-B-32"} <= set(refused)
 
 
 def test_timm_tables_match_timm():
@@ -385,11 +387,11 @@ def test_transformers_image_processor_config(hf_dir, tmp_path):
 
 
 def test_formats_that_cannot_hold_a_model_say_which_can(tmp_path):
-    for name in ("RN50", "ViT-B-16-SigLIP"):
-        with torch.device("meta"):  # full size, so that OpenCLIP's timm towers can hold it; the check reads no tensor
-            model = CLIP(get_preset(name))
-        with pytest.raises(ValueError, match="can be saved as clipworks or open_clip$"):
-            save_pretrained(model, tmp_path / name, format="transformers")
+    with torch.device("meta"):  # full size, so that OpenCLIP's timm towers can hold them; the checks read no tensor
+        resnet, siglip = CLIP(get_preset("RN50")), CLIP(get_preset("ViT-B-16-SigLIP"))
+    with pytest.raises(ValueError, match="can be saved as clipworks or open_clip$"):
+        save_pretrained(resnet, tmp_path / "RN50", format="transformers")
+    assert formats_for(siglip) == list(FORMATS)  # transformers' SiglipModel holds it
     convnext = tiny_model("convnext_base_w")  # sized like no timm ConvNeXt, so OpenCLIP could not build it
     assert formats_for(convnext) == ["clipworks"]
     with pytest.raises(ValueError, match="no timm ConvNeXt.*convnext_base.*can be saved as clipworks$"):

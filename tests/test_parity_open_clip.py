@@ -10,15 +10,23 @@ from reference import open_clip_meta_model, open_clip_model, perturb_, tiny_conf
 open_clip = pytest.importorskip("open_clip")
 
 FAMILIES = ["ViT-B-32", "ViT-B-32-quickgelu", "ViT-g-14", "RN50", "RN50-quickgelu", "convnext_base_w",
-            "ViT-B-16-SigLIP"]  # fmt: skip
+            "ViT-B-16-SigLIP", "ViT-SO400M-16-SigLIP-i18n-256", "ViT-B-16-SigLIP2", "ViT-gopt-16-SigLIP2-256",
+            "ViT-H-14-worldwide-quickgelu", "ViT-SO400M-14-SigLIP-384"]  # fmt: skip
 CAPTIONS = ["a photo of a cat", "", "A DOG on the grass, 3 birds!", "x " * 100, "émoji 🐶 和 &amp; text"]
 
 
 def _tokens(cfg):
-    if cfg.text.vocab_size == 49408:
+    t = cfg.text
+    if t.vocab_size == 49408 and t.pool == "argmax":
         return open_clip.get_tokenizer("ViT-B-32")(CAPTIONS)
-    g = torch.Generator().manual_seed(1)  # SigLIP's SentencePiece vocabulary is not shipped: random ids
-    return torch.randint(0, cfg.text.vocab_size, (len(CAPTIONS), cfg.text.context_length), generator=g)
+    # Other vocabularies are not shipped: random ids laid out as their tokenizers lay them out (text, the end token,
+    # then padding), with the lengths the captions would have.
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.full((len(CAPTIONS), t.context_length), t.pad_id)
+    for row, n in enumerate([6, 1, 12, t.context_length - 1, 9]):
+        tokens[row, :n] = torch.randint(3, t.vocab_size, (n,), generator=g)
+        tokens[row, n] = t.eos_id
+    return tokens
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])

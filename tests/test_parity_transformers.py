@@ -150,8 +150,8 @@ def test_presets_round_trip():
     for name in ("ViT-B-32-quickgelu", "ViT-L-14", "ViT-g-14", "ViT-bigG-14"):
         cfg = get_preset(name)
         assert config_from_transformers(config_to_transformers(cfg)) == cfg, name
-    for name, problem in [("RN50", "'resnet' tower"), ("convnext_base", "'convnext' tower"),
-                          ("ViT-B-16-SigLIP", "vision.pool must be 'cls'")]:  # fmt: skip
+    # (SigLIP presets are written as SiglipModel configs: see test_parity_transformers_siglip.py)
+    for name, problem in [("RN50", "'resnet' tower"), ("convnext_base", "'convnext' tower")]:
         with pytest.raises(ValueError, match=problem):
             config_to_transformers(get_preset(name))
 
@@ -215,7 +215,7 @@ def _hf_dict(**changes) -> dict:
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"model_type": "siglip"}, "model_type='siglip'"),
+        ({"model_type": "blip"}, "model_type='blip'"),
         ({"vision_config__hidden_act": "relu"}, "vision_config.hidden_act='relu'"),
         ({"vision_config__image_size": [32, 48]}, "vision_config.image_size=.*square"),
         ({"text_config__eos_token_id": [1, 2]}, "text_config.eos_token_id"),
@@ -241,7 +241,7 @@ def test_directory_errors(tmp_path):
     good = hf.config.to_dict()
     cases = [
         (make("noweights", good, None), r"no weights: expected model\.safetensors"),
-        (make("siglip", {**good, "model_type": "siglip"}, sd), r"config\.json: model_type='siglip' is not supported"),
+        (make("blip", {**good, "model_type": "blip"}, sd), r"config\.json: model_type='blip' is not supported"),
         (make("badjson", "{not json", sd), r"config\.json: not readable JSON"),
         (make("lnshape", good, {**sd, "text_model.final_layer_norm.weight": torch.ones(63)}),
          r"shape mismatches \(1\): text\.ln_final\.weight: checkpoint \(63,\) vs model \(64,\)"),

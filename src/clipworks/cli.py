@@ -13,18 +13,29 @@ COMMAND_MODULES = ("clipworks.eval.commands", "clipworks.search.commands", "clip
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .presets import PRESETS
+    import torch
+
+    from .models.clip import CLIP
+    from .presets import PRESETS, preset_family
     from .pretrained import list_pretrained
 
     tags: dict[str, list[str]] = {}
     for model, tag in list_pretrained():
         tags.setdefault(model, []).append(tag)
-    for name, cfg in sorted(PRESETS.items()):
-        v = cfg.vision
-        size = f"{v.kind} {v.image_size}px"
-        print(f"{name:<24} {size:<16} embed_dim={cfg.embed_dim:<5} text={cfg.text.width}x{cfg.text.layers}")
-        if args.pretrained and name in tags:
-            print(f"    pretrained: {', '.join(tags[name])}")
+    families: dict[str, list[str]] = {}
+    for name in sorted(PRESETS):
+        families.setdefault(preset_family(name), []).append(name)
+    for family, names in families.items():
+        print(f"{family} ({len(names)})")
+        for name in names:
+            cfg = PRESETS[name]
+            with torch.device("meta"):  # shapes only: counting parameters allocates nothing
+                params = sum(p.numel() for p in CLIP(cfg).parameters())
+            v, t = cfg.vision, cfg.text
+            print(f"  {name:<34} {v.kind} {v.image_size}px  text {t.kind} {t.width}x{t.layers}  "
+                  f"embed_dim={cfg.embed_dim:<5} {params / 1e6:8.1f}M params")  # fmt: skip
+            if args.pretrained and name in tags:
+                print(f"      pretrained: {', '.join(tags[name])}")
     return 0
 
 
@@ -49,10 +60,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_tokenize(args: argparse.Namespace) -> int:
     from .factory import get_tokenizer
 
-    tok = get_tokenizer(args.model)
+    language = {"language": args.language} if args.language else {}
+    tok = get_tokenizer(args.model, args.context_length, **language)
     batch = tok.tokenize(args.text)
-    for text, ids, n in zip(args.text, batch.ids.tolist(), batch.lengths.tolist()):
-        print(f"{text!r}: {ids[:n]}")
+    for text, ids, mask in zip(args.text, batch.ids.tolist(), batch.attention_mask.tolist()):
+        print(f"{text!r}: {[i for i, real in zip(ids, mask) if real]}")  # real tokens only, wherever padding is
     return 0
 
 
@@ -102,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for random initialisation")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("tokenize", help="print the token ids of texts")
+    p = sub.add_parser("tokenize", help="print the token ids of texts, as the model's tokenizer gives them")
     p.add_argument("text", nargs="+")
-    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--model", default="ViT-B-32", help="preset, NAME:TAG, local-dir:DIR or hf-hub:ORG/REPO")
+    p.add_argument("--context-length", type=int, default=None, help="tokens per text (default: the model's)")
+    p.add_argument("--language", default=None, help="source language of an NLLB tokenizer (default eng_Latn)")
     p.set_defaults(func=_cmd_tokenize)
 
     p = sub.add_parser("convert", help="write a model as a clipworks, OpenCLIP, transformers or ONNX directory")

@@ -142,6 +142,139 @@ class TextConfig:
 TEXT_CONFIGS: dict[str, type] = {TextConfig.kind: TextConfig}
 
 
+# --- Hugging Face text-encoder families (OpenCLIP's `hf_model_name` towers), run natively: models/hf_text.py ---
+
+# How a Hugging Face text tower turns its last hidden states (B, L, D) into one vector (B, D), by OpenCLIP's
+# `hf_pooler_type` names: "mean" (mean_pooler: the mean over real tokens), "cls" (cls_pooler: the model's own pooler,
+# dense + tanh on the first token, where the family has one (BERT); the first token's state where it has none),
+# "first" (cls_last_hidden_state_pooler: the first token's state).
+HF_TEXT_POOLS = ("mean", "cls", "first")
+# How pooled features reach embed_dim (OpenCLIP's `hf_proj_type`): "mlp" is Linear(D, (D+E)//2) - GELU - Linear(E),
+# "linear" one Linear, "none" the identity (needs width == embed_dim); none of them has a bias.
+HF_TEXT_PROJECTIONS = ("mlp", "linear", "none")
+
+
+@dataclass(frozen=True)
+class BertTextConfig:
+    """A BERT-family encoder as RoBERTa and XLM-RoBERTa build it: post-LN blocks, learned absolute positions numbered
+    from `pad_id + 1` over real tokens only (padding keeps position `pad_id`), a token-type embedding (type 0 only)
+    and a LayerNorm over the summed embeddings.
+
+    Attributes:
+        context_length: token positions L the tokenizer emits (OpenCLIP's text_cfg context_length).
+        vocab_size: tokenizer vocabulary size.
+        width: hidden size D.
+        layers: number of encoder blocks.
+        heads: attention heads per block.
+        mlp_width: hidden size of each block's feed-forward layer.
+        max_positions: rows of the position table (transformers' max_position_embeddings, 514 for RoBERTa: 512
+            positions after the padding offset).
+        type_vocab_size: rows of the token-type table.
+        act: feed-forward activation ("gelu" is the exact, erf-based GELU).
+        pad_id: the padding token id; attention and pooling skip it, and positions are offset by it.
+        norm_eps: LayerNorm epsilon.
+        pool: one of HF_TEXT_POOLS; "cls" adds the BERT pooler (dense + tanh on the first token).
+        proj_type: one of HF_TEXT_PROJECTIONS.
+    """
+
+    context_length: int = 77
+    vocab_size: int = 50265
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072
+    max_positions: int = 514
+    type_vocab_size: int = 1
+    act: str = "gelu"
+    pad_id: int = 1
+    norm_eps: float = 1e-5
+    pool: str = "mean"
+    proj_type: str = "mlp"
+
+    kind = "bert"
+
+
+@dataclass(frozen=True)
+class T5TextConfig:
+    """The encoder of (m)T5 v1.1: RMSNorm pre-norm blocks without biases, attention without the 1/sqrt(d) scale and
+    with a learned relative-position bias (bucketed offsets, shared by every block), a gated tanh-GELU feed-forward
+    layer, and a final RMSNorm. No absolute positions.
+
+    Attributes:
+        context_length: token positions L the tokenizer emits.
+        vocab_size: tokenizer vocabulary size.
+        width: hidden size D (transformers' d_model).
+        layers: number of encoder blocks.
+        heads: attention heads per block.
+        head_width: size of each head (d_kv); heads * head_width need not equal width.
+        mlp_width: hidden size of the gated feed-forward layer (d_ff).
+        rel_buckets: relative-position buckets (half for each direction).
+        rel_max_distance: offsets at or beyond this share the last bucket.
+        pad_id: the padding token id; attention and pooling skip it.
+        norm_eps: RMSNorm epsilon.
+        pool: one of HF_TEXT_POOLS ("cls" and "first" are the same here: T5 has no pooler).
+        proj_type: one of HF_TEXT_PROJECTIONS.
+    """
+
+    context_length: int = 77
+    vocab_size: int = 250112
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    head_width: int = 64
+    mlp_width: int = 2048
+    rel_buckets: int = 32
+    rel_max_distance: int = 128
+    pad_id: int = 0
+    norm_eps: float = 1e-6
+    pool: str = "mean"
+    proj_type: str = "mlp"
+
+    kind = "t5"
+
+
+@dataclass(frozen=True)
+class M2M100TextConfig:
+    """The encoder of M2M100 / NLLB: pre-LN blocks, token embeddings scaled by sqrt(width), fixed sinusoidal positions
+    numbered from `pad_id + 1` over real tokens only (padding gets a zero vector), and a final LayerNorm.
+
+    Attributes:
+        context_length: token positions L the tokenizer emits.
+        vocab_size: tokenizer vocabulary size.
+        width: hidden size D (transformers' d_model).
+        layers: number of encoder blocks.
+        heads: attention heads per block.
+        mlp_width: hidden size of each block's feed-forward layer (encoder_ffn_dim).
+        act: feed-forward activation ("relu" for NLLB).
+        scale_embedding: multiply token embeddings by sqrt(width).
+        pad_id: the padding token id; attention and pooling skip it, and positions are offset by it.
+        norm_eps: LayerNorm epsilon.
+        pool: one of HF_TEXT_POOLS ("cls" and "first" are the same here: the encoder has no pooler).
+        proj_type: one of HF_TEXT_PROJECTIONS.
+    """
+
+    context_length: int = 77
+    vocab_size: int = 256206
+    width: int = 1024
+    layers: int = 12
+    heads: int = 16
+    mlp_width: int = 4096
+    act: str = "relu"
+    scale_embedding: bool = True
+    pad_id: int = 1
+    norm_eps: float = 1e-5
+    pool: str = "cls"
+    proj_type: str = "linear"
+
+    kind = "m2m100"
+
+
+HFTextConfig = Union[BertTextConfig, T5TextConfig, M2M100TextConfig]
+TEXT_CONFIGS.update({c.kind: c for c in (BertTextConfig, T5TextConfig, M2M100TextConfig)})
+
+# --- end of the Hugging Face text-encoder families ---
+
+
 @dataclass(frozen=True)
 class CLIPConfig:
     """A whole CLIP model: both towers and the shared embedding size.

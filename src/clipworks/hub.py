@@ -237,6 +237,51 @@ def _cached_files(hf, repo_id: str, revision: str | None, cache_dir) -> tuple[st
     return commit, {p.name for p in snapshot.iterdir() if p.is_file()}  # is_file: skips broken links
 
 
+def _remember_commit(hf, repo_id: str, revision: str | None, commit: str, cache_dir) -> None:
+    """Record in the cache which commit `revision` resolved to, as hf_hub_download does for a branch: files fetched
+    pinned to the commit are then found offline by branch name too."""
+    if revision is not None and _COMMIT.fullmatch(revision):
+        return
+    cache = Path(cache_dir if cache_dir is not None else hf.constants.HF_HUB_CACHE).expanduser()
+    ref = cache / hf.file_download.repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / (revision or "main")
+    try:  # best effort, as huggingface_hub's own: a read-only cache still works online
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        if not ref.is_file() or ref.read_text().strip() != commit:
+            ref.write_text(commit)
+    except OSError:
+        pass
+
+
+def _list_files(hf, repo_id: str, revision: str | None, cache_dir, offline: bool) -> tuple[str | None, set[str], bool]:
+    """(commit, top-level file names, from the cache): the hub's listing, else (offline or unreachable) the cached
+    snapshot's; (None, empty, True) when neither is there."""
+    if not offline:
+        try:
+            info = hf.HfApi().model_info(repo_id, revision=revision)
+            return info.sha, {s.rfilename for s in info.siblings or ()}, False
+        except (hf.errors.OfflineModeIsEnabled, *_network_errors()):
+            pass  # no connection: fall back to the cache, as hf_hub_download does
+    commit, files = _cached_files(hf, repo_id, revision, cache_dir)
+    return commit, files, True
+
+
+def download_config(repo_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached snapshot folder holding a checkpoint repository's config, without its weights: OpenCLIP's
+    open_clip_config.json, else config.json (clipworks' or transformers').
+
+    Raises:
+        HubUnavailableError, huggingface_hub.errors.HfHubHTTPError: as `download_file`, for both files.
+    """
+    hf = _hub()
+    first = None
+    for name in (_LAYOUTS[0][0], _LAYOUTS[1][0]):
+        try:
+            return download_file(repo_id, name, revision=revision, cache_dir=cache_dir).parent
+        except (hf.errors.EntryNotFoundError, HubUnavailableError) as e:
+            first = first or e
+    raise first
+
+
 def download_repo(repo_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
     """The files of the CLIP checkpoint in a hub repository, in one cached snapshot folder.
 
@@ -255,18 +300,9 @@ def download_repo(repo_id: str, *, revision: str | None = None, cache_dir: str |
     """
     hf = _hub()
     offline = _offline(hf)
-    commit, files = None, None
-    if not offline:
-        try:
-            info = hf.HfApi().model_info(repo_id, revision=revision)
-            commit, files = info.sha, {s.rfilename for s in info.siblings or ()}
-        except (hf.errors.OfflineModeIsEnabled, *_network_errors()):
-            pass  # no connection: fall back to the cache, as hf_hub_download does
-    from_cache = files is None
-    if from_cache:
-        commit, files = _cached_files(hf, repo_id, revision, cache_dir)
-        if commit is None:
-            raise _unavailable(repo_id, "the checkpoint", revision, offline)
+    commit, files, from_cache = _list_files(hf, repo_id, revision, cache_dir, offline)
+    if commit is None:
+        raise _unavailable(repo_id, "the checkpoint", revision, offline)
     try:
         names, index = _plan(files)
     except ValueError as e:
@@ -283,6 +319,8 @@ def download_repo(repo_id: str, *, revision: str | None = None, cache_dir: str |
             paths.append(download_file(repo_id, shard, revision=commit, cache_dir=cache_dir))
     folder = paths[0].parent
     assert all(p.parent == folder for p in paths), "a checkpoint's files come from one snapshot"
+    if not from_cache:
+        _remember_commit(hf, repo_id, revision, commit, cache_dir)
     return folder
 
 
@@ -314,3 +352,52 @@ def resolve_pretrained(
         if isinstance(first_error, HubUnavailableError):
             raise first_error from None  # neither file is cached: report the preferred one
         raise
+
+
+# A tokenizer's files, as `clipworks.hf_tokenizer` reads them: tokenizer.json, else a SentencePiece model.
+TOKENIZER_FILES = ("tokenizer.json",)
+SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def _tokenizer_plan(files: set[str]) -> list[str]:
+    main = next(([n] for n in (*TOKENIZER_FILES, *SENTENCEPIECE_FILES) if n in files), [])
+    return main and [*main, *(n for n in TOKENIZER_CONFIGS if n in files)]
+
+
+def repo_has_tokenizer(repo_id: str, *, revision: str | None = None, cache_dir=None) -> bool | None:
+    """Whether a hub repository holds tokenizer files (tokenizer.json or a SentencePiece model); None when that
+    cannot be told (offline, or unreachable, with no snapshot of it cached)."""
+    hf = _hub()
+    commit, files, from_cache = _list_files(hf, repo_id, revision, cache_dir, _offline(hf))
+    if commit is None:
+        return None
+    return bool(_tokenizer_plan(files)) or (None if from_cache else False)
+
+
+def download_tokenizer(
+    repo_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """The tokenizer files of a hub repository, in one cached snapshot folder: tokenizer.json (else its
+    SentencePiece model: spiece.model, sentencepiece.bpe.model or tokenizer.model) with tokenizer_config.json and
+    special_tokens_map.json when present. Offline, the cached snapshot of the revision is used.
+
+    Raises:
+        FileNotFoundError: the repository has no tokenizer files (the message lists its files).
+        HubUnavailableError: offline or unreachable, and the tokenizer is not (completely) cached.
+        ChecksumError, DownloadError, huggingface_hub.errors.HfHubHTTPError: as `download_file`.
+    """
+    hf = _hub()
+    offline = _offline(hf)
+    commit, files, from_cache = _list_files(hf, repo_id, revision, cache_dir, offline)
+    names = _tokenizer_plan(files)
+    if not names and (from_cache or commit is None):
+        raise _unavailable(repo_id, "the tokenizer", revision, offline)
+    if not names:
+        expected = ", ".join((*TOKENIZER_FILES, *SENTENCEPIECE_FILES))
+        raise FileNotFoundError(f"hub repository {repo_id!r} (revision {revision or 'main'}) has no tokenizer files "
+                                f"({expected}); its files: {sorted(files) or 'none'}")  # fmt: skip
+    paths = [download_file(repo_id, name, revision=commit, cache_dir=cache_dir) for name in names]
+    if not from_cache:
+        _remember_commit(hf, repo_id, revision, commit, cache_dir)
+    return paths[0].parent

@@ -122,6 +122,10 @@ def _check_model(model: nn.Module) -> None:
         if not hasattr(model, name):
             raise ValueError(f"export_onnx needs a clipworks CLIP model (with .visual, .text, .config), "
                              f"got {type(model).__name__} without .{name}")  # fmt: skip
+    for name, what in (("visual", "image"), ("text", "text")):
+        if getattr(model, name) is None:
+            raise ValueError(f"export_onnx writes both towers' graphs; this model has no {what} tower (it was loaded "
+                             "from a one-tower checkpoint)")  # fmt: skip
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes != {torch.float32}:
         raise ValueError(f"export_onnx exports float32 graphs; the model has parameters of {sorted(map(str, dtypes))}: "

@@ -6,6 +6,7 @@ import difflib
 import math
 from dataclasses import replace
 
+from .checkpoints.open_clip_hf import hf_model_name, hf_text_config
 from .config import CLIPConfig, ConvNeXtConfig, ResNetConfig, TextConfig, TokenizerConfig, VisionTransformerConfig
 
 
@@ -125,8 +126,31 @@ _WORLDWIDE_PRESETS: dict[str, CLIPConfig] = {
     "ViT-bigG-14-worldwide-378": _worldwide("ViT-bigG-14", 378),
 }
 
+def _hf(embed: int, vision: CLIPConfig, text_model: str, pool: str = "mean", proj: str = "mlp") -> CLIPConfig:
+    """A model whose text tower is the Hugging Face encoder `text_model` (sizes from open_clip_hf.HF_TEXT_MODELS),
+    beside the image tower and logit initialisation of `vision`."""
+    text = hf_text_config(text_model, pool, proj)
+    return replace(vision, embed_dim=embed, text=text)
+
+
+_NLLB_BASE, _NLLB_LARGE = "facebook/nllb-200-distilled-600M", "facebook/nllb-200-distilled-1.3B"
+_B32, _H14 = _BASE["ViT-B-32"], _BASE["ViT-H-14"]
+_NLLB = {"pool": "cls", "proj": "linear"}  # NLLB-CLIP: the first token's state, a linear projection
 # Presets whose text towers are Hugging Face encoder families (RoBERTa, XLM-R, mT5, NLLB): see models/hf_text.py.
-_HF_TEXT_PRESETS: dict[str, CLIPConfig] = {}
+# As OpenCLIP's model configs build them: their hf_pooler_type / hf_proj_type, or its defaults (mean_pooler, mlp).
+_HF_TEXT_PRESETS: dict[str, CLIPConfig] = {
+    # OpenCLIP's roberta-ViT-B-32 config sets quick_gelu: the image tower's activation (the text tower has its own)
+    "roberta-ViT-B-32": _hf(512, replace(_B32, vision=replace(_B32.vision, act="quick_gelu")), "roberta-base"),
+    "xlm-roberta-base-ViT-B-32": _hf(512, _B32, "xlm-roberta-base"),
+    "xlm-roberta-large-ViT-H-14": _hf(1024, _H14, "xlm-roberta-large"),
+    "mt5-base-ViT-B-32": _hf(512, _B32, "google/mt5-base"),
+    "mt5-xl-ViT-H-14": _hf(1024, _H14, "google/mt5-xl"),
+    "nllb-clip-base": _hf(512, _B32, _NLLB_BASE, **_NLLB),
+    "nllb-clip-large": _hf(1024, _H14, _NLLB_LARGE, **_NLLB),
+    # SigLIP image towers (timm's B/16 and SO400M/14 at 384px), sigmoid loss with a logit bias
+    "nllb-clip-base-siglip": _hf(768, _siglip("B", 16, 384, 32000), _NLLB_BASE, **_NLLB),
+    "nllb-clip-large-siglip": _hf(1152, _siglip("SO400M", 14, 384, 32000), _NLLB_LARGE, **_NLLB),
+}
 
 
 def _quickgelu(cfg: CLIPConfig) -> CLIPConfig:
@@ -158,12 +182,29 @@ PRESET_TOKENIZERS: dict[str, TokenizerConfig] = {
        for n in PRESETS if n.split("-quickgelu")[0] in _WORLDWIDE_PRESETS},
     **{n: TokenizerConfig(kind="hf", source="google/mt5-base", clean="canonicalize")
        for n in ("ViT-L-14-worldwide", "ViT-L-14-worldwide-quickgelu")},
+    # the Hugging Face text towers' own tokenizers (OpenCLIP's hf_tokenizer_name is the text model's name), cleaned as
+    # OpenCLIP's HFTokenizer cleans by default
+    **{n: TokenizerConfig(kind="hf", source=hf_model_name(cfg.text), clean="whitespace", context_length=77)
+       for n, cfg in _HF_TEXT_PRESETS.items()},
 }  # fmt: skip
 
 
 def list_models() -> list[str]:
     """Every preset name, sorted."""
     return sorted(PRESETS)
+
+
+def preset_family(name: str) -> str:
+    """The model family a preset belongs to, for listings ("CLIP ViT", "SigLIP 2", "MetaCLIP 2", ...)."""
+    base = name.removesuffix("-quickgelu")
+    cfg = get_preset(name)
+    if base in _SIGLIP_PRESETS:
+        return "SigLIP 2" if cfg.text.vocab_size == 256000 else "SigLIP"
+    if base in _WORLDWIDE_PRESETS:
+        return "MetaCLIP 2 (worldwide)"
+    if base in _HF_TEXT_PRESETS:
+        return "multilingual (Hugging Face text towers)"
+    return {"vit": "CLIP ViT", "resnet": "CLIP ResNet", "convnext": "CLIP ConvNeXt"}[cfg.vision.kind]
 
 
 def get_preset_tokenizer(name: str) -> TokenizerConfig:

@@ -194,6 +194,26 @@ _RELEASES: dict[str, dict[str, tuple[str, dict, str | None]]] = {
     "ViT-bigG-14-worldwide-378": {
         "metaclip2_worldwide": ("timm/vit_gigantic_patch14_clip_378.metaclip2_worldwide", _SQUASH_PP, _NC)
     },
+    # Hugging Face text towers: LAION's RoBERTa / XLM-RoBERTa CLIPs (the H/14 one trained with the text tower frozen)
+    # and NLLB-CLIP (Visheratin 2023; NLLB's weights are CC-BY-NC 4.0), whose SigLIP variants have an "mrl" release
+    # (Matryoshka representation learning)
+    "roberta-ViT-B-32": {"laion2b_s12b_b32k": ("laion/CLIP-ViT-B-32-roberta-base-laion2B-s12B-b32k", {}, _MIT)},
+    "xlm-roberta-base-ViT-B-32": {
+        "laion5b_s13b_b90k": ("laion/CLIP-ViT-B-32-xlm-roberta-base-laion5B-s13B-b90k", {}, _MIT)
+    },
+    "xlm-roberta-large-ViT-H-14": {
+        "frozen_laion5b_s13b_b90k": ("laion/CLIP-ViT-H-14-frozen-xlm-roberta-large-laion5B-s13B-b90k", {}, _MIT)
+    },
+    "nllb-clip-base": {"v1": ("visheratin/nllb-clip-base-oc", {}, _NC)},
+    "nllb-clip-large": {"v1": ("visheratin/nllb-clip-large-oc", {}, _NC)},
+    "nllb-clip-base-siglip": {
+        "v1": ("visheratin/nllb-clip-base-siglip", _SIGLIP_PP, _NC),
+        "mrl": ("visheratin/nllb-siglip-mrl-base", _SIGLIP_PP, _NC),
+    },
+    "nllb-clip-large-siglip": {
+        "v1": ("visheratin/nllb-clip-large-siglip", _SIGLIP_PP, _NC),
+        "mrl": ("visheratin/nllb-siglip-mrl-large", _SIGLIP_PP, _NC),
+    },
 }
 
 

@@ -19,8 +19,12 @@ Four things make it fast without changing a single id:
   only a context's worth of ids is needed, a long word is encoded only up to a token boundary that is
   provably one of the whole word's (see ``Tokenizer._bpe_prefix``).
 * A batch is written into one numpy array, turned into a tensor once.
+
+`TextTokenizer` is the interface it shares with `hf_tokenizer.HFTokenizer` (the other families' tokenizers), and
+`pack` frames and pads a batch for both.
 """
 
+import abc
 import functools
 import gzip
 import heapq
@@ -84,8 +88,9 @@ class TokenizedText(NamedTuple):
     """A tokenized batch.
 
     Attributes:
-        ids: (B, L) token ids, ``[sot, ..., eot]`` then padding 0.
-        lengths: (B,) number of real tokens, start and end included.
+        ids: (B, L) token ids: each text framed by its tokenizer's special tokens (CLIP: ``[sot, ..., eot]``), then
+            padding (CLIP's is 0).
+        lengths: (B,) number of real tokens, special ones included.
         attention_mask: (B, L) True on real tokens.
     """
 
@@ -94,7 +99,96 @@ class TokenizedText(NamedTuple):
     attention_mask: torch.Tensor
 
 
-class Tokenizer:
+class TextTokenizer(abc.ABC):
+    """What every clipworks tokenizer offers: CLIP's BPE (`Tokenizer`) and a release's own files (`HFTokenizer`).
+
+    Attributes:
+        context_length: default tokens per text, special tokens included.
+        vocab_size: number of token ids.
+        pad_token_id: the id padding positions hold.
+        sot_token_id: the id every text starts with, None when texts have no start token (T5, Gemma).
+        eot_token_id: the id every text ends with (before padding), None when texts have no end token.
+    """
+
+    context_length: int
+    vocab_size: int
+    pad_token_id: int
+    sot_token_id: int | None
+    eot_token_id: int | None
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        """Tokenizes text(s) to a (B, context_length) LongTensor, as OpenCLIP's tokenizer for the model does."""
+        return self.tokenize(texts, context_length).ids
+
+    @abc.abstractmethod
+    def tokenize(self, texts: str | Sequence[str], context_length: int | None = None) -> TokenizedText:
+        """Ids, lengths (real tokens, special ones included) and attention mask of text(s)."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text, without framing tokens and untruncated."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray, skip_special_tokens: bool = False) -> str:
+        """Text of one sequence of ids."""
+
+    def batch_decode(self, batch, skip_special_tokens: bool = False) -> list[str]:
+        """Texts of a batch of id sequences (a list of lists, or a 2-D tensor/array); see `decode`."""
+        if isinstance(batch, (torch.Tensor, np.ndarray)):
+            if batch.ndim != 2:
+                raise ValueError(f"batch_decode takes a batch of id sequences (2-D), got shape {tuple(batch.shape)}")
+            batch = batch.tolist()
+        return [self.decode(ids, skip_special_tokens) for ids in batch]
+
+
+def as_texts(texts: str | Sequence[str]) -> list[str]:
+    """One text or a sequence of texts as a list, checked to be strings."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not all(isinstance(t, str) for t in texts):
+        bad = next(type(t).__name__ for t in texts if not isinstance(t, str))
+        raise ValueError(f"texts must be a str or a sequence of str, got an item of type {bad}")
+    return texts
+
+
+def check_context_length(context_length: int, minimum: int = 2, room_for: str = "start and end") -> int:
+    """`context_length` if it is an int with room for the tokens that frame every text."""
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < minimum:
+        raise ValueError(f"context_length must be an int >= {minimum} (room for {room_for}), got {context_length!r}")
+    return context_length
+
+
+def ids_list(ids: Iterable[int] | torch.Tensor | np.ndarray) -> list[int]:
+    """One sequence of ids (a list or a 1-D tensor/array) as a list of ints."""
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        if ids.ndim != 1:
+            raise ValueError(f"decode takes one sequence of ids (1-D), got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    return [int(i) for i in ids]
+
+
+def pack(rows: list[list[int]], length: int, prefix: Sequence[int] = (), suffix: Sequence[int] = (),
+         pad_id: int = 0, pad_left: bool = False) -> TokenizedText:  # fmt: skip
+    """Frames rows of text ids (each short enough to fit) as ``prefix + ids + suffix`` and pads them to `length`
+    with `pad_id` (before the tokens when `pad_left`), in one array converted to tensors once."""
+    batch = len(rows)
+    text_lengths = np.fromiter(map(len, rows), dtype=np.int64, count=batch)
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(text_lengths.sum()))
+    lengths = text_lengths + len(prefix) + len(suffix)
+    start = length - lengths if pad_left else np.zeros(batch, dtype=np.int64)  # (B,) first real position
+    offset = np.arange(length) - start[:, None]  # (B, L) position relative to the row's first real token
+    ids = np.full((batch, length), pad_id, dtype=np.int64)  # (B, L)
+    # Row-major boolean assignment lays each row's ids out in order.
+    ids[(offset >= len(prefix)) & (offset < (text_lengths + len(prefix))[:, None])] = flat
+    rows_index = np.arange(batch)
+    for k, token in enumerate(prefix):
+        ids[rows_index, start + k] = token
+    for k, token in enumerate(suffix):
+        ids[rows_index, start + len(prefix) + text_lengths + k] = token
+    mask = (offset >= 0) & (offset < lengths[:, None])  # (B, L)
+    return TokenizedText(torch.from_numpy(ids), torch.from_numpy(lengths), torch.from_numpy(mask))
+
+
+class Tokenizer(TextTokenizer):
     """CLIP's byte-level BPE tokenizer, a drop-in for ``open_clip.get_tokenizer("ViT-B-32")``.
 
     Calling it returns the (B, context_length) id tensor OpenCLIP returns: ``[sot, text, eot]`` padded
@@ -150,10 +244,6 @@ class Tokenizer:
         self._final_token_ids = {t: i for i, t in enumerate(token_bytes) if is_final[i]}
         self._max_token_bytes = max(map(len, token_bytes))
 
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
-        """Tokenizes text(s) to a (B, context_length) LongTensor, padded with 0, as OpenCLIP does."""
-        return self.tokenize(texts, context_length).ids
-
     def tokenize(self, texts: str | Sequence[str], context_length: int | None = None) -> TokenizedText:
         """Tokenizes text(s) to ids, lengths and an attention mask.
 
@@ -161,13 +251,10 @@ class Tokenizer:
             texts: one text or a sequence of texts.
             context_length: tokens per text, framing included; None for ``self.context_length``.
         """
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not all(isinstance(t, str) for t in texts):
-            bad = next(type(t).__name__ for t in texts if not isinstance(t, str))
-            raise ValueError(f"texts must be a str or a sequence of str, got an item of type {bad}")
+        texts = as_texts(texts)
         length = self.context_length if context_length is None else self._check_context_length(context_length)
         room = length - 2  # text tokens that fit between start and end
-        return self._pack(self._encode_batch(texts, room), length)
+        return pack(self._encode_batch(texts, room), length, (self.sot_token_id,), (self.eot_token_id,))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without start and end tokens and untruncated."""
@@ -182,11 +269,7 @@ class Tokenizer:
             ids: token ids, a list or a 1-D tensor/array.
             skip_special_tokens: drop start tokens and stop at the first end token (so padding goes too).
         """
-        if isinstance(ids, (torch.Tensor, np.ndarray)):
-            if ids.ndim != 1:
-                raise ValueError(f"decode takes one sequence of ids (1-D), got shape {tuple(ids.shape)}")
-            ids = ids.tolist()
-        ids = [int(i) for i in ids]
+        ids = ids_list(ids)
         if skip_special_tokens:
             end = ids.index(self.eot_token_id) if self.eot_token_id in ids else len(ids)
             ids = [i for i in ids[:end] if i != self.sot_token_id]
@@ -198,9 +281,7 @@ class Tokenizer:
         return data.decode("utf-8", errors="replace").replace("</w>", " ")
 
     def _check_context_length(self, context_length: int) -> int:
-        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
-            raise ValueError(f"context_length must be an int >= 2 (room for start and end), got {context_length!r}")
-        return context_length
+        return check_context_length(context_length)
 
     def _encode_batch(self, texts: Sequence[str], limit: int | None) -> list[list[int]]:
         """Ids of each text, at most ``limit`` of them (if given)."""
@@ -343,21 +424,6 @@ class Tokenizer:
             if p >= 0 and (m := merges.get(symbols[p] << 16 | merged)):
                 push(heap, m * n + p)
         return [s for s in symbols if s >= 0]
-
-    def _pack(self, rows: list[list[int]], length: int) -> TokenizedText:
-        """Frames and pads rows of text ids into one array, converted to tensors once."""
-        batch = len(rows)
-        text_lengths = np.fromiter(map(len, rows), dtype=np.int64, count=batch)
-        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(text_lengths.sum()))
-        positions = np.arange(length)
-        ids = np.zeros((batch, length), dtype=np.int64)  # (B, L)
-        ids[:, 0] = self.sot_token_id
-        # Row-major boolean assignment lays each row's ids at positions 1..n in order.
-        ids[(positions >= 1) & (positions <= text_lengths[:, None])] = flat
-        ids[np.arange(batch), text_lengths + 1] = self.eot_token_id
-        lengths = text_lengths + 2
-        mask = positions < lengths[:, None]  # (B, L)
-        return TokenizedText(torch.from_numpy(ids), torch.from_numpy(lengths), torch.from_numpy(mask))
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Writing a model in every checkpoint layout: clipworks, OpenCLIP's hub directory, transformers' CLIPModel.
+"""Writing a model in every checkpoint layout: clipworks, OpenCLIP's hub directory, transformers' CLIPModel (or its
+one-tower classes) and SiglipModel.
 
 Each writer checks that the layout can hold the model before it writes anything, and writes through a temporary
 directory renamed into place, so a failed export never replaces a good one.
@@ -9,87 +10,77 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from ..config import PreprocessConfig
 from ..tokenizer import VOCAB_PATH, Tokenizer, _bytes_to_unicode
 from . import transformers as hf
-from .native import save_clipworks
 from .io import atomic_directory, check_replaceable
+from .native import save_clipworks
 from .open_clip_dir import config_to_open_clip, save_open_clip_dir
+from .transformers_common import preprocess_to_transformers  # noqa: F401  (public here since before the split)
 
-# PIL resampling filter codes, as transformers' image processors store them.
-_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 # transformers names CLIP's control tokens differently from OpenCLIP (<start_of_text>, <end_of_text>).
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 
 
-def save_transformers_dir(model, path: str | os.PathLike, preprocess: PreprocessConfig) -> Path:
-    """Write `model` as a transformers `CLIPModel` directory: config.json, model.safetensors, the image processor's
-    preprocessor_config.json and, for CLIP's vocabulary, the tokenizer files.
+def save_transformers_dir(model, path: str | os.PathLike, preprocess: PreprocessConfig | None) -> Path:
+    """Write `model` as a transformers directory: config.json, model.safetensors, the image processor's
+    preprocessor_config.json (for a model with an image tower) and the tokenizer's files.
 
-    `CLIPModel`, `CLIPTextModel(WithProjection)`, `CLIPVisionModel(WithProjection)`, `CLIPTokenizer`,
-    `CLIPImageProcessor` and `CLIPProcessor` all load it with `from_pretrained(path)`. Note that transformers'
-    tokenizer pads with the end token (49407) where clipworks and OpenCLIP pad with 0; with a causal text
-    tower the features are the same.
+    CLIP models become a `CLIPModel` directory, which `CLIPModel`, `CLIPTextModel(WithProjection)`,
+    `CLIPVisionModel(WithProjection)`, `CLIPTokenizer`, `CLIPImageProcessor` and `CLIPProcessor` all load with
+    `from_pretrained(path)` (transformers' tokenizer pads with the end token (49407) where clipworks and OpenCLIP pad
+    with 0; with a causal text tower the features are the same). One-tower models become the matching one-tower CLIP
+    class's directory. SigLIP models (attention-pool image tower, bidirectional text tower) become a `SiglipModel`
+    directory with a `SiglipImageProcessor` config; a model read from a Siglip2 (NaFlex) directory is written at its
+    fixed resolution. Tokenizer files: a Hugging Face tokenizer (`model.tokenizer_config.kind == "hf"`: SigLIP's,
+    ...) has its own files copied (`clipworks.hf_tokenizer.save_tokenizer_files`); CLIP's BPE vocabulary is written
+    as `CLIPTokenizer` files.
 
     Raises:
-        ValueError: a model transformers' CLIPModel cannot hold (ResNet, ConvNeXt, SigLIP), or preprocessing its
+        ValueError: a model neither CLIPModel nor SiglipModel can hold (ResNet, ConvNeXt, ...), or preprocessing its
             image processor cannot express; the message names the formats that can hold the model.
     """
     from safetensors.torch import save_file
 
     cfg = model.config
     try:
-        config = hf.config_to_transformers(cfg)
+        hf.config_to_transformers(cfg)
     except ValueError as e:
         raise ValueError(f"{e}; this model can be saved as {' or '.join(formats_for(model))}") from e
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    ckpt = hf.convert_checkpoint_to_transformers(cfg, sd, preprocess)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    config.update(dtype=dtype, torch_dtype=dtype)  # `dtype` for transformers 5, `torch_dtype` for 4.x
-    image_processor = preprocess_to_transformers(preprocess)
-    sd = hf.convert_to_transformers({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    config = {**ckpt.config, "dtype": dtype, "torch_dtype": dtype}  # `dtype` for transformers 5, `torch_dtype` 4.x
     with atomic_directory(path) as tmp:
-        save_file(sd, str(tmp / hf.SAFETENSORS_FILE), metadata={"format": "pt"})
+        save_file(ckpt.state_dict, str(tmp / hf.SAFETENSORS_FILE), metadata={"format": "pt"})
         (tmp / hf.CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        (tmp / hf.PREPROCESSOR_FILE).write_text(json.dumps(image_processor, indent=2))
-        if cfg.text.vocab_size == Tokenizer.vocab_size:
-            write_tokenizer_files(tmp, cfg.text.context_length)
+        if ckpt.image_processor is not None:
+            (tmp / hf.PREPROCESSOR_FILE).write_text(json.dumps(ckpt.image_processor, indent=2))
+        _write_tokenizer(model, config["model_type"], tmp)
     return Path(path)
 
 
-def preprocess_to_transformers(pp: PreprocessConfig) -> dict[str, Any]:
-    """The `CLIPImageProcessor` preprocessor_config.json dict for `pp` (`preprocess_from_transformers` inverts it).
+def _write_tokenizer(model, model_type: str, path: Path) -> None:
+    """The tokenizer's files beside the weights: a Hugging Face tokenizer's own files (when they cannot be found,
+    offline or missing, the export goes on without them, with a warning), or CLIP's BPE as `CLIPTokenizer` files."""
+    text = model.config.text
+    if text is None:
+        return
+    tokenizer = getattr(model, "tokenizer_config", None)
+    if tokenizer is not None and tokenizer.kind == "hf":
+        from ..hf_tokenizer import save_tokenizer_files
 
-    Raises:
-        ValueError: a resize mode or interpolation the image processor cannot express ("longest" pads to a
-            square, which CLIPImageProcessor does not do).
-    """
-    if pp.resize_mode not in ("shortest", "squash"):
-        raise ValueError(
-            f"resize_mode={pp.resize_mode!r} cannot be expressed by transformers' CLIPImageProcessor; expected "
-            "'shortest' (resize the short side, centre crop) or 'squash' (resize both sides)"
-        )
-    if pp.interpolation not in _RESAMPLE:
-        raise ValueError(f"interpolation={pp.interpolation!r}; expected one of {sorted(_RESAMPLE)}")
-    side = pp.image_size
-    shortest = pp.resize_mode == "shortest"
-    return {
-        "image_processor_type": "CLIPImageProcessor",
-        "processor_class": "CLIPProcessor",
-        "do_convert_rgb": True,
-        "do_resize": True,
-        "size": {"shortest_edge": side} if shortest else {"height": side, "width": side},
-        "resample": _RESAMPLE[pp.interpolation],
-        "do_center_crop": shortest,
-        "crop_size": {"height": side, "width": side},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(pp.mean),
-        "image_std": list(pp.std),
-    }
+        try:
+            save_tokenizer_files(tokenizer, path)
+        except OSError as e:  # no files in the source directory, or the hub unreachable
+            warnings.warn(f"the tokenizer's files were not written: {e}", stacklevel=4)
+    elif text.vocab_size == Tokenizer.vocab_size and model_type != "siglip":
+        # (not for SigLIP: CLIPTokenizer pads with the end token, and SigLIP's last-position pooling sees padding)
+        write_tokenizer_files(path, text.context_length)
 
 
 def write_tokenizer_files(path: Path, context_length: int) -> None:
@@ -115,7 +106,7 @@ def write_tokenizer_files(path: Path, context_length: int) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def _save_clipworks(model, path, preprocess: PreprocessConfig) -> Path:
+def _save_clipworks(model, path, preprocess: PreprocessConfig | None) -> Path:
     return save_clipworks(model, path, preprocess)
 
 
@@ -127,10 +118,17 @@ WRITERS: dict[str, Callable[..., Path]] = {
 FORMATS = tuple(WRITERS)
 
 
+def _check_open_clip(cfg) -> None:
+    if cfg.vision is None or cfg.text is None:
+        raise ValueError(f"OpenCLIP's layout holds two-tower models only; this model has no "
+                         f"{'text' if cfg.text is None else 'image'} tower")  # fmt: skip
+    config_to_open_clip(cfg)
+
+
 def formats_for(model) -> list[str]:
     """The checkpoint formats that can hold `model`'s architecture."""
     formats = ["clipworks"]
-    for name, check in (("open_clip", config_to_open_clip), ("transformers", hf.config_to_transformers)):
+    for name, check in (("open_clip", _check_open_clip), ("transformers", hf.config_to_transformers)):
         try:
             check(model.config)
         except ValueError:
@@ -149,10 +147,11 @@ def save_pretrained(
         path: the directory to write; an existing checkpoint directory there is replaced once the new one is
             complete (any other non-empty directory is refused).
         preprocess: the preprocessing to store; defaults to the one the model was loaded with, else the
-            default for its architecture.
+            default for its architecture (none for a text-only model).
         format: "clipworks" (what `clipworks.create_model("local-dir:...")` and training read), "open_clip"
-            (`open_clip.create_model_and_transforms("local-dir:...")`), or "transformers"
-            (`transformers.CLIPModel.from_pretrained`, ViT models only).
+            (`open_clip.create_model_and_transforms("local-dir:...")`, two-tower models), or "transformers"
+            (`transformers.CLIPModel.from_pretrained` for ViT CLIP models, the one-tower CLIP classes for
+            one-tower models, `SiglipModel.from_pretrained` for SigLIP models; see `save_transformers_dir`).
 
     Raises:
         ValueError: an unknown format, one that cannot hold this model (the message names those that can), or a
@@ -164,10 +163,12 @@ def save_pretrained(
     if preprocess is None:
         from ..factory import default_preprocess
 
-        preprocess = getattr(model, "preprocess_config", None) or default_preprocess(model.config)
+        preprocess = getattr(model, "preprocess_config", None)
+        if preprocess is None and model.config.vision is not None:
+            preprocess = default_preprocess(model.config)
     if format == "open_clip":
         try:
-            config_to_open_clip(model.config)
+            _check_open_clip(model.config)
         except ValueError as e:
             raise ValueError(f"{e}; this model can be saved as {' or '.join(formats_for(model))}") from e
     return WRITERS[format](model, path, preprocess)

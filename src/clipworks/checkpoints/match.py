@@ -32,6 +32,8 @@ def _as_ours(sd: dict[str, Tensor], cfg: CLIPConfig) -> dict[str, Tensor] | None
 def _text_fits(sd: dict[str, Tensor], cfg: CLIPConfig) -> bool:
     # A cheap first cut before building the preset's shapes: the text tower's two largest matrices.
     t = cfg.text
+    if t is None or t.kind != "transformer":  # a one-tower preset, or a text tower of other keys: no cheap cut
+        return True
     return (
         tuple(sd.get("text.token_embed.weight", torch.empty(0)).shape) == (t.vocab_size, t.width)
         and tuple(sd.get("text.proj.weight", torch.empty(0)).shape) == (cfg.embed_dim, t.width)

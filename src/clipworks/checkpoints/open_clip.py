@@ -44,15 +44,28 @@ def convert_from_open_clip(sd: dict[str, Tensor], cfg: CLIPConfig) -> dict[str, 
     """
     visual, text, top = _split(sd)
     out = {f"visual.{k}": v for k, v in _vision_module(cfg).convert_from_open_clip(visual).items()}
-    out.update({f"text.{k}": v for k, v in text_tower.convert_from_open_clip(text).items()})
+    out.update({f"text.{k}": v for k, v in _text_from_open_clip(text, cfg).items()})
     out.update(top)
     return out
 
 
+def _hf_text(cfg: CLIPConfig) -> bool:
+    """Whether the text tower is one of the Hugging Face encoder families (OpenCLIP's `hf_model_name` towers)."""
+    return cfg.text is not None and cfg.text.kind != "transformer"
+
+
+def _text_from_open_clip(text: dict[str, Tensor], cfg: CLIPConfig) -> dict[str, Tensor]:
+    if _hf_text(cfg):
+        from . import open_clip_hf
+
+        return open_clip_hf.convert_from_open_clip(text, cfg.text)
+    return text_tower.convert_from_open_clip(text)
+
+
 def custom_text(cfg: CLIPConfig) -> bool:
     """Whether OpenCLIP holds this model as a `CustomTextCLIP` (text tower nested under `text.`, projection a Linear):
-    its SigLIP-style bidirectional text towers, and any whose projection has a bias."""
-    return not cfg.text.causal or cfg.text.proj_bias
+    its SigLIP-style bidirectional text towers, any whose projection has a bias, and every Hugging Face text tower."""
+    return _hf_text(cfg) or not cfg.text.causal or cfg.text.proj_bias
 
 
 def convert_to_open_clip(sd: dict[str, Tensor], cfg: CLIPConfig) -> dict[str, Tensor]:
@@ -62,6 +75,12 @@ def convert_to_open_clip(sd: dict[str, Tensor], cfg: CLIPConfig) -> dict[str, Te
     nested = custom_text(cfg)
     out = {f"visual.{k}": v for k, v in _vision_module(cfg).convert_to_open_clip(visual).items()}
     prefix = "text." if nested else ""
-    out.update({prefix + k: v for k, v in text_tower.convert_to_open_clip(text, nested).items()})
+    if _hf_text(cfg):
+        from . import open_clip_hf
+
+        text = open_clip_hf.convert_to_open_clip(text, cfg.text)
+    else:
+        text = text_tower.convert_to_open_clip(text, nested)
+    out.update({prefix + k: v for k, v in text.items()})
     out.update({k: v for k, v in sd.items() if k in ("logit_scale", "logit_bias")})
     return out

@@ -10,13 +10,24 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 import os
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from ..config import CLIPConfig, ConvNeXtConfig, PreprocessConfig, ResNetConfig, TextConfig, VisionTransformerConfig
+from ..config import (
+    CLIPConfig,
+    ConvNeXtConfig,
+    HFTextConfig,
+    PreprocessConfig,
+    ResNetConfig,
+    TextConfig,
+    TokenizerConfig,
+    VisionTransformerConfig,
+)
+from . import open_clip_hf
 from .io import CheckpointError, atomic_directory, load_state_dict
 from .open_clip import convert_from_open_clip, convert_to_open_clip, custom_text
 
@@ -58,19 +69,18 @@ TIMM_SIGLIP: dict[str, tuple[int, int, int, float, int, int, str]] = {
     for size, variants in _SIGLIP_VARIANTS.items()
     for variant in variants
 }
-# Text vocabularies by size: their end and padding ids, and the tokenizer OpenCLIP's text_cfg names for them.
+# Text vocabularies by size: their end and padding ids as their tokenizers emit them (the tokenizer itself travels
+# as a TokenizerConfig: see tokenizer_from_open_clip and config_to_open_clip's `tokenizer`).
 _VOCABS: dict[int, dict[str, Any]] = {
-    49408: {"eos_id": 49407, "pad_id": 0, "tokenizer": {}},  # CLIP's BPE: OpenCLIP's default tokenizer
-    32000: {  # SigLIP's English SentencePiece vocabulary
-        "eos_id": 1,
-        "pad_id": 1,
-        "tokenizer": {"hf_tokenizer_name": "timm/ViT-B-16-SigLIP", "tokenizer_kwargs": {"clean": "canonicalize"}},
-    },
-    250000: {"eos_id": 1, "pad_id": 1, "tokenizer": {}},  # SigLIP's multilingual (mC4) SentencePiece vocabulary
-    256000: {"eos_id": 1, "pad_id": 0, "tokenizer": {}},  # SigLIP 2's Gemma vocabulary
-    250100: {"eos_id": 1, "pad_id": 0, "tokenizer": {}},  # mT5's (MetaCLIP 2 L/14)
-    901629: {"eos_id": 2, "pad_id": 1, "tokenizer": {}},  # XLM-V's (MetaCLIP 2)
+    49408: {"eos_id": 49407, "pad_id": 0},  # CLIP's BPE: OpenCLIP's default tokenizer
+    32000: {"eos_id": 1, "pad_id": 1},  # SigLIP's English SentencePiece vocabulary
+    250000: {"eos_id": 1, "pad_id": 1},  # SigLIP's multilingual (mC4) SentencePiece vocabulary
+    256000: {"eos_id": 1, "pad_id": 0},  # SigLIP 2's Gemma vocabulary
+    250100: {"eos_id": 1, "pad_id": 0},  # mT5's (MetaCLIP 2 L/14)
+    901629: {"eos_id": 2, "pad_id": 1},  # XLM-V's (MetaCLIP 2)
 }
+# OpenCLIP's HFTokenizer cleans with "whitespace" unless tokenizer_kwargs say otherwise.
+_HF_CLEAN = "whitespace"
 # OpenCLIP ViT/text options clipworks has no counterpart for, with the values (OpenCLIP's defaults) it accepts.
 _BLOCK_FIXED = {"ls_init_value": (None,), "block_type": (None, "default"), "qk_norm": (False,),
                 "scaled_cosine_attn": (False,), "scale_heads": (False,), "scale_attn_inner": (False,),
@@ -103,7 +113,9 @@ def _act(d: dict[str, Any], quick_gelu: bool, where: str) -> str:
     raise CheckpointError(f"{where}.act_kwargs={kwargs!r}: only {{'approximate': 'tanh'}} (with GELU) is supported")
 
 
-def _text_from_open_clip(t: dict[str, Any], quick_gelu: bool) -> TextConfig:
+def _text_from_open_clip(t: dict[str, Any], quick_gelu: bool) -> TextConfig | HFTextConfig:
+    if t.get("hf_model_name"):  # a Hugging Face encoder, named by model (OpenCLIP's quick_gelu does not reach it)
+        return open_clip_hf.text_config_from_open_clip(t)
     _require_defaults(t, _TEXT_FIXED, "text_cfg")
     vocab_size = t.get("vocab_size", 49408)
     known = _VOCABS.get(vocab_size, {"eos_id": TextConfig.eos_id, "pad_id": TextConfig.pad_id})
@@ -179,8 +191,9 @@ def config_from_open_clip(model_cfg: dict[str, Any]) -> CLIPConfig:
     """A clipworks config from an OpenCLIP model config (a model_configs JSON, or `model_cfg` of a hub config).
 
     Raises:
-        CheckpointError: an architecture or option clipworks does not implement (CoCa, HF text towers, timm
-            models other than ConvNeXt and SigLIP ViTs, layer scale, ...), named.
+        CheckpointError: an architecture or option clipworks does not implement (CoCa, Hugging Face text towers
+            other than those of open_clip_hf.HF_TEXT_MODELS, timm models other than ConvNeXt and SigLIP ViTs, layer
+            scale, ...), named.
     """
     if not isinstance(model_cfg, dict):
         raise CheckpointError(f"model_cfg must be a JSON object, got {type(model_cfg).__name__}")
@@ -213,11 +226,13 @@ def _eps_to_open_clip(eps: float) -> dict[str, Any]:
     return {} if eps == _NORM_EPS else {"norm_kwargs": {"eps": eps}}
 
 
-def _text_to_open_clip(t: TextConfig) -> dict[str, Any]:
-    known = _VOCABS.get(t.vocab_size, {"pad_id": 0, "tokenizer": {}})
+def _text_to_open_clip(t: TextConfig | HFTextConfig) -> dict[str, Any]:
+    if t.kind != TextConfig.kind:
+        return open_clip_hf.text_config_to_open_clip(t)
+    known = _VOCABS.get(t.vocab_size, {"pad_id": 0})
     if t.pool not in ("argmax", "eos", "last"):
         raise ValueError(f"text.pool={t.pool!r} cannot be written for OpenCLIP; expected 'argmax', 'eos' or 'last'")
-    d: dict[str, Any] = {"context_length": t.context_length, "vocab_size": t.vocab_size, **known["tokenizer"],
+    d: dict[str, Any] = {"context_length": t.context_length, "vocab_size": t.vocab_size,
                          "width": t.width, "heads": t.heads, "layers": t.layers}  # fmt: skip
     if t.mlp_ratio != 4.0:
         d["mlp_ratio"] = t.mlp_ratio
@@ -290,14 +305,27 @@ def _vision_to_open_clip(v) -> dict[str, Any]:
             "timm_drop": 0.0, "timm_drop_path": v.drop_path, "image_size": v.image_size}  # fmt: skip
 
 
-def config_to_open_clip(cfg: CLIPConfig) -> dict[str, Any]:
+def _quick_gelu(cfg: CLIPConfig) -> bool:
+    """OpenCLIP's quick_gelu flag: both towers' activation, or the image tower's beside a Hugging Face text tower
+    (which has its own activations)."""
+    if cfg.text.kind == TextConfig.kind:
+        return cfg.text.act == "quick_gelu"
+    return cfg.vision.kind == "vit" and cfg.vision.act == "quick_gelu"
+
+
+def config_to_open_clip(cfg: CLIPConfig, tokenizer: TokenizerConfig | None = None) -> dict[str, Any]:
     """The OpenCLIP model config for `cfg` (as in OpenCLIP's model_configs JSON files; defaults left out).
+
+    Args:
+        cfg: the architecture.
+        tokenizer: the text tower's tokenizer; a kind="hf" one is written as text_cfg's `hf_tokenizer_name` and
+            `tokenizer_kwargs` (None, or CLIP's BPE, writes no tokenizer keys: OpenCLIP's default).
 
     Raises:
         ValueError: a config OpenCLIP cannot build: sizes no timm model has (ConvNeXt, SigLIP), towers whose
             activations differ in a way its single `quick_gelu` flag cannot say, ...
     """
-    quick = cfg.text.act == "quick_gelu"
+    quick = _quick_gelu(cfg)
     if cfg.vision.kind == "vit" and cfg.vision.pool == "cls" and (cfg.vision.act == "quick_gelu") != quick:
         raise ValueError(f"vision.act={cfg.vision.act!r} with text.act={cfg.text.act!r}: OpenCLIP's quick_gelu flag "
                          "applies to both towers")  # fmt: skip
@@ -308,9 +336,46 @@ def config_to_open_clip(cfg: CLIPConfig) -> dict[str, Any]:
         d["init_logit_scale"] = cfg.init_logit_scale
     if cfg.init_logit_bias is not None:
         d["init_logit_bias"] = cfg.init_logit_bias
-    if custom_text(cfg):
+    if custom_text(cfg) and (cfg.text.kind == TextConfig.kind or cfg.init_logit_bias is not None):
+        # OpenCLIP builds every Hugging Face text tower as a CustomTextCLIP whatever the flag says; its configs set
+        # the flag for those only in SigLIP-style (logit bias) models, so the flag is written as they write it
         d["custom_text"] = True
-    return {**d, "vision_cfg": _vision_to_open_clip(cfg.vision), "text_cfg": _text_to_open_clip(cfg.text)}
+    text = {**_text_to_open_clip(cfg.text), **_tokenizer_to_open_clip(tokenizer)}
+    return {**d, "vision_cfg": _vision_to_open_clip(cfg.vision), "text_cfg": text}
+
+
+def _tokenizer_to_open_clip(tok: TokenizerConfig | None) -> dict[str, Any]:
+    if tok is None or tok.kind != "hf":
+        return {}
+    if tok.source is None:
+        raise ValueError("a Hugging Face tokenizer with no source cannot be named in OpenCLIP's hf_tokenizer_name")
+    kwargs = {"clean": tok.clean} if tok.clean != _HF_CLEAN else {}
+    if tok.language is not None:
+        kwargs["language"] = tok.language
+    return {"hf_tokenizer_name": tok.source, **({"tokenizer_kwargs": kwargs} if kwargs else {})}
+
+
+def tokenizer_from_open_clip(model_cfg: dict[str, Any]) -> TokenizerConfig:
+    """The tokenizer an OpenCLIP model config names: text_cfg's hf_tokenizer_name with its tokenizer_kwargs
+    (OpenCLIP cleans with "whitespace" by default), else CLIP's BPE; at text_cfg's context_length (default 77).
+
+    Raises:
+        CheckpointError: tokenizer options clipworks does not implement (BERT's strip_sep_token, tokenizer_mode).
+    """
+    text = dict(model_cfg.get("text_cfg") or {})
+    context = text.get("context_length", 77)
+    name = text.get("hf_tokenizer_name")
+    if not name:
+        return TokenizerConfig(context_length=context)
+    kwargs = dict(text.get("tokenizer_kwargs") or {})
+    unknown = sorted(set(kwargs) - {"clean", "language"}) + (["tokenizer_mode"] if text.get("tokenizer_mode") else [])
+    if unknown:
+        raise CheckpointError(f"text_cfg tokenizer options clipworks does not implement: {unknown}")
+    try:
+        return TokenizerConfig(kind="hf", source=name, clean=kwargs.get("clean", _HF_CLEAN), context_length=context,
+                               language=kwargs.get("language"))  # fmt: skip
+    except ValueError as e:
+        raise CheckpointError(f"text_cfg.tokenizer_kwargs: {e}") from e
 
 
 def preprocess_from_open_clip(pp: dict[str, Any], image_size: int) -> PreprocessConfig:
@@ -398,6 +463,17 @@ def load_open_clip_dir(path: str | os.PathLike) -> tuple[CLIPConfig, PreprocessC
         raise CheckpointError(f"weights in {weights}: {e}") from e
 
 
+def _named_tokenizer(tok: TokenizerConfig | None) -> TokenizerConfig | None:
+    """`tok` with a source OpenCLIP's hf_tokenizer_name can hold: a tokenizer read from a local directory is named
+    as that directory's own OpenCLIP config names it (the hub repository it came from), else by the directory's
+    path. (OpenCLIP's local-dir: loads read the files in the directory whatever the name says.)"""
+    if tok is None or tok.kind != "hf" or tok.source is None or not Path(tok.source).expanduser().is_dir():
+        return tok
+    source = Path(tok.source).expanduser()
+    named = tokenizer_from_open_clip(_read_config(source)["model_cfg"]).source if is_open_clip_dir(source) else None
+    return replace(tok, source=named or str(source.resolve()))
+
+
 def save_open_clip_dir(model, path: str | os.PathLike, preprocess: PreprocessConfig) -> Path:
     """Write `model` in OpenCLIP's layout, which `open_clip.create_model_and_transforms("local-dir:" + path)` loads.
 
@@ -408,10 +484,16 @@ def save_open_clip_dir(model, path: str | os.PathLike, preprocess: PreprocessCon
     """
     from safetensors.torch import save_file
 
-    config = {"model_cfg": config_to_open_clip(model.config), "preprocess_cfg": preprocess_to_open_clip(preprocess)}
+    from ..hf_tokenizer import copy_tokenizer_files
+
+    tokenizer = getattr(model, "tokenizer_config", None)
+    config = {"model_cfg": config_to_open_clip(model.config, _named_tokenizer(tokenizer)),
+              "preprocess_cfg": preprocess_to_open_clip(preprocess)}  # fmt: skip
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     sd = convert_to_open_clip(sd, model.config)
     with atomic_directory(path) as tmp:
+        if tokenizer is not None:  # OpenCLIP's local-dir: loads read a Hugging Face tokenizer's files from here
+            copy_tokenizer_files(tokenizer, tmp)
         save_file(sd, str(tmp / SAFETENSORS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return Path(path)

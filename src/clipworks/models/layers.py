@@ -15,7 +15,12 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
+ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "quick_gelu": QuickGELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,  # M2M100 / NLLB
+}
 
 
 def build_activation(name: str) -> nn.Module:
@@ -81,6 +86,8 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    int8_linears = ("attn.qkv", "attn.out", "mlp.fc1", "mlp.fc2")  # what `quant.quantize_int8` replaces
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, act: str, norm_eps: float):
         super().__init__()

@@ -13,7 +13,7 @@ The outputs are not the fp32 model's: the embeddings measured here are within co
 (a random ViT-B-32; the trained demo model of `clipworks train`, whose held-out zero-shot accuracy moved from
 56.4% to 56.8%), and models with large activation outliers can lose more. So this is an opt-in
 (`--int8` on `clipworks embed`, `serve`, `eval` and `classify`), never a default.
-Only the blocks' qkv, output and MLP projections are quantised (nearly all of the FLOPs); embeddings,
+Only the blocks' attention (qkv, output) and MLP projections are quantised (nearly all of the FLOPs); embeddings,
 norms, attention itself, pooling and the final projections stay fp32. For inference only: the quantised
 layers hold buffers, not parameters, and have no gradient.
 """
@@ -81,18 +81,20 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         ValueError: the model is not on the CPU, or has no transformer blocks (a ResNet or ConvNeXt image
             tower alone).
     """
-    from .layers import Block
-
     devices = {p.device.type for p in model.parameters()}
     if devices - {"cpu"}:
         raise ValueError(f"int8 inference runs on the CPU; the model is on {sorted(devices)}")
     if not int8_products_available():
         raise ValueError(f"this torch build ({torch.__version__}) has no CPU int8 matrix product (torch._int_mm)")
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    # A transformer block names its quantisable linears (dotted paths) in `int8_linears`: layers.Block, and the
+    # Hugging Face text families' blocks (models/hf_text.py).
+    blocks = [m for m in model.modules() if getattr(m, "int8_linears", None)]
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no transformer blocks to quantise")
     for block in blocks:
-        for parent, name in ((block.attn, "qkv"), (block.attn, "out"), (block.mlp, "fc1"), (block.mlp, "fc2")):
+        for path in block.int8_linears:
+            parent_path, _, name = path.rpartition(".")
+            parent = block.get_submodule(parent_path)
             layer = getattr(parent, name)
             if isinstance(layer, nn.Linear):
                 setattr(parent, name, Int8Linear(layer))

@@ -82,7 +82,13 @@ class VisionTransformer(nn.Module):
 
     def embed(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) to the token sequence the first block sees, (B, N, D)."""
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = self.patch_embed(images)  # (B, D, h, w)
+        S, grid = self.image_size, self.image_size // self.config.patch_size
+        if x.shape[-2:] != (grid, grid):
+            raise ValueError(f"images of {images.shape[-2]}x{images.shape[-1]} pixels; this model takes {S}x{S} "
+                             "(fixed-size square input: other resolutions and aspect ratios, such as Siglip2's "
+                             "NaFlex, are not supported)")  # fmt: skip
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         if self.class_token is not None:
             cls = self.class_token.to(x.dtype).expand(x.shape[0], 1, -1)
             x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
