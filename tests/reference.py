@@ -30,23 +30,31 @@ def tiny_config(cfg: CLIPConfig) -> CLIPConfig:
     return replace(cfg, embed_dim=embed, vision=vision, text=text)
 
 
-def open_clip_meta_model(name: str):
-    """OpenCLIP's full-size model for a preset name, on the meta device (no memory, no init cost)."""
+def open_clip_full_model(name: str, device: str | None = None):
+    """OpenCLIP's full-size model for a preset name, randomly initialised (on the meta device: no memory, no init cost).
+
+    OpenCLIP reads an HF text tower's size from the hub: the named model's config is built here instead (offline).
+    """
     import open_clip
 
     cfg = open_clip.factory.get_model_config(name)
     hf_name = cfg.get("text_cfg", {}).get("hf_model_name")
-    if hf_name:  # OpenCLIP reads the text tower's size from the hub: give it the named model's config, built here
+    if hf_name:
         from clipworks.checkpoints.open_clip_hf import HF_TEXT_MODELS
 
         cfg.pop("custom_text", False)  # OpenCLIP builds every HF text tower as a CustomTextCLIP
         cfg["text_cfg"]["hf_model_pretrained"] = False
         config = transformers_config(HF_TEXT_MODELS[hf_name], HF_MODEL_TYPES[hf_name])
-        with local_hf_config(config), torch.device("meta"):
-            return open_clip.model.CustomTextCLIP(**cfg)
+        with local_hf_config(config), torch.device(device or "cpu"):
+            return open_clip.model.CustomTextCLIP(**cfg).eval()
     cls = open_clip.model.CLIP if not cfg.pop("custom_text", False) else open_clip.model.CustomTextCLIP
-    with torch.device("meta"):
-        return cls(**cfg)
+    with torch.device(device or "cpu"):
+        return cls(**cfg).eval()
+
+
+def open_clip_meta_model(name: str):
+    """OpenCLIP's full-size model for a preset name, on the meta device (no memory, no init cost)."""
+    return open_clip_full_model(name, device="meta")
 
 
 def perturb_(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> None:

@@ -281,8 +281,9 @@ def test_timm_tables_match_timm():
             tanh = type(act_layer).__name__ == "GELUTanh" or getattr(act_layer, "approximate", "none") == "tanh"
             got = (m.embed_dim, len(m.blocks), m.blocks[0].attn.num_heads, m.blocks[0].mlp.fc1.out_features,
                    m.patch_embed.patch_size, m.patch_embed.img_size, m.cls_token, m.global_pool, tanh)  # fmt: skip
-            want = (width, layers, heads, int(width * mlp_ratio), (patch,) * 2, (image,) * 2, None, "map", act == "gelu_tanh")
-            assert got == want, name
+            tanh_wanted = act == "gelu_tanh"
+            assert got == (width, layers, heads, int(width * mlp_ratio), (patch,) * 2, (image,) * 2, None, "map",
+                           tanh_wanted), name  # fmt: skip
 
 
 # transformers' layout ------------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ import torch
 
 import clipworks
 from clipworks.checkpoints.open_clip import convert_from_open_clip
-from reference import perturb_
+from reference import open_clip_full_model, perturb_
 
 open_clip = pytest.importorskip("open_clip")
+pytest.importorskip("transformers")  # the configs of the Hugging Face text towers OpenCLIP builds
 
 SLOW = pytest.mark.slow
 MODELS = [
@@ -22,6 +23,9 @@ MODELS = [
     pytest.param("ViT-SO400M-16-SigLIP-i18n-256", marks=SLOW),  # text without projection, tanh-GELU image tower
     pytest.param("ViT-gopt-16-SigLIP2-256", marks=SLOW),  # text width 1152 projected to 1536; 47 s, 8.4 GB here
     pytest.param("ViT-L-14-worldwide", marks=SLOW),  # MetaCLIP 2: mT5's 250,100-token vocabulary, pooled at </s>
+    pytest.param("xlm-roberta-base-ViT-B-32", marks=SLOW),  # XLM-R text tower, mean-pooled, MLP projection
+    pytest.param("nllb-clip-base", marks=SLOW),  # NLLB-600M's encoder, first-token pooled, linear projection
+    pytest.param("mt5-base-ViT-B-32", marks=SLOW),  # mT5's encoder: relative positions, gated GELU
 ]
 
 
@@ -31,14 +35,14 @@ def _tokens(t, rows: int = 3) -> torch.Tensor:
     tokens = torch.full((rows, t.context_length), t.pad_id)
     for row, n in enumerate([4, t.context_length - 1, 11][:rows]):
         tokens[row, :n] = torch.randint(3, t.vocab_size, (n,), generator=g)
-        tokens[row, n] = t.eos_id
+        tokens[row, n] = getattr(t, "eos_id", 2)  # XLM-R and NLLB end with </s> = 2; for mT5 any non-pad id serves
     return tokens
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_full_size_outputs_match_open_clip(name, tmp_path):
     torch.manual_seed(0)
-    ref = open_clip.create_model(name).eval()
+    ref = open_clip_full_model(name)
     perturb_(ref, std=0.02)
     cfg = clipworks.get_preset(name)
     with torch.device("meta"):
@@ -49,5 +53,6 @@ def test_full_size_outputs_match_open_clip(name, tmp_path):
     images = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
     tokens = _tokens(cfg.text)
     with torch.inference_mode():
-        assert (ours.encode_image(images, normalize=True) - ref.encode_image(images, normalize=True)).abs().max() <= 1e-5
-        assert (ours.encode_text(tokens, normalize=True) - ref.encode_text(tokens, normalize=True)).abs().max() <= 1e-5
+        image_diff = ours.encode_image(images, normalize=True) - ref.encode_image(images, normalize=True)
+        text_diff = ours.encode_text(tokens, normalize=True) - ref.encode_text(tokens, normalize=True)
+    assert image_diff.abs().max() <= 1e-5 and text_diff.abs().max() <= 1e-5

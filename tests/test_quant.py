@@ -60,7 +60,7 @@ def test_int8_linear_slices_zero_rows_and_devices():
     assert "in_features=48, out_features=40, bias=False" in repr(q)
 
 
-@pytest.mark.parametrize("preset", ["ViT-B-32", "RN50"])
+@pytest.mark.parametrize("preset", ["ViT-B-32", "RN50", "ViT-SO400M-16-SigLIP-i18n-256"])
 def test_quantised_model_stays_close_to_fp32(preset):
     torch.manual_seed(0)
     model = clipworks.create_model(tiny_config(clipworks.get_preset(preset))).eval()

@@ -190,7 +190,9 @@ _RELEASES: dict[str, dict[str, tuple[str, dict, str | None]]] = {
     "ViT-H-14-worldwide-378": {
         "metaclip2_worldwide": ("timm/vit_huge_patch14_clip_378.metaclip2_worldwide", _SQUASH_PP, _NC)
     },
-    "ViT-bigG-14-worldwide": {"metaclip2_worldwide": ("timm/vit_gigantic_patch14_clip_224.metaclip2_worldwide", {}, _NC)},
+    "ViT-bigG-14-worldwide": {
+        "metaclip2_worldwide": ("timm/vit_gigantic_patch14_clip_224.metaclip2_worldwide", {}, _NC)
+    },
     "ViT-bigG-14-worldwide-378": {
         "metaclip2_worldwide": ("timm/vit_gigantic_patch14_clip_378.metaclip2_worldwide", _SQUASH_PP, _NC)
     },

@@ -266,6 +266,7 @@ def config_to_siglip(cfg: CLIPConfig) -> dict[str, Any]:
             "projection_size": cfg.embed_dim,
             "pad_token_id": t.pad_id,
             "eos_token_id": t.eos_id,
+            "bos_token_id": None,  # SigLIP's tokenizers add no start token (transformers' default is CLIP's 49406)
         },
         "vision_config": {
             "model_type": "siglip_vision_model",

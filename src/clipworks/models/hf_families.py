@@ -23,6 +23,18 @@ def _init_linear(layer: nn.Linear, std: float) -> None:
         nn.init.zeros_(layer.bias)
 
 
+def _init_normal(tower: nn.Module, std: float) -> None:
+    """transformers' init of BERT and M2M100: N(0, std) weights and embeddings, zero biases, unit LayerNorms."""
+    for module in tower.modules():
+        if isinstance(module, nn.Linear):
+            _init_linear(module, std)
+        elif isinstance(module, nn.Embedding):
+            _init_embedding(module, std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 def _init_embedding(embedding: nn.Embedding, std: float) -> None:
     nn.init.normal_(embedding.weight, std=std)
     if embedding.padding_idx is not None:
@@ -58,14 +70,7 @@ class BertTextTower(HFTextTower):
 
     def init_weights(self) -> None:
         """transformers' BERT init: N(0, 0.02) weights, zero biases, unit LayerNorms."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                _init_linear(module, 0.02)
-            elif isinstance(module, nn.Embedding):
-                _init_embedding(module, 0.02)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        _init_normal(self, 0.02)
         self.init_head()
 
     def embed(self, tokens: Tensor, mask: Tensor) -> Tensor:
@@ -183,14 +188,7 @@ class M2M100TextTower(HFTextTower):
 
     def init_weights(self) -> None:
         """transformers' M2M100 init: N(0, 0.02) weights, zero biases, unit LayerNorms."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                _init_linear(module, 0.02)
-            elif isinstance(module, nn.Embedding):
-                _init_embedding(module, 0.02)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        _init_normal(self, 0.02)
         self.init_head()
 
     def embed(self, tokens: Tensor, mask: Tensor) -> Tensor:

@@ -72,7 +72,8 @@ def build_model(m: ModelConfig, loss: str = "clip"):
     if m.name == "tiny":
         model, tokenizer = create_model(tiny_clip_config(m, loss), m.pretrained), Tokenizer(m.context_length)
     else:
-        model, tokenizer = create_model(m.name, m.pretrained), get_tokenizer(m.name)
+        model = create_model(m.name, m.pretrained)
+        tokenizer = get_tokenizer(model)  # the one the weights came with (a checkpoint directory may name its own)
     for locked, tower in ((m.lock_image, model.visual), (m.lock_text, model.text)):
         if locked:
             tower.requires_grad_(False)
@@ -329,6 +330,7 @@ class Runner:
             return None
         model = CLIP(self.model.config)
         model.load_state_dict(state)
+        model.tokenizer_config = self.model.tokenizer_config  # a fine-tuned SigLIP keeps its own tokenizer
         return model
 
     def _finish(self) -> TrainResult:
