@@ -182,3 +182,15 @@ def open_clip_hf_model(cfg: CLIPConfig, model_type: str):
     plain_text = TextConfig(context_length=t.context_length, width=8, heads=1, layers=1, act=act)
     model.visual = open_clip_model(replace(cfg, text=plain_text)).visual
     return model
+
+
+def with_changes(config: dict, **changes) -> dict:
+    """`config` (a transformers config dict) with `changes` applied: "tower__field" names a field of a sub-config
+    ("text_config__hidden_act"), a plain key a top-level field."""
+    for key, value in changes.items():
+        tower, _, field = key.partition("__")
+        if field:
+            config[tower][field] = value
+        else:
+            config[key] = value
+    return config

@@ -25,6 +25,7 @@ from clipworks.config import OPENAI_MEAN, OPENAI_STD
 from clipworks.factory import create_model
 from clipworks.presets import get_preset
 from clipworks.tokenizer import default_tokenizer
+from reference import with_changes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -203,13 +204,7 @@ def test_preprocess_config(tmp_path):
 
 def _hf_dict(**changes) -> dict:
     d = tiny_hf_config("gelu", 49407).to_dict()
-    for key, value in changes.items():
-        tower, _, field = key.partition("__")
-        if field:
-            d[tower][field] = value
-        else:
-            d[key] = value
-    return d
+    return with_changes(d, **changes)
 
 
 @pytest.mark.parametrize(

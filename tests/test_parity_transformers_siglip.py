@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import open_clip_model, perturb_, tiny_config
+from reference import open_clip_model, perturb_, tiny_config, with_changes
 
 from clipworks import CLIP, get_preset
 from clipworks.checkpoints.export import formats_for, save_pretrained
@@ -386,13 +386,7 @@ def test_models_no_transformers_class_holds_say_which_formats_can(tmp_path):
 def _siglip_dict(model_type: str = "siglip", **changes) -> dict:
     vision = {**SIGLIP_VISION, "image_size": 32} if model_type == "siglip" else {**SIGLIP_VISION, "num_patches": 16}
     d = {"model_type": model_type, "text_config": dict(SIGLIP_TEXT), "vision_config": vision}
-    for key, value in changes.items():
-        tower, _, field = key.partition("__")
-        if field:
-            d[tower][field] = value
-        else:
-            d[key] = value
-    return d
+    return with_changes(d, **changes)
 
 
 @pytest.mark.parametrize(
