@@ -93,11 +93,17 @@ def open_clip_model(cfg: CLIPConfig):
         vision = CLIPVisionCfg(layers=list(v.layers), width=v.width, image_size=v.image_size, patch_size=None)
         return CLIP(cfg.embed_dim, vision, text, quick_gelu=quick_gelu)
     if v.kind == "convnext":
-        vision = CLIPVisionCfg(timm_model_name="convnext_base", timm_pool="", timm_proj="linear",
+        vision = CLIPVisionCfg(timm_model_name="convnext_base", timm_pool="", timm_proj=v.proj_type,
                                image_size=v.image_size)  # fmt: skip
         model = CLIP(cfg.embed_dim, vision, text, quick_gelu=quick_gelu)
-        model.visual.trunk = timm.create_model("convnext_base", depths=v.depths, dims=v.dims, num_classes=0)
-        model.visual.head.proj = torch.nn.Linear(v.dims[-1], cfg.embed_dim, bias=False)
+        model.visual.trunk = timm.create_model("convnext_base", depths=v.depths, dims=v.dims, norm_eps=v.norm_eps,
+                                               num_classes=0)  # fmt: skip
+        if v.proj_type == "mlp":  # OpenCLIP's head for timm_proj="mlp", sized for the shrunk trunk
+            from timm.layers import Mlp
+
+            model.visual.head.mlp = Mlp(v.dims[-1], 2 * cfg.embed_dim, cfg.embed_dim, bias=(True, False))
+        else:
+            model.visual.head.proj = torch.nn.Linear(v.dims[-1], cfg.embed_dim, bias=False)
         return model
     # SigLIP: timm ViT with attention-pool head, OpenCLIP's bidirectional text tower pooled at the last token
     vision = CLIPVisionCfg(timm_model_name="vit_base_patch16_siglip_224", timm_pool="map", timm_proj="none",

@@ -26,6 +26,7 @@ MODELS = [
     pytest.param("xlm-roberta-base-ViT-B-32", marks=SLOW),  # XLM-R text tower, mean-pooled, MLP projection
     pytest.param("nllb-clip-base", marks=SLOW),  # NLLB-600M's encoder, first-token pooled, linear projection
     pytest.param("mt5-base-ViT-B-32", marks=SLOW),  # mT5's encoder: relative positions, gated GELU
+    pytest.param("convnext_large_d", marks=SLOW),  # ConvNeXt-L with the MLP head (timm_proj="mlp")
 ]
 
 

@@ -72,7 +72,7 @@ class ResNetConfig:
 
 @dataclass(frozen=True)
 class ConvNeXtConfig:
-    """A ConvNeXt image tower as OpenCLIP builds it through timm, with a linear projection head.
+    """A ConvNeXt image tower as OpenCLIP builds it through timm, with a projection head.
 
     Attributes:
         image_size: input side in pixels (square).
@@ -81,6 +81,9 @@ class ConvNeXtConfig:
         drop_path: stochastic depth rate at the last block (linearly increasing), training only.
         norm_eps: LayerNorm epsilon.
         layer_scale_init: initial value of the per-channel block gains.
+        proj_type: the head after pooling, as OpenCLIP's `timm_proj` names it: "linear" (one bias-free Linear to
+            embed_dim) or "mlp" (Linear to 2 * embed_dim with bias, GELU, bias-free Linear to embed_dim:
+            convnext_large_d).
     """
 
     image_size: int = 256
@@ -89,6 +92,7 @@ class ConvNeXtConfig:
     drop_path: float = 0.0
     norm_eps: float = 1e-6
     layer_scale_init: float = 1e-6
+    proj_type: str = "linear"
 
     kind = "convnext"
 

@@ -28,6 +28,23 @@ def _vit(embed: int, patch: int, width: int, layers: int, text: TextConfig, imag
     return CLIPConfig(embed, vision, text)
 
 
+# timm's ConvNeXt sizes, which OpenCLIP builds by name ("convnext_<size>"): (stage depths, stage widths, LayerNorm eps).
+CONVNEXT_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], float]] = {
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768), 1e-6),
+    "small": ((3, 3, 27, 3), (96, 192, 384, 768), 1e-6),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024), 1e-6),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536), 1e-6),
+    "xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048), 1e-6),
+    "xxlarge": ((3, 4, 30, 3), (384, 768, 1536, 3072), 1e-5),
+}
+
+
+def _convnext(size: str, embed: int, image: int, text: TextConfig, proj_type: str = "linear") -> CLIPConfig:
+    depths, dims, eps = CONVNEXT_SIZES[size]
+    vision = ConvNeXtConfig(image, depths, dims, drop_path=0.1, norm_eps=eps, proj_type=proj_type)
+    return CLIPConfig(embed, vision, text)
+
+
 _BASE: dict[str, CLIPConfig] = {
     "RN50": _resnet(1024, (3, 4, 6, 3), 64, 224, _text(512, 8)),
     "RN101": _resnet(512, (3, 4, 23, 3), 64, 224, _text(512, 8)),
@@ -42,9 +59,20 @@ _BASE: dict[str, CLIPConfig] = {
     "ViT-H-14": _vit(1024, 14, 1280, 32, _text(1024, 16, 24), head_width=80),
     "ViT-g-14": _vit(1024, 14, 1408, 40, _text(1024, 16, 24), head_width=88, mlp_ratio=4.3637),
     "ViT-bigG-14": _vit(1280, 14, 1664, 48, _text(1280, 20, 32), head_width=104, mlp_ratio=4.9231),
-    "convnext_base": CLIPConfig(512, ConvNeXtConfig(image_size=224, drop_path=0.1), _text(512, 8)),
-    "convnext_base_w": CLIPConfig(640, ConvNeXtConfig(image_size=256, drop_path=0.1), _text(640, 10)),
-    "convnext_base_w_320": CLIPConfig(640, ConvNeXtConfig(image_size=320, drop_path=0.1), _text(640, 10)),
+    "ViT-B-16-plus": _vit(640, 16, 896, 12, _text(640, 10)),
+    "ViT-B-16-plus-240": _vit(640, 16, 896, 12, _text(640, 10), image=240),
+    "ViT-H-14-378": _vit(1024, 14, 1280, 32, _text(1024, 16, 24), image=378, head_width=80),
+    "convnext_tiny": _convnext("tiny", 1024, 224, _text(512, 8)),
+    "convnext_small": _convnext("small", 512, 224, _text(512, 8)),
+    "convnext_base": _convnext("base", 512, 224, _text(512, 8)),
+    "convnext_base_w": _convnext("base", 640, 256, _text(640, 10)),
+    "convnext_base_w_320": _convnext("base", 640, 320, _text(640, 10)),
+    "convnext_large": _convnext("large", 768, 224, _text(768, 12)),
+    "convnext_large_d": _convnext("large", 768, 256, _text(768, 12, 16), proj_type="mlp"),
+    "convnext_large_d_320": _convnext("large", 768, 320, _text(768, 12, 16), proj_type="mlp"),
+    "convnext_xlarge": _convnext("xlarge", 1024, 256, _text(1024, 16, 20)),
+    "convnext_xxlarge": _convnext("xxlarge", 1024, 256, _text(1024, 16, 24)),
+    "convnext_xxlarge_320": _convnext("xxlarge", 1024, 320, _text(1024, 16, 24)),
 }
 
 
@@ -160,7 +188,7 @@ def _quickgelu(cfg: CLIPConfig) -> CLIPConfig:
 
 # OpenAI's weights were trained with QuickGELU: OpenCLIP names those variants "<name>-quickgelu".
 _QUICKGELU = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336",
-              "ViT-H-14", "ViT-bigG-14", "ViT-L-14-worldwide", "ViT-H-14-worldwide"]  # fmt: skip
+              "ViT-H-14", "ViT-H-14-378", "ViT-bigG-14", "ViT-L-14-worldwide", "ViT-H-14-worldwide"]  # fmt: skip
 _UNVARIED = {**_BASE, **_SIGLIP_PRESETS, **_WORLDWIDE_PRESETS, **_HF_TEXT_PRESETS}
 PRESETS: dict[str, CLIPConfig] = {**_UNVARIED, **{f"{n}-quickgelu": _quickgelu(_UNVARIED[n]) for n in _QUICKGELU}}
 

@@ -169,7 +169,25 @@ _RELEASES: dict[str, dict[str, tuple[str, dict, str | None]]] = {
         "laion2b_s39b_b160k": ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", {}, _MIT),
         "metaclip_fullcc": ("timm/vit_gigantic_patch14_clip_224.metaclip_2pt5b", _Q, _NC),
     },
+    # OpenCLIP's table points both B-16-plus-240 tags at the e31 repository; so does this one
+    "ViT-B-16-plus-240": {
+        "laion400m_e31": ("timm/vit_base_patch16_plus_clip_240.laion400m_e31", {}, _MIT),
+        "laion400m_e32": ("timm/vit_base_patch16_plus_clip_240.laion400m_e31", {}, _MIT),
+    },
+    "ViT-H-14-378": {"dfn5b": ("apple/DFN5B-CLIP-ViT-H-14-378", {**_Q, **_SQUASH_PP}, None)},
     "convnext_base": {"laion400m_s13b_b51k": ("laion/CLIP-convnext_base-laion400M-s13B-b51K", {}, _MIT)},
+    "convnext_large_d": {
+        "laion2b_s26b_b102k_augreg": ("laion/CLIP-convnext_large_d.laion2B-s26B-b102K-augreg", {}, _MIT),
+    },
+    "convnext_large_d_320": {
+        "laion2b_s29b_b131k_ft": ("laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft", {}, _MIT),
+        "laion2b_s29b_b131k_ft_soup": ("laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup", {}, _MIT),
+    },
+    "convnext_xxlarge": {
+        tag: (f"laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-{suffix}", {}, _MIT)
+        for tag, suffix in (("laion2b_s34b_b82k_augreg", "augreg"), ("laion2b_s34b_b82k_augreg_rewind", "augreg-rewind"),
+                            ("laion2b_s34b_b82k_augreg_soup", "augreg-soup"))
+    },
     "convnext_base_w": {
         "laion2b_s13b_b82k": ("laion/CLIP-convnext_base_w-laion2B-s13B-b82K", {}, _MIT),
         "laion2b_s13b_b82k_augreg": ("laion/CLIP-convnext_base_w-laion2B-s13B-b82K-augreg", {}, _MIT),

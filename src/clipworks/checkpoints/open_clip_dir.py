@@ -28,6 +28,7 @@ from ..config import (
     VisionTransformerConfig,
 )
 from . import open_clip_hf
+from ..presets import CONVNEXT_SIZES
 from .io import CheckpointError, atomic_directory, load_state_dict
 from .open_clip import convert_from_open_clip, convert_to_open_clip, custom_text
 
@@ -47,12 +48,7 @@ _HEAD_WIDTH = 64
 
 # timm ConvNeXt models OpenCLIP builds by name: (stage depths, stage widths, LayerNorm eps).
 TIMM_CONVNEXT: dict[str, tuple[tuple[int, ...], tuple[int, ...], float]] = {
-    "convnext_tiny": ((3, 3, 9, 3), (96, 192, 384, 768), 1e-6),
-    "convnext_small": ((3, 3, 27, 3), (96, 192, 384, 768), 1e-6),
-    "convnext_base": ((3, 3, 27, 3), (128, 256, 512, 1024), 1e-6),
-    "convnext_large": ((3, 3, 27, 3), (192, 384, 768, 1536), 1e-6),
-    "convnext_xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048), 1e-6),
-    "convnext_xxlarge": ((3, 4, 30, 3), (384, 768, 1536, 3072), 1e-5),
+    f"convnext_{size}": sizes for size, sizes in CONVNEXT_SIZES.items()
 }
 # timm's SigLIP ViTs (attention-pool head, no class token):
 # (width, layers, heads, mlp_ratio, patch, image size, activation). timm's newer variants use tanh GELU.
@@ -143,10 +139,11 @@ def _text_from_open_clip(t: dict[str, Any], quick_gelu: bool) -> TextConfig | HF
 def _timm_from_open_clip(v: dict[str, Any]) -> VisionTransformerConfig | ConvNeXtConfig:
     name = v["timm_model_name"]
     head = (v.get("timm_pool", "avg"), v.get("timm_proj", "linear"), bool(v.get("timm_proj_bias", False)))
-    if name in TIMM_CONVNEXT and head == ("", "linear", False):
+    if name in TIMM_CONVNEXT and head in (("", "linear", False), ("", "mlp", False)):
         depths, dims, eps = TIMM_CONVNEXT[name]
         drop_path = v.get("timm_drop_path") or 0.0
-        return ConvNeXtConfig(v.get("image_size", 224), depths, dims, drop_path=drop_path, norm_eps=eps)
+        return ConvNeXtConfig(v.get("image_size", 224), depths, dims, drop_path=drop_path, norm_eps=eps,
+                              proj_type=head[1])  # fmt: skip
     if name in TIMM_SIGLIP and head == ("map", "none", False):
         width, layers, heads, mlp_ratio, patch, image, act = TIMM_SIGLIP[name]
         # OpenCLIP passes image_size to timm, which sizes the position table for it (SO400M/14-378 reads 384's)
@@ -159,7 +156,7 @@ def _timm_from_open_clip(v: dict[str, Any]) -> VisionTransformerConfig | ConvNeX
     if name in known:
         raise CheckpointError(
             f"vision_cfg: timm {name} with timm_pool/timm_proj/timm_proj_bias={head} is not supported; expected "
-            "('', 'linear', False) for ConvNeXt, ('map', 'none', False) for SigLIP"
+            "('', 'linear' or 'mlp', False) for ConvNeXt, ('map', 'none', False) for SigLIP"
         )
     raise CheckpointError(f"vision_cfg.timm_model_name={name!r} is not supported; clipworks has {known}")
 
@@ -301,7 +298,7 @@ def _vision_to_open_clip(v) -> dict[str, Any]:
     if v.layer_scale_init != 1e-6:
         raise ValueError(f"layer_scale_init={v.layer_scale_init}: timm's ConvNeXt starts its layer scale at 1e-6")
     name = _timm_name(TIMM_CONVNEXT, (tuple(v.depths), tuple(v.dims), v.norm_eps), "ConvNeXt (depths, dims, norm_eps)")
-    return {"timm_model_name": name, "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear",
+    return {"timm_model_name": name, "timm_model_pretrained": False, "timm_pool": "", "timm_proj": v.proj_type,
             "timm_drop": 0.0, "timm_drop_path": v.drop_path, "image_size": v.image_size}  # fmt: skip
 
 

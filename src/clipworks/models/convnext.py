@@ -85,7 +85,7 @@ class ConvNeXt(nn.Module):
             Stage(widths[i], widths[i + 1], i > 0, r.tolist(), cfg) for i, r in enumerate(rates)
         )
         self.norm = nn.LayerNorm(cfg.dims[-1], eps=cfg.norm_eps)
-        self.proj = nn.Linear(cfg.dims[-1], embed_dim, bias=False)
+        self.proj = _head(cfg.proj_type, cfg.dims[-1], embed_dim)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -100,7 +100,9 @@ class ConvNeXt(nn.Module):
                 m.reset_parameters()
             elif isinstance(m, Block):
                 nn.init.constant_(m.layer_scale, self.cfg.layer_scale_init)
-        self.proj.reset_parameters()
+        for layer in self.proj.modules():
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass (training only)."""
@@ -113,6 +115,27 @@ class ConvNeXt(nn.Module):
             x = stage(x, grad_checkpointing=self.grad_checkpointing and self.training)
         x = self.norm(x.mean(dim=(2, 3)))  # (B, D)
         return self.proj(x)  # (B, E)
+
+
+class MLPHead(nn.Module):
+    """OpenCLIP's `timm_proj="mlp"` head: fc1 (to 2 * embed_dim, with bias), GELU, fc2 (to embed_dim, no bias)."""
+
+    def __init__(self, width: int, embed_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, 2 * embed_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * embed_dim, embed_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _head(proj_type: str, width: int, embed_dim: int) -> nn.Module:
+    if proj_type == "linear":
+        return nn.Linear(width, embed_dim, bias=False)
+    if proj_type == "mlp":
+        return MLPHead(width, embed_dim)
+    raise ValueError(f"unknown ConvNeXt proj_type {proj_type!r}; expected 'linear' or 'mlp'")
 
 
 def _drop_path(x: Tensor, p: float, training: bool) -> Tensor:
@@ -139,7 +162,8 @@ def _key_map() -> KeyMap:
                   for o, t in (("conv_dw", "conv_dw"), ("norm", "norm"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"))
                   for k in ("weight", "bias")]
     rules += [Rule(f"norm.{k}", f"trunk.head.norm.{k}") for k in ("weight", "bias")]
-    rules.append(Rule("proj.weight", "head.proj.weight"))
+    rules.append(Rule("proj.weight", "head.proj.weight"))  # timm_proj="linear"
+    rules += [Rule(f"proj.{k}", f"head.mlp.{k}") for k in ("fc1.weight", "fc1.bias", "fc2.weight")]  # "mlp"
     return KeyMap(rules)
 
 
