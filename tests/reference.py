@@ -84,10 +84,13 @@ def open_clip_model(cfg: CLIPConfig):
     v, t = cfg.vision, cfg.text
     quick_gelu = t.act == "quick_gelu"
     text = CLIPTextCfg(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
-                       layers=t.layers, mlp_ratio=t.mlp_ratio, pool_type=t.pool, eos_id=t.eos_id)  # fmt: skip
-    if v.kind == "vit" and v.pool == "cls":
+                       layers=t.layers, mlp_ratio=t.mlp_ratio, pool_type=t.pool, eos_id=t.eos_id,
+                       no_causal_mask=not t.causal)  # fmt: skip
+    if v.kind == "vit" and v.pool in ("cls", "avg"):  # OpenAI's ViT, and CLIPA's (patch average, no ln_pre)
         vision = CLIPVisionCfg(layers=v.layers, width=v.width, head_width=v.width // v.heads, mlp_ratio=v.mlp_ratio,
-                               patch_size=v.patch_size, image_size=v.image_size)  # fmt: skip
+                               patch_size=v.patch_size, image_size=v.image_size, no_ln_pre=not v.ln_pre,
+                               pool_type="avg" if v.pool == "avg" else "tok",
+                               final_ln_after_pool=v.pool == "avg")  # fmt: skip
         return CLIP(cfg.embed_dim, vision, text, quick_gelu=quick_gelu)
     if v.kind == "resnet":
         vision = CLIPVisionCfg(layers=list(v.layers), width=v.width, image_size=v.image_size, patch_size=None)

@@ -38,6 +38,7 @@ FAMILIES = {
     "roberta": (77, "whitespace"),
     "nllb": (77, "whitespace"),
     "mt5": (77, "canonicalize"),  # MetaCLIP 2 L/14 (google/mt5-base ships spiece.model only)
+    "bert": (32, "whitespace"),  # CLIPA (bert-base-uncased; see test_clipa_strips_the_separator)
 }
 HOSTILE = [
     "a dog on the beach", "", " ", "   \t\n ", "A DOG on the grass, 3 birds!", " ".join(["word"] * 1000), "x" * 3000,
@@ -49,7 +50,8 @@ HOSTILE = [
     "tab\tsep\nnewline", "12345 678,9", "snake_case_words and dashes-here", "ÀÉÎÕÜ çñ İstanbul ß", "\ufffd x\u061c",
     "\U0001F468\u200d\U0001F469\u200d\U0001F467 family", "<table> <b>html</b>",
 ]  # fmt: skip
-SPECIAL_STRINGS = ["hello </s> world", "<pad> <s> <unk> <mask>", "eng_Latn fra_Latn text", "<bos> <eos> x"]
+SPECIAL_STRINGS = ["hello </s> world", "<pad> <s> <unk> <mask>", "eng_Latn fra_Latn text", "<bos> <eos> x",
+                   "[CLS] [SEP] [PAD] [MASK] [UNK] x"]  # fmt: skip
 CAPTIONS = ["a photo of a cat", "two dogs playing in the snow at night", "A red car parked near the old bridge."]
 
 
@@ -79,6 +81,20 @@ def test_ids_match_open_clip(family, dirs):
     assert torch.equal(tok("one text"), ref("one text"))
 
 
+def test_clipa_strips_the_separator(dirs):
+    """CLIPA's configs ask for `strip_sep_token`: BERT's closing [SEP] becomes 0, as OpenCLIP writes it."""
+    ref = reference(dirs["bert"], "bert", strip_sep_token=True)
+    tok = ours(dirs["bert"], "bert", strip_sep_token=True)
+    assert torch.equal(tok(HOSTILE), ref(HOSTILE)) and torch.equal(tok(CAPTIONS), ref(CAPTIONS))
+    plain = ours(dirs["bert"], "bert").tokenize(CAPTIONS)
+    stripped = tok.tokenize(CAPTIONS)
+    assert (plain.ids == tok._strip_id).sum() == len(CAPTIONS) and not (stripped.ids == tok._strip_id).any()
+    assert torch.equal(stripped.lengths, plain.lengths - 1)
+    assert torch.equal(stripped.attention_mask.sum(1), stripped.lengths)
+    with pytest.raises(ValueError, match="no separator token"):
+        ours(dirs["siglip"], "siglip", strip_sep_token=True)
+
+
 def test_clean_is_open_clips_cleaning():
     rng = random.Random(0)
     ascii_texts = ["".join(rng.choice(string.printable) for _ in range(rng.randint(0, 40))) for _ in range(300)]
@@ -103,7 +119,7 @@ def test_special_token_strings_are_text(family, dirs):
         ids = tok.encode(text)
         assert ids and not specials & set(ids), (text, ids)
     if FAMILIES[family][1] == "whitespace":  # canonicalizing drops the brackets, so transformers sees plain text
-        assert not torch.equal(tok(SPECIAL_STRINGS[:2]), reference(dirs[family], family)(SPECIAL_STRINGS[:2]))
+        assert not torch.equal(tok(SPECIAL_STRINGS), reference(dirs[family], family)(SPECIAL_STRINGS))
 
 
 def test_hidden_control_pieces_change_no_other_id(dirs):
@@ -145,6 +161,7 @@ def test_tokenize_lengths_mask_and_decode(family, dirs):
     assert (batch.ids[~batch.attention_mask] == tok.pad_token_id).all()
     assert (batch.ids[torch.arange(5), batch.lengths - 1] == tok.eot_token_id).all()
     texts = [clean(t, FAMILIES[family][1]) for t in CAPTIONS]
+    texts = [t.lower() for t in texts] if family == "bert" else texts  # an uncased vocabulary
     assert tok.batch_decode(batch.ids[:3], skip_special_tokens=True) == texts
     assert tok.decode(tok.encode(CAPTIONS[1])) == texts[1]
     assert tok.decode(batch.ids[0]).count(tok.decode([tok.eot_token_id]))  # special tokens spelled out
@@ -300,8 +317,12 @@ def test_tokenizer_config_of_dir_for_every_layout(dirs, tmp_path):
         "facebook/xlm-v-base")  # fmt: skip
     nllb = {"text_cfg": {"hf_tokenizer_name": "n", "tokenizer_kwargs": {"language": "fra_Latn"}}}
     assert tokenizer_from_open_clip(nllb).language == "fra_Latn"
-    with pytest.raises(ValueError, match="strip_sep_token"):
-        tokenizer_from_open_clip({"text_cfg": {"hf_tokenizer_name": "b", "tokenizer_kwargs": {"strip_sep_token": 1}}})
+    clipa = {"text_cfg": {"hf_tokenizer_name": "b", "tokenizer_kwargs": {"strip_sep_token": True}}}
+    assert tokenizer_from_open_clip(clipa).strip_sep_token
+    assert config_to_open_clip(cfg, tokenizer_from_open_clip(clipa))["text_cfg"]["tokenizer_kwargs"] == {
+        "strip_sep_token": True}  # fmt: skip
+    with pytest.raises(ValueError, match="tokenizer_mode"):
+        tokenizer_from_open_clip({"text_cfg": {"hf_tokenizer_name": "b", "tokenizer_mode": "clips"}})
 
 
 def test_get_tokenizer_sources():

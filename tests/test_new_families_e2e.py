@@ -1,4 +1,4 @@
-"""A new user's first calls for the SigLIP 2 and multilingual families, through a fake hub: `NAME:TAG` gives the
+"""A new user's first calls for the SigLIP 2, multilingual and CLIPA families, through a fake hub: `NAME:TAG` gives the
 release's weights, preprocessing and tokenizer (from the release's repository, or another one the config names),
 and the features equal OpenCLIP's for the same weights, image file and caption."""
 
@@ -13,7 +13,7 @@ import clipworks
 from clipworks import hf_tokenizer, presets, pretrained
 from fakehub import serving
 from reference import open_clip_hf_model, open_clip_model, perturb_, tiny_config
-from tokenizer_files import build_gemma, build_xlm_roberta
+from tokenizer_files import build_bert, build_gemma, build_xlm_roberta
 
 open_clip = pytest.importorskip("open_clip")
 pytest.importorskip("tokenizers")
@@ -101,3 +101,22 @@ def test_multilingual_release_takes_its_tokenizer_from_the_named_repository(tmp_
         ref_tokenizer = open_clip.tokenizer.HFTokenizer(str(tokenizer_dir), context_length=77)
         _check_against_open_clip(model, preprocess, ref, ref_tokenizer, entry, photo)
         assert hub.gets("xlm-roberta-base", "tokenizer.json") and not hub.gets(repo, "open_clip_model.safetensors")
+
+
+def test_clipa_release_strips_berts_separator(tmp_path, monkeypatch, photo):
+    name, tag, repo = "ViT-L-14-CLIPA", "datacomp1b", "UCSC-VLAA/ViT-L-14-CLIPA-datacomp1B"
+    cfg = tiny_config(clipworks.get_preset(name))
+    torch.manual_seed(0)
+    ref = open_clip_model(cfg).eval()
+    perturb_(ref)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    tokenizer_dir = build_bert(tmp_path / "bert")
+    entry = _register_tiny(monkeypatch, name, tag, repo, cfg)
+    with serving(monkeypatch, tmp_path / "home") as hub:
+        hub.add_repo(repo, {"open_clip_model.safetensors": (tmp_path / "open_clip_model.safetensors").read_bytes()})
+        hub.add_repo("bert-base-uncased", _files(tokenizer_dir))
+        model, _, preprocess = clipworks.create_model_and_transforms(f"{name}:{tag}")
+        assert model.tokenizer_config.strip_sep_token and model.tokenizer_config.context_length == 32
+        assert (preprocess.cfg.interpolation, preprocess.cfg.mean) == ("bilinear", (0.485, 0.456, 0.406))
+        ref_tokenizer = open_clip.tokenizer.HFTokenizer(str(tokenizer_dir), context_length=32, strip_sep_token=True)
+        _check_against_open_clip(model, preprocess, ref, ref_tokenizer, entry, photo)

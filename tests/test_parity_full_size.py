@@ -27,6 +27,7 @@ MODELS = [
     pytest.param("nllb-clip-base", marks=SLOW),  # NLLB-600M's encoder, first-token pooled, linear projection
     pytest.param("mt5-base-ViT-B-32", marks=SLOW),  # mT5's encoder: relative positions, gated GELU
     pytest.param("convnext_large_d", marks=SLOW),  # ConvNeXt-L with the MLP head (timm_proj="mlp")
+    pytest.param("ViT-L-14-CLIPA", marks=SLOW),  # patch-average pooling, LayerNorm after the pool, no ln_pre
 ]
 
 

@@ -12,7 +12,7 @@ open_clip = pytest.importorskip("open_clip")
 FAMILIES = ["ViT-B-32", "ViT-B-32-quickgelu", "ViT-g-14", "RN50", "RN50-quickgelu", "convnext_base_w",
             "ViT-B-16-SigLIP", "ViT-SO400M-16-SigLIP-i18n-256", "ViT-B-16-SigLIP2", "ViT-gopt-16-SigLIP2-256",
             "ViT-H-14-worldwide-quickgelu", "ViT-SO400M-14-SigLIP-384", "convnext_large_d", "convnext_xxlarge",
-            "ViT-B-16-plus-240"]  # fmt: skip
+            "ViT-B-16-plus-240", "ViT-L-14-CLIPA"]  # fmt: skip
 CAPTIONS = ["a photo of a cat", "", "A DOG on the grass, 3 birds!", "x " * 100, "émoji 🐶 和 &amp; text"]
 
 

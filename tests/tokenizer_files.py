@@ -13,6 +13,7 @@ and writes it with `save_pretrained`:
   transformers 5's `NllbTokenizer` builds a BPE model from whatever the file holds (a unigram vocabulary gets
   generated merges and is cut into characters), so a unigram fixture would test a pipeline no release runs.
 * mT5: only spiece.model and tokenizer_config.json, as google/mt5-base ships (no tokenizer.json).
+* BERT (CLIPA): an uncased WordPiece in `BertTokenizer`.
 """
 
 from __future__ import annotations
@@ -143,6 +144,22 @@ def build_roberta(out: Path, vocab_size: int = 500) -> Path:
     return out
 
 
+def build_bert(out: Path, vocab_size: int = 500) -> Path:
+    """CLIPA's bert-base-uncased: a lower-casing WordPiece trained with `tokenizers`, wrapped in `BertTokenizer`
+    ([CLS] text [SEP], [PAD] = 0)."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizer
+
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(training_corpus(), vocab_size=vocab_size, min_frequency=2, show_progress=False)
+    src = out.parent / "wordpiece-source"
+    src.mkdir(parents=True, exist_ok=True)
+    wordpiece.save_model(str(src))
+    BertTokenizer.from_pretrained(src).save_pretrained(out)
+    shutil.rmtree(src)
+    return out
+
+
 def build_mt5(out: Path, vocab_size: int = 400) -> Path:
     """mT5 as google/mt5-base ships it: spiece.model and tokenizer_config.json only (no tokenizer.json)."""
     model = train_sentencepiece("unigram", vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
@@ -162,4 +179,5 @@ BUILDERS = {
     "nllb": build_nllb,
     "roberta": build_roberta,
     "mt5": build_mt5,
+    "bert": build_bert,
 }

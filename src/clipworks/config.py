@@ -26,7 +26,9 @@ class VisionTransformerConfig:
         heads: attention heads per block.
         mlp_ratio: MLP hidden size is int(width * mlp_ratio).
         act: "quick_gelu" (OpenAI weights) or "gelu".
-        pool: "cls" takes the class token after `ln_post`; "map" is SigLIP's attention pool over all tokens.
+        pool: "cls" takes the class token after `ln_post`; "map" is SigLIP's attention pool over all tokens; "avg"
+            averages the patch tokens (the class token, if any, left out), then `ln_post` (CLIPA: OpenCLIP's
+            `pool_type="avg"` with `final_ln_after_pool`).
         class_token: prepend a learned class token.
         patch_bias: the patch embedding convolution has a bias (SigLIP) or not (OpenAI).
         ln_pre: apply a LayerNorm to the tokens before the first block (OpenAI).
@@ -378,6 +380,8 @@ class TokenizerConfig:
             collapsed, lower case: CLIP's), "canonicalize" (that, then punctuation removed: SigLIP's), or
             "whitespace" (ftfy, HTML unescape, whitespace collapsed, case kept: the HF text towers').
         context_length: tokens per text, special tokens included; texts are padded or truncated to it.
+        strip_sep_token: replace the separator token BERT's framing ends a text with by id 0, as OpenCLIP's
+            `HFTokenizer(strip_sep_token=True)` does for CLIPA (whose text tower pools the last position).
         language: the source-language code a multilingual tokenizer prefixes (NLLB: "eng_Latn"); None for the
             tokenizer's default.
     """
@@ -387,6 +391,7 @@ class TokenizerConfig:
     clean: str = "lower"
     context_length: int = 77
     language: str | None = None
+    strip_sep_token: bool = False
 
     def __post_init__(self):
         if self.kind not in TOKENIZER_KINDS:

@@ -142,10 +142,12 @@ class HFTokenizer(TextTokenizer):
             is a usable length, else 77.
         clean: OpenCLIP's text cleaning: "lower", "canonicalize" or "whitespace".
         language: NLLB's source-language code (default: the config's src_lang, else "eng_Latn").
+        strip_sep_token: replace the separator token (BERT's "[SEP]") by id 0, as OpenCLIP's option of that name
+            does (CLIPA); it is then not counted in `tokenize`'s lengths and mask.
     """
 
     def __init__(self, path: str | os.PathLike, context_length: int | None = None, clean: str = "whitespace",
-                 language: str | None = None):  # fmt: skip
+                 language: str | None = None, strip_sep_token: bool = False):  # fmt: skip
         if clean not in TEXT_CLEANING:
             raise ValueError(f"unknown text cleaning {clean!r}; expected one of {TEXT_CLEANING}")
         self.path, self.clean = Path(path), clean
@@ -166,6 +168,11 @@ class HFTokenizer(TextTokenizer):
         if "pad_token" not in files.tokens:
             raise ValueError(f"{path}: the tokenizer has no padding token (pad_token in {TOKENIZER_CONFIG})")
         self.pad_token_id = self._ids((files.tokens["pad_token"],), files)[0]
+        self._strip_id = None
+        if strip_sep_token:
+            if "sep_token" not in files.tokens:
+                raise ValueError(f"strip_sep_token=True, but {path} has no separator token (sep_token)")
+            self._strip_id = self._ids((files.tokens["sep_token"],), files)[0]
         self.sot_token_id = self._prefix[0] if self._prefix else None
         self.eot_token_id = self._suffix[0] if self._suffix else None
         limit = files.config.get("model_max_length")
@@ -207,7 +214,12 @@ class HFTokenizer(TextTokenizer):
             rows = [r if len(r) <= room else r[len(r) - room :] for r in rows]
         else:
             rows = [r if len(r) <= room else r[:room] for r in rows]
-        return pack(rows, length, self._prefix, self._suffix, self.pad_token_id, self._pad_left)
+        out = pack(rows, length, self._prefix, self._suffix, self.pad_token_id, self._pad_left)
+        if self._strip_id is None:
+            return out
+        sep = out.ids == self._strip_id  # (B, L); text never yields it: special-token strings are text here
+        mask = out.attention_mask & ~sep
+        return TokenizedText(out.ids.masked_fill(sep, 0), mask.sum(dim=1), mask)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of the cleaned `text`, without the framing tokens and untruncated."""
@@ -263,15 +275,17 @@ def tokenizer_dir(source: str | None) -> Path:
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_tokenizer(directory: str, stamp: tuple, clean: str, context_length: int, language: str | None):
-    return HFTokenizer(directory, context_length, clean, language)
+def _cached_tokenizer(directory: str, stamp: tuple, clean: str, context_length: int, language: str | None,
+                      strip_sep_token: bool):  # fmt: skip
+    return HFTokenizer(directory, context_length, clean, language, strip_sep_token)
 
 
 def load_hf_tokenizer(cfg: TokenizerConfig, context_length: int | None = None, language: str | None = None):
     """The `HFTokenizer` a kind="hf" config describes, built once per (files, settings) and shared."""
     directory = tokenizer_dir(cfg.source)
     context = cfg.context_length if context_length is None else context_length
-    return _cached_tokenizer(str(directory), _stamp(directory), cfg.clean, context, language or cfg.language)
+    return _cached_tokenizer(str(directory), _stamp(directory), cfg.clean, context, language or cfg.language,
+                             cfg.strip_sep_token)  # fmt: skip
 
 
 def save_tokenizer_files(tokenizer_config: TokenizerConfig, dest_dir: str | os.PathLike) -> list[Path]:

@@ -164,6 +164,25 @@ def _hf(embed: int, vision: CLIPConfig, text_model: str, pool: str = "mean", pro
 _NLLB_BASE, _NLLB_LARGE = "facebook/nllb-200-distilled-600M", "facebook/nllb-200-distilled-1.3B"
 _B32, _H14 = _BASE["ViT-B-32"], _BASE["ViT-H-14"]
 _NLLB = {"pool": "cls", "proj": "linear"}  # NLLB-CLIP: the first token's state, a linear projection
+def _clipa(base: str, image: int = 224) -> CLIPConfig:
+    """CLIPA (Li et al. 2023, "An Inverse Scaling Law for CLIP Training"): the CLIP ViT of `base` without ln_pre,
+    pooling the average of its patch tokens (LayerNorm after the pool), and a bidirectional text tower over BERT's
+    ids (a 32,000-row table), pooled at the last of its 32 positions."""
+    cfg = _BASE[base]
+    vision = replace(cfg.vision, image_size=image, ln_pre=False, pool="avg")
+    text = replace(cfg.text, context_length=32, vocab_size=32000, causal=False, pool="last", eos_id=102, pad_id=0)
+    return replace(cfg, vision=vision, text=text)
+
+
+_CLIPA_PRESETS: dict[str, CLIPConfig] = {
+    "ViT-L-14-CLIPA": _clipa("ViT-L-14"),
+    "ViT-L-14-CLIPA-336": _clipa("ViT-L-14", 336),
+    "ViT-H-14-CLIPA": _clipa("ViT-H-14"),
+    "ViT-H-14-CLIPA-336": _clipa("ViT-H-14", 336),
+    "ViT-bigG-14-CLIPA": _clipa("ViT-bigG-14"),
+    "ViT-bigG-14-CLIPA-336": _clipa("ViT-bigG-14", 336),
+}
+
 # Presets whose text towers are Hugging Face encoder families (RoBERTa, XLM-R, mT5, NLLB): see models/hf_text.py.
 # As OpenCLIP's model configs build them: their hf_pooler_type / hf_proj_type, or its defaults (mean_pooler, mlp).
 _HF_TEXT_PRESETS: dict[str, CLIPConfig] = {
@@ -189,7 +208,7 @@ def _quickgelu(cfg: CLIPConfig) -> CLIPConfig:
 # OpenAI's weights were trained with QuickGELU: OpenCLIP names those variants "<name>-quickgelu".
 _QUICKGELU = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336",
               "ViT-H-14", "ViT-H-14-378", "ViT-bigG-14", "ViT-L-14-worldwide", "ViT-H-14-worldwide"]  # fmt: skip
-_UNVARIED = {**_BASE, **_SIGLIP_PRESETS, **_WORLDWIDE_PRESETS, **_HF_TEXT_PRESETS}
+_UNVARIED = {**_BASE, **_SIGLIP_PRESETS, **_WORLDWIDE_PRESETS, **_CLIPA_PRESETS, **_HF_TEXT_PRESETS}
 PRESETS: dict[str, CLIPConfig] = {**_UNVARIED, **{f"{n}-quickgelu": _quickgelu(_UNVARIED[n]) for n in _QUICKGELU}}
 
 
@@ -208,6 +227,10 @@ PRESET_TOKENIZERS: dict[str, TokenizerConfig] = {
     **{n: _siglip_tokenizer(f"timm/{n}") for n in _SIGLIP_PRESETS if PRESETS[n].text.vocab_size == 256000},
     **{n: TokenizerConfig(kind="hf", source="facebook/xlm-v-base", clean="whitespace")
        for n in PRESETS if n.split("-quickgelu")[0] in _WORLDWIDE_PRESETS},
+    # CLIPA: BERT's uncased WordPiece with its closing [SEP] replaced by 0, as OpenCLIP's configs say
+    **{n: TokenizerConfig(kind="hf", source="bert-base-uncased", clean="whitespace", context_length=32,
+                       strip_sep_token=True)
+       for n in _CLIPA_PRESETS},
     **{n: TokenizerConfig(kind="hf", source="google/mt5-base", clean="canonicalize")
        for n in ("ViT-L-14-worldwide", "ViT-L-14-worldwide-quickgelu")},
     # the Hugging Face text towers' own tokenizers (OpenCLIP's hf_tokenizer_name is the text model's name), cleaned as
@@ -230,6 +253,8 @@ def preset_family(name: str) -> str:
         return "SigLIP 2" if cfg.text.vocab_size == 256000 else "SigLIP"
     if base in _WORLDWIDE_PRESETS:
         return "MetaCLIP 2 (worldwide)"
+    if base in _CLIPA_PRESETS:
+        return "CLIPA"
     if base in _HF_TEXT_PRESETS:
         return "multilingual (Hugging Face text towers)"
     return {"vit": "CLIP ViT", "resnet": "CLIP ResNet", "convnext": "CLIP ConvNeXt"}[cfg.vision.kind]

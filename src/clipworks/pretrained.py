@@ -57,7 +57,9 @@ class PretrainedEntry:
 _HALF = (0.5, 0.5, 0.5)
 _OPENAI_PP = dict(mean=OPENAI_MEAN, std=OPENAI_STD, interpolation="bicubic", resize_mode="shortest")
 _HALF_PP = dict(_OPENAI_PP, mean=_HALF, std=_HALF)
-_SQUASH_PP = dict(_OPENAI_PP, resize_mode="squash")  # Apple's DFN-5B resizes both sides, ignoring aspect ratio
+_SQUASH_PP = dict(_OPENAI_PP, resize_mode="squash")
+# CLIPA (UCSC-VLAA) was trained on ImageNet statistics, squashed with bilinear resizing
+_CLIPA_PP = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear", resize_mode="squash")  # Apple's DFN-5B resizes both sides, ignoring aspect ratio
 _SIGLIP_PP = dict(mean=_HALF, std=_HALF, interpolation="bicubic", resize_mode="squash")
 
 _MIT, _NC, _APACHE = "mit", "cc-by-nc-4.0", "apache-2.0"
@@ -176,6 +178,13 @@ _RELEASES: dict[str, dict[str, tuple[str, dict, str | None]]] = {
     },
     "ViT-H-14-378": {"dfn5b": ("apple/DFN5B-CLIP-ViT-H-14-378", {**_Q, **_SQUASH_PP}, None)},
     "convnext_base": {"laion400m_s13b_b51k": ("laion/CLIP-convnext_base-laion400M-s13B-b51K", {}, _MIT)},
+    **{name: {"datacomp1b": (f"UCSC-VLAA/{name}-datacomp1B", _CLIPA_PP, None)}
+       for name in ("ViT-L-14-CLIPA", "ViT-L-14-CLIPA-336", "ViT-H-14-CLIPA", "ViT-bigG-14-CLIPA",
+                    "ViT-bigG-14-CLIPA-336")},
+    "ViT-H-14-CLIPA-336": {
+        "datacomp1b": ("UCSC-VLAA/ViT-H-14-CLIPA-336-datacomp1B", _CLIPA_PP, None),
+        "laion2b": ("UCSC-VLAA/ViT-H-14-CLIPA-336-laion2B", _CLIPA_PP, None),
+    },
     "convnext_large_d": {
         "laion2b_s26b_b102k_augreg": ("laion/CLIP-convnext_large_d.laion2B-s26B-b102K-augreg", {}, _MIT),
     },

@@ -64,8 +64,9 @@ def _text_from_open_clip(text: dict[str, Tensor], cfg: CLIPConfig) -> dict[str, 
 
 def custom_text(cfg: CLIPConfig) -> bool:
     """Whether OpenCLIP holds this model as a `CustomTextCLIP` (text tower nested under `text.`, projection a Linear):
-    its SigLIP-style bidirectional text towers, any whose projection has a bias, and every Hugging Face text tower."""
-    return _hf_text(cfg) or not cfg.text.causal or cfg.text.proj_bias
+    every Hugging Face text tower, and the SigLIP text towers (a projection with a bias, or none: i18n SO400M).
+    CLIPA's bidirectional tower, with a bias-free projection matrix, is a plain `CLIP`'s."""
+    return _hf_text(cfg) or cfg.text.proj_bias or not cfg.text.projection
 
 
 def convert_to_open_clip(sd: dict[str, Tensor], cfg: CLIPConfig) -> dict[str, Tensor]:

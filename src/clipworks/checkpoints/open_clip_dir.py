@@ -75,14 +75,15 @@ _VOCABS: dict[int, dict[str, Any]] = {
     250100: {"eos_id": 1, "pad_id": 0},  # mT5's (MetaCLIP 2 L/14)
     901629: {"eos_id": 2, "pad_id": 1},  # XLM-V's (MetaCLIP 2)
 }
+# Tokenizers whose ids the vocabulary size does not tell (CLIPA pads BERT's ids into a 32,000-row table, as SigLIP's).
+_TOKENIZER_IDS: dict[str, dict[str, int]] = {"bert-base-uncased": {"eos_id": 102, "pad_id": 0}}
 # OpenCLIP's HFTokenizer cleans with "whitespace" unless tokenizer_kwargs say otherwise.
 _HF_CLEAN = "whitespace"
 # OpenCLIP ViT/text options clipworks has no counterpart for, with the values (OpenCLIP's defaults) it accepts.
 _BLOCK_FIXED = {"ls_init_value": (None,), "block_type": (None, "default"), "qk_norm": (False,),
                 "scaled_cosine_attn": (False,), "scale_heads": (False,), "scale_attn_inner": (False,),
                 "scale_attn": (False,), "scale_fc": (False,)}  # fmt: skip
-_VIT_FIXED = {**_BLOCK_FIXED, "attentional_pool": (False,), "pos_embed_type": ("learnable",),
-              "final_ln_after_pool": (False,), "pool_type": ("tok",)}  # fmt: skip
+_VIT_FIXED = {**_BLOCK_FIXED, "attentional_pool": (False,), "pos_embed_type": ("learnable",)}
 _TEXT_FIXED = {**_BLOCK_FIXED, "embed_cls": (False,), "final_ln_after_pool": (False,), "proj_type": ("linear", "none"),
                "hf_model_name": (None,)}  # fmt: skip
 
@@ -114,7 +115,8 @@ def _text_from_open_clip(t: dict[str, Any], quick_gelu: bool) -> TextConfig | HF
         return open_clip_hf.text_config_from_open_clip(t)
     _require_defaults(t, _TEXT_FIXED, "text_cfg")
     vocab_size = t.get("vocab_size", 49408)
-    known = _VOCABS.get(vocab_size, {"eos_id": TextConfig.eos_id, "pad_id": TextConfig.pad_id})
+    known = _TOKENIZER_IDS.get(t.get("hf_tokenizer_name"))
+    known = known or _VOCABS.get(vocab_size, {"eos_id": TextConfig.eos_id, "pad_id": TextConfig.pad_id})
     pool = t.get("pool_type", "argmax")
     if pool not in ("argmax", "eos", "last"):
         raise CheckpointError(f"text_cfg.pool_type={pool!r} is not supported; expected 'argmax', 'eos' or 'last'")
@@ -172,6 +174,7 @@ def _vision_from_open_clip(v: dict[str, Any], quick_gelu: bool) -> VisionTransfo
         return ResNetConfig(v.get("image_size", 224), tuple(layers), width, heads=width * 32 // head_width)
     _require_defaults(v, _VIT_FIXED, "vision_cfg")
     return VisionTransformerConfig(
+        pool=_vit_pool(v),
         image_size=v.get("image_size", 224),
         patch_size=v.get("patch_size", 16),
         width=width,
@@ -182,6 +185,18 @@ def _vision_from_open_clip(v: dict[str, Any], quick_gelu: bool) -> VisionTransfo
         ln_pre=not v.get("no_ln_pre", False),
         norm_eps=_eps(v, "vision_cfg"),
     )
+
+
+def _vit_pool(v: dict[str, Any]) -> str:
+    """Our pool from OpenCLIP's pool_type and final_ln_after_pool: the class token ("tok": LayerNorm is per token, so
+    before or after pooling is the same), or the patch average normalised after pooling ("avg", CLIPA)."""
+    pool, ln_after = v.get("pool_type", "tok"), bool(v.get("final_ln_after_pool", False))
+    if pool == "tok":
+        return "cls"
+    if (pool, ln_after) == ("avg", True):
+        return "avg"
+    raise CheckpointError(f"vision_cfg.pool_type={pool!r} with final_ln_after_pool={ln_after} is not supported; "
+                          "expected 'tok', or 'avg' with final_ln_after_pool true (CLIPA)")  # fmt: skip
 
 
 def config_from_open_clip(model_cfg: dict[str, Any]) -> CLIPConfig:
@@ -283,6 +298,10 @@ def _vit_to_open_clip(v: VisionTransformerConfig) -> dict[str, Any]:
     d["patch_size"] = v.patch_size
     if not v.ln_pre:
         d["no_ln_pre"] = True
+    if v.pool == "avg":
+        if not v.class_token:
+            raise ValueError("OpenCLIP's ViT always has a class token: an 'avg' pool without one cannot be written")
+        d.update(pool_type="avg", final_ln_after_pool=True)
     return {**d, **_eps_to_open_clip(v.norm_eps), **_act_to_open_clip(v.act, "vision")}
 
 
@@ -349,6 +368,8 @@ def _tokenizer_to_open_clip(tok: TokenizerConfig | None) -> dict[str, Any]:
     kwargs = {"clean": tok.clean} if tok.clean != _HF_CLEAN else {}
     if tok.language is not None:
         kwargs["language"] = tok.language
+    if tok.strip_sep_token:
+        kwargs["strip_sep_token"] = True
     return {"hf_tokenizer_name": tok.source, **({"tokenizer_kwargs": kwargs} if kwargs else {})}
 
 
@@ -357,7 +378,7 @@ def tokenizer_from_open_clip(model_cfg: dict[str, Any]) -> TokenizerConfig:
     (OpenCLIP cleans with "whitespace" by default), else CLIP's BPE; at text_cfg's context_length (default 77).
 
     Raises:
-        CheckpointError: tokenizer options clipworks does not implement (BERT's strip_sep_token, tokenizer_mode).
+        CheckpointError: tokenizer options clipworks does not implement (tokenizer_mode), named.
     """
     text = dict(model_cfg.get("text_cfg") or {})
     context = text.get("context_length", 77)
@@ -365,12 +386,14 @@ def tokenizer_from_open_clip(model_cfg: dict[str, Any]) -> TokenizerConfig:
     if not name:
         return TokenizerConfig(context_length=context)
     kwargs = dict(text.get("tokenizer_kwargs") or {})
-    unknown = sorted(set(kwargs) - {"clean", "language"}) + (["tokenizer_mode"] if text.get("tokenizer_mode") else [])
+    unknown = sorted(set(kwargs) - {"clean", "language", "strip_sep_token"})
+    unknown += ["tokenizer_mode"] if text.get("tokenizer_mode") else []
     if unknown:
         raise CheckpointError(f"text_cfg tokenizer options clipworks does not implement: {unknown}")
     try:
         return TokenizerConfig(kind="hf", source=name, clean=kwargs.get("clean", _HF_CLEAN), context_length=context,
-                               language=kwargs.get("language"))  # fmt: skip
+                               language=kwargs.get("language"),
+                               strip_sep_token=bool(kwargs.get("strip_sep_token", False)))  # fmt: skip
     except ValueError as e:
         raise CheckpointError(f"text_cfg.tokenizer_kwargs: {e}") from e
 

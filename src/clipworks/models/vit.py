@@ -1,4 +1,5 @@
-"""The Vision Transformer image tower: OpenAI CLIP's (class token) and SigLIP's (attention-pool head)."""
+"""The Vision Transformer image tower: OpenAI CLIP's (class token), SigLIP's (attention-pool head) and CLIPA's
+(average of the patch tokens)."""
 
 from __future__ import annotations
 
@@ -36,14 +37,14 @@ class AttentionPoolHead(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """Patchify, add positions, run pre-norm blocks, pool (class token or attention head), project."""
+    """Patchify, add positions, run pre-norm blocks, pool (class token, attention head or patch average), project."""
 
     def __init__(self, cfg: VisionTransformerConfig, embed_dim: int):
         super().__init__()
         if cfg.image_size < cfg.patch_size:
             raise ValueError(f"image_size {cfg.image_size} is smaller than patch_size {cfg.patch_size}")
-        if cfg.pool not in ("cls", "map"):
-            raise ValueError(f"unknown ViT pool {cfg.pool!r}; expected 'cls' or 'map'")
+        if cfg.pool not in ("cls", "map", "avg"):
+            raise ValueError(f"unknown ViT pool {cfg.pool!r}; expected 'cls', 'map' or 'avg'")
         if cfg.pool == "cls" and not cfg.class_token:
             raise ValueError("pool='cls' needs class_token=True")
         if not cfg.projection and embed_dim != cfg.width:
@@ -102,6 +103,8 @@ class VisionTransformer(nn.Module):
         x = self.embed(images)
         if self.attn_pool is not None:
             pooled = self.attn_pool(self.ln_post(self.transformer(x)))
+        elif self.config.pool == "avg":
+            pooled = self.ln_post(self.transformer(x)[:, int(self.config.class_token) :].mean(dim=1))  # (B, D)
         else:
             # Only the class token's output is used: the last block computes that row alone, and
             # LayerNorm is per token, so normalising the class token alone gives the same features.
