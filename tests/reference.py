@@ -21,13 +21,47 @@ def tiny_config(cfg: CLIPConfig) -> CLIPConfig:
     elif v.kind == "resnet":
         vision = replace(v, image_size=64, layers=(1, 1, 1, 1), width=8, heads=8 * 32 // 64)
         embed = 24
+    elif v.kind == "timm":
+        vision = tiny_timm(v)
+        embed = 24
     else:
         vision = replace(v, image_size=64, depths=(1, 1, 2, 1), dims=(8, 16, 24, 32))
         embed = 24
     text = replace(cfg.text, width=32, heads=2, layers=2, vocab_size=min(cfg.text.vocab_size, 49408))
     if cfg.text.kind != "transformer":  # a Hugging Face encoder family: its feed-forward (and T5's head) sizes too
         text = replace(text, mlp_width=48, **({"head_width": 16} if cfg.text.kind == "t5" else {}))
-    return replace(cfg, embed_dim=embed, vision=vision, text=text)
+    decoder = cfg.decoder
+    if decoder is not None:  # CoCa: the decoder as wide as the text tower and as the image tokens it reads
+        decoder = replace(decoder, width=text.width, heads=2, layers=2, vocab_size=text.vocab_size)
+        if v.pool == "attentional":  # the image tokens are embed_dim wide; the pool's keys wider, as at full size
+            embed, vision = text.width, replace(vision, width=48, heads=2, pool_heads=2)
+    return replace(cfg, embed_dim=embed, vision=vision, text=text, decoder=decoder)
+
+
+# timm image towers (EVA-CLIP, PE-Core, ViTamin, MobileCLIP): the model a preset names, shrunk through timm's own
+# arguments: (timm names it applies to, model_kwargs, image side). ViTamin's conv stem and the MobileCLIP ViT's stem are
+# sized inside timm's model functions, so only their depth and input shrink.
+_ViT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32, "patch_size": 8}
+TINY_TIMM = [
+    (("eva_giant_patch14_224", "eva02_base_patch16_clip_224", "eva02_large_patch14_clip_224",
+      "eva02_large_patch14_clip_336", "eva02_enormous_patch14_clip_224", "vit_pe_core_tiny_patch16_384",
+      "vit_pe_core_small_patch16_384", "vit_pe_core_base_patch16_224", "vit_pe_core_large_patch14_336",
+      "vit_pe_core_gigantic_patch14_448", "vit_large_patch14_clip_224"), _ViT, 32),
+    (tuple(f"vitamin_{s}" for s in ("small_224", "base_224", "large_224", "large_256", "large_336", "large_384",
+                                    "large2_224", "large2_256", "large2_336", "large2_384", "xlarge_256",
+                                    "xlarge_336", "xlarge_384")), {"depth": 1, "img_size": 64}, 64),
+    (("fastvit_mci0", "fastvit_mci1", "fastvit_mci2"), {"layers": (1,) * 4, "embed_dims": (8, 16, 32, 32)}, 64),
+    (("fastvit_mci3", "fastvit_mci4"), {"layers": (1,) * 5, "embed_dims": (8, 16, 32, 32, 32)}, 64),
+    (("vit_base_mci_224",), {"depth": 1, "img_size": 64}, 64),
+]  # fmt: skip
+
+
+def tiny_timm(v):
+    """The timm tower config `v` at a test's size (see TINY_TIMM)."""
+    for names, kwargs, image in TINY_TIMM:
+        if v.model_name in names:
+            return replace(v, image_size=image, model_kwargs=tuple(kwargs.items()))
+    raise KeyError(f"no tiny size for timm model {v.model_name!r}: add it to reference.TINY_TIMM")
 
 
 def open_clip_full_model(name: str, device: str | None = None):
@@ -48,6 +82,8 @@ def open_clip_full_model(name: str, device: str | None = None):
         with local_hf_config(config), torch.device(device or "cpu"):
             return open_clip.model.CustomTextCLIP(**cfg).eval()
     cls = open_clip.model.CLIP if not cfg.pop("custom_text", False) else open_clip.model.CustomTextCLIP
+    if "multimodal_cfg" in cfg:
+        cls = open_clip.coca_model.CoCa
     with torch.device(device or "cpu"):
         return cls(**cfg).eval()
 
@@ -81,6 +117,8 @@ def open_clip_model(cfg: CLIPConfig):
     import timm
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
+    if cfg.decoder is not None:
+        return open_clip_coca_model(cfg)
     v, t = cfg.vision, cfg.text
     quick_gelu = t.act == "quick_gelu"
     text = CLIPTextCfg(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
@@ -95,6 +133,8 @@ def open_clip_model(cfg: CLIPConfig):
     if v.kind == "resnet":
         vision = CLIPVisionCfg(layers=list(v.layers), width=v.width, image_size=v.image_size, patch_size=None)
         return CLIP(cfg.embed_dim, vision, text, quick_gelu=quick_gelu)
+    if v.kind == "timm":
+        return open_clip_timm_model(cfg, text)
     if v.kind == "convnext":
         vision = CLIPVisionCfg(timm_model_name="convnext_base", timm_pool="", timm_proj=v.proj_type,
                                image_size=v.image_size)  # fmt: skip
@@ -122,6 +162,42 @@ def open_clip_model(cfg: CLIPConfig):
         patch_size=v.patch_size, mlp_ratio=v.mlp_ratio, act_layer=v.act, num_classes=0, global_pool="map",
     )  # fmt: skip
     return model
+
+
+def open_clip_coca_model(cfg: CLIPConfig):
+    """OpenCLIP's CoCa with the architecture `cfg` describes (reduced sizes welcome), randomly initialised."""
+    from open_clip.coca_model import CoCa
+
+    v, t, d = cfg.vision, cfg.text, cfg.decoder
+    pool = {"attentional_pool": True, "attn_pooler_heads": v.pool_heads, "attn_pooler_queries": v.pool_queries}
+    vision = dict(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
+                  head_width=v.width // v.heads, mlp_ratio=v.mlp_ratio, output_tokens=True,
+                  **(pool if v.pool == "attentional" else {}))  # fmt: skip
+    text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
+                layers=t.layers, mlp_ratio=t.mlp_ratio, embed_cls=True, pad_id=t.pad_id, output_tokens=True)  # fmt: skip
+    multimodal = dict(context_length=d.context_length, width=d.width, heads=d.heads, layers=d.layers)
+    return CoCa(cfg.embed_dim, multimodal, text, vision, quick_gelu=d.act == "quick_gelu")
+
+
+def open_clip_timm_model(cfg: CLIPConfig, text):
+    """OpenCLIP's CustomTextCLIP with its TimmModel for a timm tower config (`text`: its CLIPTextCfg), built along
+    OpenCLIP's own path; the config's model_kwargs (how tests shrink the named model) are added to each
+    `timm.create_model` call OpenCLIP makes, since OpenCLIP passes the name alone."""
+    from unittest import mock
+
+    import timm
+    from open_clip.model import CLIPVisionCfg, CustomTextCLIP
+
+    v = cfg.vision
+    vision = CLIPVisionCfg(timm_model_name=v.model_name, timm_pool=v.pool, timm_proj=v.projection,
+                           timm_proj_bias=v.proj_bias, timm_drop_path=v.drop_path, image_size=v.image_size)  # fmt: skip
+    create = timm.create_model
+
+    def create_sized(name, *args, **kwargs):
+        return create(name, *args, **{**kwargs, **dict(v.model_kwargs)})
+
+    with mock.patch.object(timm, "create_model", create_sized):
+        return CustomTextCLIP(cfg.embed_dim, vision, text, quick_gelu=cfg.text.act == "quick_gelu")
 
 
 # Hugging Face text towers -------------------------------------------------------------------------------------------

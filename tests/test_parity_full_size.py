@@ -28,6 +28,7 @@ MODELS = [
     pytest.param("mt5-base-ViT-B-32", marks=SLOW),  # mT5's encoder: relative positions, gated GELU
     pytest.param("convnext_large_d", marks=SLOW),  # ConvNeXt-L with the MLP head (timm_proj="mlp")
     pytest.param("ViT-L-14-CLIPA", marks=SLOW),  # patch-average pooling, LayerNorm after the pool, no ln_pre
+    pytest.param("coca_ViT-B-32", marks=SLOW),  # attentional pool, appended class embedding, the caption decoder
 ]
 
 
@@ -57,4 +58,9 @@ def test_full_size_outputs_match_open_clip(name, tmp_path):
     with torch.inference_mode():
         image_diff = ours.encode_image(images, normalize=True) - ref.encode_image(images, normalize=True)
         text_diff = ours.encode_text(tokens, normalize=True) - ref.encode_text(tokens, normalize=True)
+        if cfg.decoder is not None:  # CoCa: the caption logits too, relative to their scale
+            pairs = tokens[: len(images)]  # one text per image
+            theirs = ref(images, pairs, output_labels=False)["logits"]
+            logits_diff = (ours.caption_logits(images, pairs) - theirs).abs().max() / theirs.abs().max()
+            assert logits_diff <= 1e-5, logits_diff
     assert image_diff.abs().max() <= 1e-5 and text_diff.abs().max() <= 1e-5

@@ -19,7 +19,9 @@ def test_every_entry_fits_a_preset():
         assert e.model in models and e.preset in models, (e.model, e.tag)
         assert e.preprocess.image_size == clipworks.get_preset(e.preset).vision.image_size, (e.model, e.tag)
         assert re.fullmatch(r"[\w.-]+/[\w.-]+", e.hf_hub), e.hf_hub
-        assert e.filename.endswith(".safetensors") and e.fallback_filename in (None, "open_clip_pytorch_model.bin")
+        # OpenCLIP's own file names, or the one file a release's repository holds (ViTamin: transformers' name)
+        named = (e.filename, e.fallback_filename) == ("pytorch_model.bin", None)
+        assert named or e.filename.endswith(".safetensors") and e.fallback_filename in (None, "open_clip_pytorch_model.bin")
         assert e.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", e.sha256)
         assert e.preset.endswith("-quickgelu") == e.quick_gelu, (e.model, e.tag)
 

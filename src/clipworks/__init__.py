@@ -3,11 +3,13 @@
 from .checkpoints.export import save_pretrained
 from .checkpoints.io import CheckpointError
 from .config import (
-    CLIPConfig, ConvNeXtConfig, PreprocessConfig, ResNetConfig, TextConfig, TokenizerConfig, VisionTransformerConfig,
+    CLIPConfig, ConvNeXtConfig, PreprocessConfig, ResNetConfig, TextConfig, TimmVisionConfig, TokenizerConfig,
+    VisionTransformerConfig,
 )  # fmt: skip
 from .factory import create_model, create_model_and_transforms, get_tokenizer
 from .models.clip import CLIP, CLIPOutput
 from .models.quant import quantize_int8
+from .models.timm_tower import reparameterize
 from .presets import get_preset, list_models
 from .pretrained import PretrainedEntry, get_pretrained, list_pretrained
 from .hf_tokenizer import HFTokenizer
@@ -22,5 +24,5 @@ __all__ = [
     "TextConfig", "VisionTransformerConfig", "create_model", "create_model_and_transforms", "get_preset",
     "get_tokenizer", "list_models", "save_pretrained", "TokenizedText", "Tokenizer", "default_tokenizer",
     "PretrainedEntry", "get_pretrained", "list_pretrained", "quantize_int8", "HFTokenizer", "TextTokenizer",
-    "TokenizerConfig", "MissingTowerError",
+    "TokenizerConfig", "MissingTowerError", "TimmVisionConfig", "reparameterize",
 ]  # fmt: skip

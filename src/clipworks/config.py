@@ -28,12 +28,18 @@ class VisionTransformerConfig:
         act: "quick_gelu" (OpenAI weights) or "gelu".
         pool: "cls" takes the class token after `ln_post`; "map" is SigLIP's attention pool over all tokens; "avg"
             averages the patch tokens (the class token, if any, left out), then `ln_post` (CLIPA: OpenCLIP's
-            `pool_type="avg"` with `final_ln_after_pool`).
+            `pool_type="avg"` with `final_ln_after_pool`); "attentional" is CoCa's attentional pooler (OpenCLIP's
+            `attentional_pool`): `pool_queries` learned queries of size embed_dim attend over all tokens, then
+            `ln_post`; the first query's output, projected, is the feature, the others are the tokens a caption
+            decoder attends to.
         class_token: prepend a learned class token.
         patch_bias: the patch embedding convolution has a bias (SigLIP) or not (OpenAI).
         ln_pre: apply a LayerNorm to the tokens before the first block (OpenAI).
         projection: project pooled features to embed_dim (OpenAI) or pass them through (SigLIP).
         norm_eps: LayerNorm epsilon.
+        pool_queries: learned queries of the "attentional" pool (OpenCLIP's `attn_pooler_queries`).
+        pool_heads: attention heads of the "attentional" pool (OpenCLIP's `attn_pooler_heads`); the "map" pool uses
+            `heads`.
     """
 
     image_size: int = 224
@@ -49,6 +55,8 @@ class VisionTransformerConfig:
     ln_pre: bool = True
     projection: bool = True
     norm_eps: float = 1e-5
+    pool_queries: int = 256
+    pool_heads: int = 8
 
     kind = "vit"
 
@@ -99,8 +107,79 @@ class ConvNeXtConfig:
     kind = "convnext"
 
 
-VisionConfig = Union[VisionTransformerConfig, ResNetConfig, ConvNeXtConfig]
-VISION_CONFIGS: dict[str, type] = {c.kind: c for c in (VisionTransformerConfig, ResNetConfig, ConvNeXtConfig)}
+# --- timm image towers (OpenCLIP's `timm_model_name` towers other than ConvNeXt and SigLIP): models/timm_tower.py ---
+
+# OpenCLIP's `timm_proj`: None makes timm's own classifier, sized embed_dim, the projection; "linear" (one Linear) and
+# "mlp" (Linear to 2 * embed_dim, GELU, Linear) add a head after timm's pooled features; "none" passes them through.
+TIMM_PROJECTIONS = (None, "linear", "mlp", "none")
+# Arguments of timm.create_model the tower sets from the config's own fields: model_kwargs may not name them.
+_TIMM_RESERVED = ("pretrained", "num_classes", "global_pool", "drop_path_rate")
+_TIMM_VALUE_TYPES = (bool, int, float, str, type(None))
+
+
+@dataclass(frozen=True)
+class TimmVisionConfig:
+    """An image tower timm builds by model name, with OpenCLIP's `TimmModel` head: EVA-CLIP, PE-Core, ViTamin and
+    MobileCLIP in OpenCLIP's configs.
+
+    Attributes:
+        model_name: timm's name of the model (`timm.list_models()`), e.g. "eva02_base_patch16_clip_224".
+        image_size: the side the weights were trained at, which preprocessing produces. As in OpenCLIP, it is not
+            passed to timm, which sizes the model from its own config for `model_name` (`model_kwargs` may say
+            `img_size`).
+        pool: timm's global pooling ("token", "avg", "map", ...); "" keeps the model's own (OpenCLIP's `timm_pool`).
+        projection: one of TIMM_PROJECTIONS (OpenCLIP's `timm_proj`).
+        proj_bias: the last layer of a "linear" or "mlp" head has a bias (OpenCLIP's `timm_proj_bias`).
+        drop_path: stochastic depth rate given to timm (training only); None keeps timm's default.
+        model_kwargs: further (name, value) pairs (or a dict) for `timm.create_model`, values JSON-like (numbers,
+            strings, booleans, None and tuples of these): how a test builds a tiny tower of a named family. OpenCLIP
+            builds timm towers by name alone, so a config with any cannot be written in its layout.
+    """
+
+    model_name: str
+    image_size: int = 224
+    pool: str = "avg"
+    projection: str | None = "linear"
+    proj_bias: bool = False
+    drop_path: float | None = None
+    model_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    kind = "timm"
+
+    def __post_init__(self):
+        if self.projection not in TIMM_PROJECTIONS:
+            raise ValueError(f"unknown timm projection {self.projection!r}; expected one of {TIMM_PROJECTIONS}")
+        if self.pool in ("abs_attn", "rot_attn"):
+            raise ValueError(f"timm pool {self.pool!r} (OpenCLIP's attention-pool heads) is not supported; expected "
+                             "one of timm's own poolings ('token', 'avg', 'map', ...) or ''")  # fmt: skip
+        given = self.model_kwargs.items() if isinstance(self.model_kwargs, dict) else self.model_kwargs
+        if any(not isinstance(p, (list, tuple)) or len(p) != 2 for p in given):
+            raise ValueError(f"model_kwargs must be (name, value) pairs or a dict, got {self.model_kwargs!r}")
+        pairs = tuple((name, _frozen(value)) for name, value in given)
+        names = [name for name, _ in pairs]
+        bad = sorted({n for n in names if not isinstance(n, str) or n in _TIMM_RESERVED or names.count(n) > 1})
+        if bad:
+            raise ValueError(f"model_kwargs names {bad} are not strings, are repeated, or are set by the config's own "
+                             f"fields ({', '.join(_TIMM_RESERVED)})")  # fmt: skip
+        object.__setattr__(self, "model_kwargs", pairs)  # JSON's lists back to tuples: hashable, comparable
+
+
+def _frozen(value: Any) -> Any:
+    """A model_kwargs value with lists turned into tuples; anything not JSON-like is refused."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if not isinstance(value, _TIMM_VALUE_TYPES):
+        raise ValueError(f"model_kwargs value {value!r} is not a number, string, boolean, None or tuple of these")
+    return value
+
+
+# --- end of the timm image towers ---
+
+
+VisionConfig = Union[VisionTransformerConfig, ResNetConfig, ConvNeXtConfig, TimmVisionConfig]
+VISION_CONFIGS: dict[str, type] = {
+    c.kind: c for c in (VisionTransformerConfig, ResNetConfig, ConvNeXtConfig, TimmVisionConfig)
+}
 
 
 @dataclass(frozen=True)
@@ -117,9 +196,11 @@ class TextConfig:
         act: "quick_gelu" (OpenAI weights) or "gelu".
         causal: causal attention mask (CLIP) or bidirectional (SigLIP).
         pool: "argmax" pools at the highest token id (CLIP's end token), "eos" at the first `eos_id`,
-            "last" at the final position (SigLIP).
+            "last" at the final position (SigLIP), "cls" at a learned class embedding appended after the
+            `context_length` token positions (CoCa: OpenCLIP's `embed_cls`; the position table has one row more, and
+            attention skips padding as OpenCLIP's CoCa weights were trained: see `TextTransformer.key_mask`).
         eos_id: the end-of-text token id.
-        pad_id: the padding token id.
+        pad_id: the padding token id (the "cls" pool's attention skips it).
         projection: project pooled features to embed_dim; False passes them through (SigLIP i18n SO400M,
             OpenCLIP's `proj_type='none'`), which needs embed_dim == width.
         proj_bias: the output projection has a bias (SigLIP).
@@ -281,6 +362,36 @@ TEXT_CONFIGS.update({c.kind: c for c in (BertTextConfig, T5TextConfig, M2M100Tex
 # --- end of the Hugging Face text-encoder families ---
 
 
+# --- CoCa's caption decoder (models/coca.py) ---
+
+
+@dataclass(frozen=True)
+class CoCaDecoderConfig:
+    """CoCa's caption decoder (OpenCLIP's `MultimodalTransformer`): pre-norm blocks, each a causal self-attention
+    block over the text tower's token states then a cross-attention block over the image tower's caption tokens
+    (MLPs 4 x width wide, as OpenCLIP builds them whatever its config says), a final LayerNorm and a bias-free
+    projection to the vocabulary.
+
+    Attributes:
+        context_length: the longest text it decodes (OpenCLIP's `multimodal_cfg.context_length`).
+        vocab_size: logits per position; OpenCLIP sizes it by the text tower's vocabulary.
+        width: hidden size D; the text tower's width and the image tower's caption-token width must equal it.
+        layers: number of (self-attention, cross-attention) block pairs.
+        heads: attention heads per block.
+        act: "gelu" or "quick_gelu" (OpenCLIP's `quick_gelu` flag reaches the decoder too).
+    """
+
+    context_length: int = 76
+    vocab_size: int = 49408
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    act: str = "gelu"
+
+
+# --- end of CoCa's caption decoder ---
+
+
 @dataclass(frozen=True)
 class CLIPConfig:
     """A whole CLIP model: both towers and the shared embedding size.
@@ -294,6 +405,7 @@ class CLIPConfig:
         text: the text tower's config, or None for an image-only model.
         init_logit_scale: initial log temperature, ln(1/0.07) for CLIP, ln(10) for SigLIP.
         init_logit_bias: initial logit bias for sigmoid-loss models; None for softmax CLIP (no bias).
+        decoder: CoCa's caption decoder, or None (every model but CoCa: nothing of it is built or stored).
     """
 
     embed_dim: int
@@ -301,6 +413,7 @@ class CLIPConfig:
     text: Any = field(default_factory=TextConfig)  # one of TEXT_CONFIGS' classes, or None
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None
+    decoder: CoCaDecoderConfig | None = None
 
     def __post_init__(self):
         if self.vision is None and self.text is None:
@@ -312,6 +425,8 @@ class CLIPConfig:
             cfg = getattr(self, tower)
             if cfg is not None:
                 d[tower] = {"kind": cfg.kind, **d[tower]}
+        if self.decoder is None:  # configs of models without a decoder read as they did before CoCa
+            del d["decoder"]
         return d
 
     @classmethod
@@ -319,7 +434,9 @@ class CLIPConfig:
         d = dict(d)
         vision = _tower_from_dict(d.pop("vision"), VISION_CONFIGS, "vit", "vision")
         text = _tower_from_dict(d.pop("text", {}), TEXT_CONFIGS, TextConfig.kind, "text")
-        return cls(vision=vision, text=text, **_check_keys(cls, d, exclude={"vision", "text"}))
+        decoder = d.pop("decoder", None)
+        decoder = None if decoder is None else _build(CoCaDecoderConfig, decoder)
+        return cls(vision=vision, text=text, decoder=decoder, **_check_keys(cls, d, exclude={"vision", "text"}))
 
 
 def _tower_from_dict(d: dict[str, Any] | None, kinds: dict[str, type], default: str, where: str):

@@ -103,7 +103,9 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         t = self.text
-        x = t.transformer.forward_one(t.embed(input_ids), t.pool_index(input_ids), t.config.causal)  # (B, D)
+        mask = t.key_mask(input_ids)  # CoCa's padding-aware mask; None for the other towers
+        x = t.transformer.forward_one(t.embed(input_ids), t.pool_index(input_ids), t.config.causal and mask is None,
+                                      mask)  # (B, D)  # fmt: skip
         x = t.proj(t.ln_final(x))  # (B, E)
         return F.normalize(x, dim=-1) if self.normalize else x
 

@@ -7,7 +7,10 @@ import math
 from dataclasses import replace
 
 from .checkpoints.open_clip_hf import hf_model_name, hf_text_config
-from .config import CLIPConfig, ConvNeXtConfig, ResNetConfig, TextConfig, TokenizerConfig, VisionTransformerConfig
+from .config import (
+    CLIPConfig, CoCaDecoderConfig, ConvNeXtConfig, ResNetConfig, TextConfig, TimmVisionConfig, TokenizerConfig,
+    VisionTransformerConfig,
+)  # fmt: skip
 
 
 def _text(width: int, heads: int, layers: int = 12) -> TextConfig:
@@ -200,6 +203,121 @@ _HF_TEXT_PRESETS: dict[str, CLIPConfig] = {
 }
 
 
+# --- timm image towers by name: EVA-CLIP, PE-Core, ViTamin, MobileCLIP (models/timm_tower.py) ---
+
+
+def _timm(embed: int, model: str, image: int, text: TextConfig, pool: str, proj: str | None = None,
+          drop_path: float | None = None) -> CLIPConfig:  # fmt: skip
+    """A model whose image tower timm builds by name, as OpenCLIP's config of it says (timm_pool, timm_proj,
+    timm_drop_path), beside OpenCLIP's own text tower."""
+    vision = TimmVisionConfig(model, image_size=image, pool=pool, projection=proj, drop_path=drop_path)
+    return CLIPConfig(embed, vision, text)
+
+
+def _eva(embed: int, model: str, text: TextConfig, image: int = 224) -> CLIPConfig:
+    """EVA-CLIP (Sun et al. 2023): timm's EVA / EVA-02 ViT, class token, timm's classifier as the projection."""
+    return _timm(embed, model, image, text, "token")
+
+
+def _pe(embed: int, model: str, image: int, text: TextConfig, context: int = 32) -> CLIPConfig:
+    """PE-Core (Bolya et al. 2025, "Perception Encoder"): timm's RoPE ViT with an attention-pool head and timm's
+    classifier as the projection; a CLIP text tower over 32 positions (72 for bigG)."""
+    return _timm(embed, model, image, replace(text, context_length=context), "map")
+
+
+def _vitamin(embed: int, model: str, image: int, text: TextConfig) -> CLIPConfig:
+    """ViTamin (Chen et al. 2024): timm's conv-stem hybrid ViT, its own average pool, a linear projection."""
+    return _timm(embed, model, image, text, "", "linear", drop_path=0.1)
+
+
+def _mobileclip(embed: int, model: str, text: TextConfig, vit: bool = False, causal: bool = False,
+                drop_path: float = 0.0) -> CLIPConfig:  # fmt: skip
+    """MobileCLIP (Vasu et al. 2024) and MobileCLIP 2: timm's FastViT MCi (256px, average pool), or with `vit` a ViT
+    (224px, class token), timm's classifier as the projection; the text tower bidirectional unless `causal` (the B
+    models), pooled at the highest token id either way."""
+    image, pool = (224, "token") if vit else (256, "avg")
+    return _timm(embed, model, image, replace(text, causal=causal), pool, drop_path=drop_path)
+
+
+_EVA_PRESETS: dict[str, CLIPConfig] = {
+    "EVA01-g-14": _eva(1024, "eva_giant_patch14_224", _text(768, 12)),
+    "EVA01-g-14-plus": _eva(1024, "eva_giant_patch14_224", _text(1024, 16, 24)),
+    "EVA02-B-16": _eva(512, "eva02_base_patch16_clip_224", _text(512, 8)),
+    "EVA02-L-14": _eva(768, "eva02_large_patch14_clip_224", _text(768, 12)),
+    "EVA02-L-14-336": _eva(768, "eva02_large_patch14_clip_336", _text(768, 12), image=336),
+    "EVA02-E-14": _eva(1024, "eva02_enormous_patch14_clip_224", _text(1024, 16, 24)),
+    "EVA02-E-14-plus": _eva(1024, "eva02_enormous_patch14_clip_224", _text(1280, 20, 32)),
+}
+_PE_PRESETS: dict[str, CLIPConfig] = {
+    "PE-Core-T-16-384": _pe(512, "vit_pe_core_tiny_patch16_384", 384, _text(512, 8)),
+    "PE-Core-S-16-384": _pe(512, "vit_pe_core_small_patch16_384", 384, _text(512, 8)),
+    "PE-Core-B-16": _pe(1024, "vit_pe_core_base_patch16_224", 224, _text(1024, 16, 24)),
+    "PE-Core-L-14-336": _pe(1024, "vit_pe_core_large_patch14_336", 336, _text(1024, 16, 24)),
+    "PE-Core-bigG-14-448": _pe(1280, "vit_pe_core_gigantic_patch14_448", 448, _text(1280, 20, 24), context=72),
+}
+_VITAMIN_PRESETS: dict[str, CLIPConfig] = {
+    "ViTamin-S": _vitamin(384, "vitamin_small_224", 224, _text(384, 6)),
+    "ViTamin-S-LTT": _vitamin(768, "vitamin_small_224", 224, _text(768, 12)),
+    "ViTamin-B": _vitamin(512, "vitamin_base_224", 224, _text(512, 8)),
+    "ViTamin-B-LTT": _vitamin(768, "vitamin_base_224", 224, _text(768, 12)),
+    **{f"ViTamin-L{suffix}": _vitamin(768, f"vitamin_large_{image}", image, _text(768, 12))
+       for suffix, image in (("", 224), ("-256", 256), ("-336", 336), ("-384", 384))},
+    **{f"ViTamin-L2{suffix}": _vitamin(1024, f"vitamin_large2_{image}", image, _text(1024, 16, 24))
+       for suffix, image in (("", 224), ("-256", 256), ("-336", 336), ("-384", 384))},
+    "ViTamin-XL-256": _vitamin(1152, "vitamin_xlarge_256", 256, _text(1152, 16, 27)),
+    "ViTamin-XL-336": _vitamin(1152, "vitamin_xlarge_336", 336, _text(1152, 16, 27)),
+    # OpenCLIP's config gives this 384px timm model image_size 256, so its preprocessing makes 256px images: the tower
+    # takes them (timm's ViTamin-XL has no position table); kept as OpenCLIP builds and feeds it
+    "ViTamin-XL-384": _vitamin(1152, "vitamin_xlarge_384", 256, _text(1152, 16, 27)),
+}  # fmt: skip
+_MOBILECLIP_PRESETS: dict[str, CLIPConfig] = {
+    "MobileCLIP-S1": _mobileclip(512, "fastvit_mci1", _text(512, 8)),
+    "MobileCLIP-S2": _mobileclip(512, "fastvit_mci2", _text(512, 8)),
+    "MobileCLIP-B": _mobileclip(512, "vit_base_mci_224", _text(512, 8), vit=True, causal=True),
+    "MobileCLIP2-B": _mobileclip(512, "vit_base_mci_224", _text(512, 8), vit=True, causal=True),
+    "MobileCLIP2-S0": _mobileclip(512, "fastvit_mci0", _text(512, 8)),
+    "MobileCLIP2-S2": _mobileclip(512, "fastvit_mci2", _text(512, 8)),
+    "MobileCLIP2-S3": _mobileclip(768, "fastvit_mci3", _text(768, 12)),
+    "MobileCLIP2-S4": _mobileclip(768, "fastvit_mci4", _text(768, 12)),
+    "MobileCLIP2-L-14": _mobileclip(768, "vit_large_patch14_clip_224", _text(768, 12), vit=True, drop_path=0.1),
+}
+_TIMM_FAMILIES: dict[str, dict[str, CLIPConfig]] = {
+    "EVA-CLIP": _EVA_PRESETS, "PE-Core": _PE_PRESETS, "ViTamin": _VITAMIN_PRESETS, "MobileCLIP": _MOBILECLIP_PRESETS,
+}  # fmt: skip
+_TIMM_PRESETS: dict[str, CLIPConfig] = {n: c for family in _TIMM_FAMILIES.values() for n, c in family.items()}
+
+# --- end of the timm image towers ---
+
+
+# --- CoCa: contrastive towers and a caption decoder (models/coca.py) ---
+
+
+def _coca(embed: int, vision: VisionTransformerConfig, text: TextConfig, decoder_heads: int) -> CLIPConfig:
+    """CoCa (Yu et al. 2022) as OpenCLIP builds it: `vision`, a causal text tower over 76 positions with CoCa's class
+    embedding appended (and pooled), and a 12-layer caption decoder as wide as the text tower, over its vocabulary."""
+    text = replace(text, context_length=76, pool="cls")
+    decoder = CoCaDecoderConfig(context_length=76, vocab_size=text.vocab_size, width=text.width, layers=12,
+                                heads=decoder_heads)  # fmt: skip
+    return CLIPConfig(embed, vision, text, decoder=decoder)
+
+
+def _attentional(base: str) -> VisionTransformerConfig:
+    """The CLIP ViT of `base` pooled by CoCa's attentional pooler (256 queries, 8 heads)."""
+    return replace(_BASE[base].vision, pool="attentional", pool_queries=256, pool_heads=8)
+
+
+_COCA_PRESETS: dict[str, CLIPConfig] = {
+    "coca_ViT-B-32": _coca(512, _attentional("ViT-B-32"), _text(512, 8), decoder_heads=8),
+    "coca_ViT-L-14": _coca(768, _attentional("ViT-L-14"), _text(768, 12), decoder_heads=12),
+    # OpenCLIP's coca_base (no released weights): a class-token ViT at 288px whose patch tokens the decoder reads, and
+    # a 64,000-token vocabulary (its tokenizer is still CLIP's BPE, as OpenCLIP's get_tokenizer gives it)
+    "coca_base": _coca(512, VisionTransformerConfig(image_size=288, patch_size=18, width=768, layers=12, heads=12),
+                       replace(_text(768, 12), vocab_size=64000), decoder_heads=12),
+}
+
+# --- end of CoCa ---
+
+
 def _quickgelu(cfg: CLIPConfig) -> CLIPConfig:
     vision = replace(cfg.vision, act="quick_gelu") if cfg.vision.kind == "vit" else cfg.vision
     return replace(cfg, vision=vision, text=replace(cfg.text, act="quick_gelu"))
@@ -208,7 +326,8 @@ def _quickgelu(cfg: CLIPConfig) -> CLIPConfig:
 # OpenAI's weights were trained with QuickGELU: OpenCLIP names those variants "<name>-quickgelu".
 _QUICKGELU = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336",
               "ViT-H-14", "ViT-H-14-378", "ViT-bigG-14", "ViT-L-14-worldwide", "ViT-H-14-worldwide"]  # fmt: skip
-_UNVARIED = {**_BASE, **_SIGLIP_PRESETS, **_WORLDWIDE_PRESETS, **_CLIPA_PRESETS, **_HF_TEXT_PRESETS}
+_UNVARIED = {**_BASE, **_SIGLIP_PRESETS, **_WORLDWIDE_PRESETS, **_CLIPA_PRESETS, **_HF_TEXT_PRESETS, **_TIMM_PRESETS,
+             **_COCA_PRESETS}  # fmt: skip
 PRESETS: dict[str, CLIPConfig] = {**_UNVARIED, **{f"{n}-quickgelu": _quickgelu(_UNVARIED[n]) for n in _QUICKGELU}}
 
 
@@ -257,6 +376,10 @@ def preset_family(name: str) -> str:
         return "CLIPA"
     if base in _HF_TEXT_PRESETS:
         return "multilingual (Hugging Face text towers)"
+    if base in _TIMM_PRESETS:
+        return next(family for family, presets in _TIMM_FAMILIES.items() if base in presets)
+    if base in _COCA_PRESETS:
+        return "CoCa"
     return {"vit": "CLIP ViT", "resnet": "CLIP ResNet", "convnext": "CLIP ConvNeXt"}[cfg.vision.kind]
 
 

@@ -243,14 +243,65 @@ _RELEASES: dict[str, dict[str, tuple[str, dict, str | None]]] = {
         "v1": ("visheratin/nllb-clip-large-siglip", _SIGLIP_PP, _NC),
         "mrl": ("visheratin/nllb-siglip-mrl-large", _SIGLIP_PP, _NC),
     },
+    # --- CoCa (LAION): the LAION-2B models and their MS-COCO caption fine-tunes ---
+    **{model: {"laion2b_s13b_b90k": (f"laion/CoCa-{arch}-laion2B-s13B-b90k", {}, _MIT),
+               "mscoco_finetuned_laion2b_s13b_b90k": (f"laion/mscoco_finetuned_CoCa-{arch}-laion2B-s13B-b90k", {}, _MIT)}
+       for model, arch in (("coca_ViT-B-32", "ViT-B-32"), ("coca_ViT-L-14", "ViT-L-14"))},
+    # --- end of CoCa ---
 }
+
+
+# --- timm image towers by name: EVA-CLIP, PE-Core, ViTamin, MobileCLIP ---
+
+# MobileCLIP (Apple) feeds [0, 1] pixels, resized bilinearly; MobileCLIP 2's S3/S4/L-14 use OpenAI's statistics.
+_MOBILECLIP_PP = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear", resize_mode="shortest")
+_MOBILECLIP2_PP = dict(_OPENAI_PP, interpolation="bilinear")
+# PE-Core (Meta) squashes to [-1, 1] bilinearly
+_PE_PP = dict(mean=_HALF, std=_HALF, interpolation="bilinear", resize_mode="squash")
+# ViTamin's repositories hold OpenCLIP state dicts under transformers' file name, pickled only
+_VITAMIN = {"filename": "pytorch_model.bin", "fallback_filename": None}
+# Licences are left unknown (None) here: the releases state them on their hub pages.
+_TIMM_RELEASES: dict[str, dict[str, tuple[str, dict, str | None]]] = {
+    "EVA01-g-14": {"laion400m_s11b_b41k": ("timm/eva_giant_patch14_clip_224.laion400m_s11b_b41k", {}, None)},
+    "EVA01-g-14-plus": {"merged2b_s11b_b114k": ("timm/eva_giant_patch14_plus_clip_224.merged2b_s11b_b114k", {}, None)},
+    "EVA02-B-16": {"merged2b_s8b_b131k": ("timm/eva02_base_patch16_clip_224.merged2b_s8b_b131k", {}, None)},
+    "EVA02-L-14": {"merged2b_s4b_b131k": ("timm/eva02_large_patch14_clip_224.merged2b_s4b_b131k", {}, None)},
+    "EVA02-L-14-336": {"merged2b_s6b_b61k": ("timm/eva02_large_patch14_clip_336.merged2b_s6b_b61k", {}, None)},
+    "EVA02-E-14": {"laion2b_s4b_b115k": ("timm/eva02_enormous_patch14_clip_224.laion2b_s4b_b115k", {}, None)},
+    "EVA02-E-14-plus": {"laion2b_s9b_b144k": ("timm/eva02_enormous_patch14_plus_clip_224.laion2b_s9b_b144k", {}, None)},
+    **{name: {"meta": (f"timm/{name}", _PE_PP, None)}
+       for name in ("PE-Core-T-16-384", "PE-Core-S-16-384", "PE-Core-B-16", "PE-Core-L-14-336", "PE-Core-bigG-14-448")},
+    **{name: {"datacomp1b": (f"jienengchen/{repo}", _VITAMIN, None)}
+       for name, repo in (("ViTamin-S", "ViTamin-S"), ("ViTamin-S-LTT", "ViTamin-S-LTT"), ("ViTamin-B", "ViTamin-B"),
+                          ("ViTamin-B-LTT", "ViTamin-B-LTT"), ("ViTamin-L", "ViTamin-L-224px"),
+                          ("ViTamin-L-256", "ViTamin-L-256px"), ("ViTamin-L-336", "ViTamin-L-336px"),
+                          ("ViTamin-L-384", "ViTamin-L-384px"), ("ViTamin-L2", "ViTamin-L2-224px"),
+                          ("ViTamin-L2-256", "ViTamin-L2-256px"), ("ViTamin-L2-336", "ViTamin-L2-336px"),
+                          ("ViTamin-L2-384", "ViTamin-L2-384px"), ("ViTamin-XL-256", "ViTamin-XL-256px"),
+                          ("ViTamin-XL-336", "ViTamin-XL-336px"), ("ViTamin-XL-384", "ViTamin-XL-384px"))},
+    **{name: {"datacompdr": (f"apple/{name}-OpenCLIP", _MOBILECLIP_PP, None)}
+       for name in ("MobileCLIP-S1", "MobileCLIP-S2")},
+    "MobileCLIP-B": {
+        "datacompdr": ("apple/MobileCLIP-B-OpenCLIP", _MOBILECLIP_PP, None),
+        "datacompdr_lt": ("apple/MobileCLIP-B-LT-OpenCLIP", _MOBILECLIP_PP, None),
+    },
+    **{name: {"dfndr2b": (f"timm/{name}-OpenCLIP", _MOBILECLIP_PP, None)}
+       for name in ("MobileCLIP2-B", "MobileCLIP2-S0", "MobileCLIP2-S2")},
+    **{name: {"dfndr2b": (f"timm/{name}-OpenCLIP", _MOBILECLIP2_PP, None)}
+       for name in ("MobileCLIP2-S3", "MobileCLIP2-S4")},
+    "MobileCLIP2-L-14": {"dfndr2b": ("timm/MobileCLIP2-L-14-OpenCLIP", _OPENAI_PP, None)},
+}  # fmt: skip
+_RELEASES.update(_TIMM_RELEASES)
+
+# --- end of the timm image towers ---
 
 
 def _entry(model: str, tag: str, repo: str, options: dict, license: str | None) -> PretrainedEntry:
     options = dict(options)
     pp = {k: options.pop(k) for k in ("mean", "std", "interpolation", "resize_mode") if k in options}
     preprocess = PreprocessConfig(image_size=get_preset(model).vision.image_size, **{**_OPENAI_PP, **pp})
-    return PretrainedEntry(model, tag, repo, SAFE_WEIGHTS, preprocess, license=license, **options)
+    filename = options.pop("filename", SAFE_WEIGHTS)  # a release whose repository names its own weights file
+    return PretrainedEntry(model, tag, repo, filename, preprocess, license=license, **options)
 
 
 def _build() -> dict[tuple[str, str], PretrainedEntry]:

@@ -154,11 +154,15 @@ def save_pretrained(
             one-tower models, `SiglipModel.from_pretrained` for SigLIP models; see `save_transformers_dir`).
 
     Raises:
-        ValueError: an unknown format, one that cannot hold this model (the message names those that can), or a
-            `path` that is a file or a non-empty directory holding no checkpoint.
+        ValueError: an unknown format, one that cannot hold this model (the message names those that can), a model
+            fused by `clipworks.reparameterize`, or a `path` that is a file or a non-empty directory holding no
+            checkpoint.
     """
     if format not in WRITERS:
         raise ValueError(f"unknown checkpoint format {format!r}; expected one of {list(FORMATS)}")
+    if getattr(getattr(model, "visual", None), "reparameterized", False):
+        raise ValueError("this model's image tower was fused for inference (clipworks.reparameterize): its weights "
+                         "fit no checkpoint layout; save the model before fusing it")  # fmt: skip
     check_replaceable(Path(path))
     if preprocess is None:
         from ..factory import default_preprocess

@@ -3,7 +3,8 @@
 `open_clip_config.json` holds `{"model_cfg": ..., "preprocess_cfg": ...}`: the dict OpenCLIP's model_configs
 JSON files hold, and the preprocessing the weights were trained with. OpenCLIP builds ConvNeXt and SigLIP image
 towers through timm *by model name only*, so those towers are named here by tables of timm's sizes; a size no
-timm model has cannot be written in this layout.
+timm model has cannot be written in this layout. Every other timm model OpenCLIP names (EVA-CLIP, PE-Core, ViTamin,
+MobileCLIP, ...) is read as a `TimmVisionConfig`, which timm builds by that name.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from ..config import (
     PreprocessConfig,
     ResNetConfig,
     TextConfig,
+    TimmVisionConfig,
     TokenizerConfig,
     VisionTransformerConfig,
 )
-from . import open_clip_hf
+from . import open_clip_coca, open_clip_hf
 from ..presets import CONVNEXT_SIZES
 from .io import CheckpointError, atomic_directory, load_state_dict
 from .open_clip import convert_from_open_clip, convert_to_open_clip, custom_text
@@ -83,8 +85,8 @@ _HF_CLEAN = "whitespace"
 _BLOCK_FIXED = {"ls_init_value": (None,), "block_type": (None, "default"), "qk_norm": (False,),
                 "scaled_cosine_attn": (False,), "scale_heads": (False,), "scale_attn_inner": (False,),
                 "scale_attn": (False,), "scale_fc": (False,)}  # fmt: skip
-_VIT_FIXED = {**_BLOCK_FIXED, "attentional_pool": (False,), "pos_embed_type": ("learnable",)}
-_TEXT_FIXED = {**_BLOCK_FIXED, "embed_cls": (False,), "final_ln_after_pool": (False,), "proj_type": ("linear", "none"),
+_VIT_FIXED = {**_BLOCK_FIXED, "pos_embed_type": ("learnable",)}
+_TEXT_FIXED = {**_BLOCK_FIXED, "final_ln_after_pool": (False,), "proj_type": ("linear", "none"),
                "hf_model_name": (None,)}  # fmt: skip
 
 
@@ -117,8 +119,8 @@ def _text_from_open_clip(t: dict[str, Any], quick_gelu: bool) -> TextConfig | HF
     vocab_size = t.get("vocab_size", 49408)
     known = _TOKENIZER_IDS.get(t.get("hf_tokenizer_name"))
     known = known or _VOCABS.get(vocab_size, {"eos_id": TextConfig.eos_id, "pad_id": TextConfig.pad_id})
-    pool = t.get("pool_type", "argmax")
-    if pool not in ("argmax", "eos", "last"):
+    pool = "cls" if t.get("embed_cls") else t.get("pool_type", "argmax")  # CoCa's class embedding overrides pool_type
+    if pool not in ("argmax", "eos", "last", "cls"):
         raise CheckpointError(f"text_cfg.pool_type={pool!r} is not supported; expected 'argmax', 'eos' or 'last'")
     return TextConfig(
         context_length=t.get("context_length", 77),
@@ -138,7 +140,7 @@ def _text_from_open_clip(t: dict[str, Any], quick_gelu: bool) -> TextConfig | HF
     )
 
 
-def _timm_from_open_clip(v: dict[str, Any]) -> VisionTransformerConfig | ConvNeXtConfig:
+def _timm_from_open_clip(v: dict[str, Any]) -> VisionTransformerConfig | ConvNeXtConfig | TimmVisionConfig:
     name = v["timm_model_name"]
     head = (v.get("timm_pool", "avg"), v.get("timm_proj", "linear"), bool(v.get("timm_proj_bias", False)))
     if name in TIMM_CONVNEXT and head in (("", "linear", False), ("", "mlp", False)):
@@ -154,13 +156,46 @@ def _timm_from_open_clip(v: dict[str, Any]) -> VisionTransformerConfig | ConvNeX
             image_size=image, patch_size=patch, width=width, layers=layers, heads=heads, mlp_ratio=mlp_ratio, act=act,
             pool="map", class_token=False, patch_bias=True, ln_pre=False, projection=False, norm_eps=1e-6,
         )  # fmt: skip
-    known = sorted(TIMM_CONVNEXT) + sorted(TIMM_SIGLIP)
-    if name in known:
-        raise CheckpointError(
-            f"vision_cfg: timm {name} with timm_pool/timm_proj/timm_proj_bias={head} is not supported; expected "
-            "('', 'linear' or 'mlp', False) for ConvNeXt, ('map', 'none', False) for SigLIP"
-        )
-    raise CheckpointError(f"vision_cfg.timm_model_name={name!r} is not supported; clipworks has {known}")
+    return _timm_tower_from_open_clip(v)  # any other timm model (or head): built by timm by name
+
+
+# --- timm image towers by name (EVA-CLIP, PE-Core, ViTamin, MobileCLIP, ...): models/timm_tower.py ---
+
+
+def _timm_tower_from_open_clip(v: dict[str, Any]) -> TimmVisionConfig:
+    """OpenCLIP's TimmModel settings as a TimmVisionConfig. The name is checked when the tower is built (timm may be
+    missing here); `timm_model_pretrained` is not kept: a checkpoint's weights replace timm's ImageNet ones."""
+    drop = v.get("timm_drop") or 0.0
+    if drop != 0.0:
+        raise CheckpointError(f"vision_cfg.timm_drop={drop!r}: only 0.0 is supported (training-time dropout before "
+                              "the projection)")  # fmt: skip
+    size = v.get("image_size", 224)
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise CheckpointError(f"vision_cfg.image_size={size!r}: clipworks takes square images only")
+        size = size[0]
+    try:
+        return TimmVisionConfig(v["timm_model_name"], image_size=size, pool=v.get("timm_pool", "avg"),
+                                projection=v.get("timm_proj", "linear"),
+                                proj_bias=bool(v.get("timm_proj_bias", False)), drop_path=v.get("timm_drop_path"))
+    except ValueError as e:  # fmt: skip
+        raise CheckpointError(f"vision_cfg: {e}") from e
+
+
+def _timm_tower_to_open_clip(v: TimmVisionConfig) -> dict[str, Any]:
+    if v.model_kwargs:
+        raise ValueError(f"OpenCLIP builds timm towers by name alone: a {v.model_name} tower with model_kwargs "
+                         f"{dict(v.model_kwargs)} cannot be written for it")  # fmt: skip
+    d = {"image_size": v.image_size, "timm_model_name": v.model_name, "timm_model_pretrained": False,
+         "timm_pool": v.pool, "timm_proj": v.projection}  # fmt: skip
+    if v.proj_bias:
+        d["timm_proj_bias"] = True
+    if v.drop_path is not None:
+        d.update(timm_drop=0.0, timm_drop_path=v.drop_path)
+    return d
+
+
+# --- end of the timm image towers ---
 
 
 def _vision_from_open_clip(v: dict[str, Any], quick_gelu: bool) -> VisionTransformerConfig | ResNetConfig:
@@ -173,8 +208,11 @@ def _vision_from_open_clip(v: dict[str, Any], quick_gelu: bool) -> VisionTransfo
             raise CheckpointError(f"vision_cfg.layers={layers!r}: a ResNet has 4 stages")
         return ResNetConfig(v.get("image_size", 224), tuple(layers), width, heads=width * 32 // head_width)
     _require_defaults(v, _VIT_FIXED, "vision_cfg")
+    pool = _vit_pool(v)
+    attentional = {"pool_queries": v.get("attn_pooler_queries", 256), "pool_heads": v.get("attn_pooler_heads", 8)}
     return VisionTransformerConfig(
-        pool=_vit_pool(v),
+        **(attentional if pool == "attentional" else {}),
+        pool=pool,
         image_size=v.get("image_size", 224),
         patch_size=v.get("patch_size", 16),
         width=width,
@@ -188,9 +226,16 @@ def _vision_from_open_clip(v: dict[str, Any], quick_gelu: bool) -> VisionTransfo
 
 
 def _vit_pool(v: dict[str, Any]) -> str:
-    """Our pool from OpenCLIP's pool_type and final_ln_after_pool: the class token ("tok": LayerNorm is per token, so
-    before or after pooling is the same), or the patch average normalised after pooling ("avg", CLIPA)."""
+    """Our pool from OpenCLIP's attentional_pool, pool_type and final_ln_after_pool: the class token ("tok": LayerNorm
+    is per token, so before or after pooling is the same), the patch average normalised after pooling ("avg", CLIPA),
+    or CoCa's attentional pooler."""
     pool, ln_after = v.get("pool_type", "tok"), bool(v.get("final_ln_after_pool", False))
+    attentional = v.get("attentional_pool", False)
+    if attentional:  # CoCa: only OpenCLIP's "original CoCa setup" (the paper's 'parallel' and 'cascade' are untested)
+        if attentional is not True or pool != "tok":
+            raise CheckpointError(f"vision_cfg.attentional_pool={attentional!r} with pool_type={pool!r} is not "
+                                  "supported; expected true with 'tok' (OpenCLIP's original CoCa setup)")  # fmt: skip
+        return "attentional"
     if pool == "tok":
         return "cls"
     if (pool, ln_after) == ("avg", True):
@@ -203,26 +248,28 @@ def config_from_open_clip(model_cfg: dict[str, Any]) -> CLIPConfig:
     """A clipworks config from an OpenCLIP model config (a model_configs JSON, or `model_cfg` of a hub config).
 
     Raises:
-        CheckpointError: an architecture or option clipworks does not implement (CoCa, Hugging Face text towers
-            other than those of open_clip_hf.HF_TEXT_MODELS, timm models other than ConvNeXt and SigLIP ViTs, layer
-            scale, ...), named.
+        CheckpointError: an architecture or option clipworks does not implement (CoCa with a Hugging Face text tower,
+            Hugging Face text towers other than those of open_clip_hf.HF_TEXT_MODELS, OpenCLIP's attention-pool heads
+            on timm models, layer scale, ...), named.
     """
     if not isinstance(model_cfg, dict):
         raise CheckpointError(f"model_cfg must be a JSON object, got {type(model_cfg).__name__}")
-    if "multimodal_cfg" in model_cfg:
-        raise CheckpointError("model_cfg has a multimodal_cfg (a CoCa captioning model); clipworks has CLIP only")
     quick_gelu = bool(model_cfg.get("quick_gelu", False))
     try:
         vision = _vision_from_open_clip(dict(model_cfg.get("vision_cfg") or {}), quick_gelu)
         text = _text_from_open_clip(dict(model_cfg.get("text_cfg") or {}), quick_gelu)
         bias = model_cfg.get("init_logit_bias")
         scale = model_cfg.get("init_logit_scale", _LOGIT_SCALE if bias is None else _SIGLIP_LOGIT_SCALE)
+        decoder = None
+        if "multimodal_cfg" in model_cfg:  # CoCa
+            decoder = open_clip_coca.decoder_from_open_clip(model_cfg, text, quick_gelu)
         return CLIPConfig(
             embed_dim=model_cfg["embed_dim"],
             vision=vision,
             text=text,
             init_logit_scale=float(scale),
             init_logit_bias=None if bias is None else float(bias),
+            decoder=decoder,
         )
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"model_cfg is not a valid OpenCLIP model config: {e!r}") from e
@@ -242,8 +289,9 @@ def _text_to_open_clip(t: TextConfig | HFTextConfig) -> dict[str, Any]:
     if t.kind != TextConfig.kind:
         return open_clip_hf.text_config_to_open_clip(t)
     known = _VOCABS.get(t.vocab_size, {"pad_id": 0})
-    if t.pool not in ("argmax", "eos", "last"):
-        raise ValueError(f"text.pool={t.pool!r} cannot be written for OpenCLIP; expected 'argmax', 'eos' or 'last'")
+    if t.pool not in ("argmax", "eos", "last", "cls"):
+        raise ValueError(f"text.pool={t.pool!r} cannot be written for OpenCLIP; expected 'argmax', 'eos', 'last' or "
+                         "'cls'")  # fmt: skip
     d: dict[str, Any] = {"context_length": t.context_length, "vocab_size": t.vocab_size,
                          "width": t.width, "heads": t.heads, "layers": t.layers}  # fmt: skip
     if t.mlp_ratio != 4.0:
@@ -254,7 +302,9 @@ def _text_to_open_clip(t: TextConfig | HFTextConfig) -> dict[str, Any]:
         d["proj_bias"] = True
     if not t.projection:
         d["proj_type"] = "none"
-    if t.pool != "argmax":
+    if t.pool == "cls":  # CoCa's class embedding (OpenCLIP then ignores pool_type)
+        d["embed_cls"] = True
+    elif t.pool != "argmax":
         d["pool_type"] = t.pool
     if t.pool == "eos":
         d["eos_id"] = t.eos_id
@@ -298,14 +348,20 @@ def _vit_to_open_clip(v: VisionTransformerConfig) -> dict[str, Any]:
     d["patch_size"] = v.patch_size
     if not v.ln_pre:
         d["no_ln_pre"] = True
+    if v.pool in ("avg", "attentional") and not v.class_token:
+        raise ValueError(f"OpenCLIP's ViT always has a class token: an {v.pool!r} pool without one cannot be written")
     if v.pool == "avg":
-        if not v.class_token:
-            raise ValueError("OpenCLIP's ViT always has a class token: an 'avg' pool without one cannot be written")
         d.update(pool_type="avg", final_ln_after_pool=True)
+    if v.pool == "attentional":  # CoCa's
+        d.update(attentional_pool=True, attn_pooler_heads=v.pool_heads)
+        if v.pool_queries != 256:
+            d["attn_pooler_queries"] = v.pool_queries
     return {**d, **_eps_to_open_clip(v.norm_eps), **_act_to_open_clip(v.act, "vision")}
 
 
 def _vision_to_open_clip(v) -> dict[str, Any]:
+    if v.kind == "timm":
+        return _timm_tower_to_open_clip(v)
     if v.kind == "vit":
         return _vit_to_open_clip(v)
     if v.kind == "resnet":
@@ -342,7 +398,8 @@ def config_to_open_clip(cfg: CLIPConfig, tokenizer: TokenizerConfig | None = Non
             activations differ in a way its single `quick_gelu` flag cannot say, ...
     """
     quick = _quick_gelu(cfg)
-    if cfg.vision.kind == "vit" and cfg.vision.pool == "cls" and (cfg.vision.act == "quick_gelu") != quick:
+    own_act = cfg.vision.kind == "vit" and cfg.vision.pool in ("cls", "attentional")  # OpenCLIP's ViT, not timm's
+    if own_act and (cfg.vision.act == "quick_gelu") != quick:
         raise ValueError(f"vision.act={cfg.vision.act!r} with text.act={cfg.text.act!r}: OpenCLIP's quick_gelu flag "
                          "applies to both towers")  # fmt: skip
     d: dict[str, Any] = {"embed_dim": cfg.embed_dim}
@@ -357,7 +414,8 @@ def config_to_open_clip(cfg: CLIPConfig, tokenizer: TokenizerConfig | None = Non
         # the flag for those only in SigLIP-style (logit bias) models, so the flag is written as they write it
         d["custom_text"] = True
     text = {**_text_to_open_clip(cfg.text), **_tokenizer_to_open_clip(tokenizer)}
-    return {**d, "vision_cfg": _vision_to_open_clip(cfg.vision), "text_cfg": text}
+    d = {**d, "vision_cfg": _vision_to_open_clip(cfg.vision), "text_cfg": text}
+    return d if cfg.decoder is None else open_clip_coca.coca_to_open_clip(cfg, d)
 
 
 def _tokenizer_to_open_clip(tok: TokenizerConfig | None) -> dict[str, Any]:

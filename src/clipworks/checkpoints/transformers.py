@@ -199,8 +199,10 @@ def config_to_transformers(cfg: CLIPConfig) -> dict[str, Any]:
     SigLIP-style models, a `CLIPModel`'s for CLIP ones, a one-tower CLIP class's for one-tower models.
 
     Raises:
-        ValueError: ResNet/ConvNeXt image towers, or settings neither CLIPModel nor SiglipModel can hold, named.
+        ValueError: ResNet/ConvNeXt image towers, CoCa, or settings neither CLIPModel nor SiglipModel can hold, named.
     """
+    if cfg.decoder is not None:
+        raise ValueError("CoCa (a model with a caption decoder) has no transformers class to hold it")
     if _writes_siglip(cfg):
         return siglip.config_to_siglip(cfg)
     _check_expressible(cfg)

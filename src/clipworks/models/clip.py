@@ -49,7 +49,11 @@ def build_image_tower(cfg: VisionConfig, embed_dim: int) -> nn.Module:
         from .convnext import ConvNeXt
 
         return ConvNeXt(cfg, embed_dim)
-    raise ValueError(f"unknown vision tower kind {cfg.kind!r}; expected 'vit', 'resnet' or 'convnext'")
+    if cfg.kind == "timm":  # built by timm by model name (EVA-CLIP, PE-Core, ViTamin, MobileCLIP)
+        from .timm_tower import TimmTower
+
+        return TimmTower(cfg, embed_dim)
+    raise ValueError(f"unknown vision tower kind {cfg.kind!r}; expected 'vit', 'resnet', 'convnext' or 'timm'")
 
 
 def build_text_tower(cfg, embed_dim: int) -> nn.Module:
@@ -83,6 +87,12 @@ class CLIP(nn.Module):
         self.text = None if cfg.text is None else build_text_tower(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(cfg.init_logit_bias))
+        # CoCa's caption decoder (models/coca.py); None for every other model
+        self.decoder = None
+        if cfg.decoder is not None:
+            from .coca import build_caption_decoder
+
+            self.decoder = build_caption_decoder(cfg)
 
     @property
     def image_size(self) -> int:
@@ -102,7 +112,7 @@ class CLIP(nn.Module):
         return cfg
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for tower in (self.visual, self.text):
+        for tower in (self.visual, self.text, self.decoder):
             if tower is not None:
                 tower.set_grad_checkpointing(enable)
 
@@ -122,6 +132,24 @@ class CLIP(nn.Module):
         """Every text layer's hidden states, the final-norm states and the pooled features (diffusion use)."""
         self._tower("text")
         return self.text.forward_hidden(tokens)
+
+    # --- CoCa ---
+
+    def caption_logits(self, images: Tensor, tokens: Tensor) -> Tensor:
+        """CoCa's caption logits (B, L, V): at each position of `tokens` (B, L), the next token's, given the tokens
+        up to it and the image. OpenCLIP's `CoCa(images, tokens, output_labels=False)["logits"]`; its default
+        (`output_labels=True`) is `[:, :-1]` of these, the positions a label follows.
+
+        Raises:
+            ValueError: the model has no caption decoder.
+        """
+        if self.decoder is None:
+            raise ValueError("this model has no caption decoder (only CoCa models have one)")
+        image_tokens = self.visual.forward_caption_tokens(images)  # (B, N, D)
+        text_states = self.text.forward_hidden(tokens).hidden_states[-1]  # (B, L, D), before ln_final
+        return self.decoder(image_tokens, text_states)
+
+    # --- end of CoCa ---
 
     def forward(self, images: Tensor, tokens: Tensor) -> CLIPOutput:
         return CLIPOutput(

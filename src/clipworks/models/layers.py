@@ -55,20 +55,22 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # (B, H, L, Dh)
         return self.out(x.transpose(1, 2).reshape(B, L, D))
 
-    def forward_one(self, x: Tensor, index: Tensor, causal: bool = False) -> Tensor:
+    def forward_one(self, x: Tensor, index: Tensor, causal: bool = False, attn_mask: Tensor | None = None) -> Tensor:
         """The attention output at one position per sequence, `index` (B,): (B, 1, D).
 
         Keys and values are needed at every position, the query only at `index`: a third of the qkv
-        projection and all but one row of the output projection are skipped.
+        projection and all but one row of the output projection are skipped. `attn_mask`, if given, is a boolean
+        (B, 1, L, L) mask of the whole sequence (True where a query may attend); its rows at `index` are used.
         """
         B, L, D = x.shape
         Dh = D // self.heads
         rows = torch.arange(B, device=x.device)
         q = _outputs(self.qkv, x[rows, index][:, None], 0, D).view(B, 1, self.heads, Dh).transpose(1, 2)  # (B, H, 1, Dh)
         k, v = _outputs(self.qkv, x, D, 3 * D).view(B, L, 2, self.heads, Dh).permute(2, 0, 3, 1, 4)  # 2 x (B, H, L, Dh)
-        mask = None
+        mask = None if attn_mask is None else attn_mask[rows, :, index][:, :, None]  # (B, 1, 1, L)
         if causal:  # the query at position p sees keys 0..p
-            mask = (torch.arange(L, device=x.device)[None, :] <= index[:, None])[:, None, None, :]  # (B, 1, 1, L)
+            seen = (torch.arange(L, device=x.device)[None, :] <= index[:, None])[:, None, None, :]  # (B, 1, 1, L)
+            mask = seen if mask is None else mask & seen
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, Dh)
         return self.out(x.transpose(1, 2).reshape(B, 1, D))
 
@@ -100,10 +102,10 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), causal=causal, attn_mask=attn_mask)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_one(self, x: Tensor, index: Tensor, causal: bool = False) -> Tensor:
+    def forward_one(self, x: Tensor, index: Tensor, causal: bool = False, attn_mask: Tensor | None = None) -> Tensor:
         """The block's output at position `index` (B,) of each sequence only: (B, D)."""
         rows = torch.arange(x.shape[0], device=x.device)
-        y = x[rows, index][:, None] + self.attn.forward_one(self.ln_1(x), index, causal)  # (B, 1, D)
+        y = x[rows, index][:, None] + self.attn.forward_one(self.ln_1(x), index, causal, attn_mask)  # (B, 1, D)
         return (y + self.mlp(self.ln_2(y)))[:, 0]
 
 
@@ -126,15 +128,16 @@ class Transformer(nn.Module):
             x = self._run(block, x, causal, attn_mask)
         return x
 
-    def forward_one(self, x: Tensor, index: Tensor, causal: bool = False) -> Tensor:
+    def forward_one(self, x: Tensor, index: Tensor, causal: bool = False, attn_mask: Tensor | None = None) -> Tensor:
         """The last block's output at position `index` (B,) of each sequence, (B, D): what a model that pools
-        one token needs. The earlier blocks run in full; the last one only where its output is used."""
+        one token needs. The earlier blocks run in full; the last one only where its output is used. `attn_mask`:
+        a boolean (B, 1, L, L) mask, True where a query may attend."""
         for block in self.blocks[:-1]:
-            x = self._run(block, x, causal, None)
+            x = self._run(block, x, causal, attn_mask)
         last = self.blocks[-1]
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(last.forward_one, x, index, causal, use_reentrant=False)
-        return last.forward_one(x, index, causal)
+            return checkpoint(last.forward_one, x, index, causal, attn_mask, use_reentrant=False)
+        return last.forward_one(x, index, causal, attn_mask)
 
     def forward_hidden(
         self, x: Tensor, causal: bool = False, attn_mask: Tensor | None = None, stop_at: int | None = None

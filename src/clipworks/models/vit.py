@@ -1,5 +1,5 @@
-"""The Vision Transformer image tower: OpenAI CLIP's (class token), SigLIP's (attention-pool head) and CLIPA's
-(average of the patch tokens)."""
+"""The Vision Transformer image tower: OpenAI CLIP's (class token), SigLIP's (attention-pool head), CLIPA's
+(average of the patch tokens) and CoCa's (attentional pooler: many learned queries)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,41 @@ class AttentionPoolHead(nn.Module):
         return x[:, 0]  # (B, D)
 
 
+class AttentionalPooler(nn.Module):
+    """CoCa's attentional pooler (OpenCLIP's `AttentionalPooler`): learned queries of size E, normalised, attend over
+    the normalised tokens of size D; one multi-head cross-attention, no MLP."""
+
+    def __init__(self, embed_dim: int, width: int, heads: int, queries: int, norm_eps: float):
+        super().__init__()
+        if embed_dim % heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by pool_heads {heads}")
+        self.heads = heads
+        self.query = nn.Parameter(torch.zeros(queries, embed_dim))
+        self.ln_q = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.ln_k = nn.LayerNorm(width, eps=norm_eps)
+        self.q = nn.Linear(embed_dim, embed_dim)
+        self.k = nn.Linear(width, embed_dim)
+        self.v = nn.Linear(width, embed_dim)
+        self.out = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: Tensor, queries: int | None = None) -> Tensor:
+        """Tokens (B, N, D) to the outputs of the first `queries` queries (all by default), (B, Q, E).
+
+        Each query attends on its own (the queries never see each other), so the first one alone, all that the
+        contrastive feature needs, costs 1/Q of the whole pool.
+        """
+        B, N, _ = x.shape
+        E = self.query.shape[1]
+        Dh = E // self.heads
+        q = self.q(self.ln_q(self.query[:queries]))  # (Q, E)
+        q = q.view(1, -1, self.heads, Dh).transpose(1, 2).expand(B, -1, -1, -1)  # (B, H, Q, Dh)
+        x = self.ln_k(x)
+        k = self.k(x).view(B, N, self.heads, Dh).transpose(1, 2)  # (B, H, N, Dh)
+        v = self.v(x).view(B, N, self.heads, Dh).transpose(1, 2)
+        x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, E)  # (B, Q, E)
+        return self.out(x)
+
+
 class VisionTransformer(nn.Module):
     """Patchify, add positions, run pre-norm blocks, pool (class token, attention head or patch average), project."""
 
@@ -43,12 +78,13 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if cfg.image_size < cfg.patch_size:
             raise ValueError(f"image_size {cfg.image_size} is smaller than patch_size {cfg.patch_size}")
-        if cfg.pool not in ("cls", "map", "avg"):
-            raise ValueError(f"unknown ViT pool {cfg.pool!r}; expected 'cls', 'map' or 'avg'")
+        if cfg.pool not in ("cls", "map", "avg", "attentional"):
+            raise ValueError(f"unknown ViT pool {cfg.pool!r}; expected 'cls', 'map', 'avg' or 'attentional'")
         if cfg.pool == "cls" and not cfg.class_token:
             raise ValueError("pool='cls' needs class_token=True")
-        if not cfg.projection and embed_dim != cfg.width:
-            raise ValueError(f"projection=False needs embed_dim == width, got {embed_dim} and {cfg.width}")
+        if not cfg.projection and (embed_dim != cfg.width or cfg.pool == "attentional"):
+            raise ValueError(f"projection=False needs embed_dim == width and a pool other than 'attentional', got "
+                             f"{embed_dim}, {cfg.width} and {cfg.pool!r}")  # fmt: skip
         self.config = cfg
         self.image_size = cfg.image_size
         D = cfg.width
@@ -60,10 +96,14 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(tokens, D))
         self.ln_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.ln_pre else nn.Identity()
         self.transformer = Transformer(D, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps)
-        self.ln_post = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.attn_pool = (
             AttentionPoolHead(D, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps) if cfg.pool == "map" else None
         )
+        self.attentional_pool = None
+        if cfg.pool == "attentional":  # CoCa: the pool maps to embed_dim, and ln_post and proj work there
+            self.attentional_pool = AttentionalPooler(embed_dim, D, cfg.pool_heads, cfg.pool_queries, cfg.norm_eps)
+            D = embed_dim
+        self.ln_post = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.proj = nn.Linear(D, embed_dim, bias=False) if cfg.projection else nn.Identity()
         self.init_weights()
 
@@ -77,6 +117,8 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.proj.weight, std=scale)
         if self.attn_pool is not None:
             nn.init.normal_(self.attn_pool.latent, std=scale)
+        if self.attentional_pool is not None:
+            nn.init.normal_(self.attentional_pool.query)  # OpenCLIP's torch.randn
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
@@ -96,12 +138,21 @@ class VisionTransformer(nn.Module):
         return self.ln_pre(x + self.pos_embed.to(x.dtype))
 
     def forward_tokens(self, images: Tensor) -> Tensor:
-        """Every token after the last block and `ln_post`, (B, N, D), before pooling."""
-        return self.ln_post(self.transformer(self.embed(images)))
+        """Every token after the last block and `ln_post`, (B, N, D), before pooling; with the "attentional" pool,
+        every query's output after `ln_post`, (B, Q, E)."""
+        x = self.transformer(self.embed(images))
+        return self.ln_post(x if self.attentional_pool is None else self.attentional_pool(x))
+
+    def forward_caption_tokens(self, images: Tensor) -> Tensor:
+        """The tokens CoCa's caption decoder attends to: all but the first of `forward_tokens` (the class token's
+        place, or the query whose output is the feature), (B, N - 1, D) or (B, Q - 1, E)."""
+        return self.forward_tokens(images)[:, 1:]
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.embed(images)
-        if self.attn_pool is not None:
+        if self.attentional_pool is not None:
+            pooled = self.ln_post(self.attentional_pool(self.transformer(x), queries=1)[:, 0])  # (B, E)
+        elif self.attn_pool is not None:
             pooled = self.attn_pool(self.ln_post(self.transformer(x)))
         elif self.config.pool == "avg":
             pooled = self.ln_post(self.transformer(x)[:, int(self.config.class_token) :].mean(dim=1))  # (B, D)
@@ -113,6 +164,7 @@ class VisionTransformer(nn.Module):
         return self.proj(pooled)  # (B, E)
 
 
+_WB = ("weight", "bias")
 OPEN_CLIP_KEYMAP = KeyMap(
     [
         Rule("patch_embed.weight", "conv1.weight"),
@@ -124,8 +176,44 @@ OPEN_CLIP_KEYMAP = KeyMap(
         Rule("ln_post.bias", "ln_post.bias"),
         Rule("proj.weight", "proj", transpose, transpose),
         *block_rules("transformer.resblocks", "transformer.blocks", OPEN_CLIP_BLOCK_KEYS),
+        # CoCa's attentional pooler; its q, k and v are split out of nn.MultiheadAttention's packing first
+        Rule("attentional_pool.query", "attn_pool.query"),
+        *[Rule(f"attentional_pool.{n}.{p}", f"attn_pool.{n}.{p}") for n in ("ln_q", "ln_k") for p in _WB],
+        *[Rule(f"attentional_pool.{n}.{p}", f"attn_pool.attn.{n}_proj_{p}") for n in "qkv" for p in _WB],
+        Rule("attentional_pool.out.weight", "attn_pool.attn.out_proj.weight"),
+        Rule("attentional_pool.out.bias", "attn_pool.attn.out_proj.bias"),
     ]
 )
+_POOL_ATTN = "attn_pool.attn."
+
+
+def _unpack_pool_qkv(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """OpenCLIP's CoCa pooler is an nn.MultiheadAttention: its q, k and v biases are packed in one tensor, and so are
+    their weights when the tokens are as wide as the queries (else they are three tensors). Split them."""
+    if _POOL_ATTN + "in_proj_bias" not in sd:
+        return sd
+    sd = dict(sd)
+    packed = {"bias": sd.pop(_POOL_ATTN + "in_proj_bias")}
+    if _POOL_ATTN + "in_proj_weight" in sd:
+        packed["weight"] = sd.pop(_POOL_ATTN + "in_proj_weight")
+    for p, t in packed.items():
+        sd.update({f"{_POOL_ATTN}{n}_proj_{p}": part for n, part in zip("qkv", t.chunk(3))})
+    return sd
+
+
+def _pack_pool_qkv(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of `_unpack_pool_qkv`: nn.MultiheadAttention's packing, the weights packed when all three have the
+    same shape."""
+    if _POOL_ATTN + "q_proj_bias" not in sd:
+        return sd
+    sd = dict(sd)
+    parts = {p: [sd.pop(f"{_POOL_ATTN}{n}_proj_{p}") for n in "qkv"] for p in ("weight", "bias")}
+    sd[_POOL_ATTN + "in_proj_bias"] = torch.cat(parts["bias"])
+    if len({t.shape for t in parts["weight"]}) == 1:
+        sd[_POOL_ATTN + "in_proj_weight"] = torch.cat(parts["weight"])
+    else:
+        sd.update({f"{_POOL_ATTN}{n}_proj_weight": t for n, t in zip("qkv", parts["weight"])})
+    return sd
 
 
 def _squeeze0(t: Tensor) -> Tensor:
@@ -157,11 +245,13 @@ TIMM_KEYMAP = KeyMap(
 
 def convert_from_open_clip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """OpenCLIP's `visual.` subtree (OpenAI layout, or timm's for SigLIP) to our VisionTransformer keys."""
-    keymap = TIMM_KEYMAP if any(k.startswith("trunk.") for k in sd) else OPEN_CLIP_KEYMAP
-    return keymap.to_ours(sd)
+    if any(k.startswith("trunk.") for k in sd):
+        return TIMM_KEYMAP.to_ours(sd)
+    return OPEN_CLIP_KEYMAP.to_ours(_unpack_pool_qkv(sd))
 
 
 def convert_to_open_clip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our VisionTransformer keys to OpenCLIP's `visual.` subtree (the inverse of convert_from_open_clip)."""
-    keymap = TIMM_KEYMAP if any(k.startswith("attn_pool.") for k in sd) else OPEN_CLIP_KEYMAP
-    return keymap.to_theirs(sd)
+    if any(k.startswith("attn_pool.") for k in sd):
+        return TIMM_KEYMAP.to_theirs(sd)
+    return _pack_pool_qkv(OPEN_CLIP_KEYMAP.to_theirs(sd))
