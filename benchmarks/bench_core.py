@@ -1,6 +1,6 @@
 """Core benchmarks: clipworks, OpenCLIP and transformers side by side in one process, with ratios.
 
-Usage: python benchmarks/bench_core.py [--quick] [--only tokenizer,encoding,families,preprocess,onnx] [--json OUT]
+Usage: python benchmarks/bench_core.py [--quick] [--only tokenizer,encoding,families,towers,preprocess,onnx] [--json OUT]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PARTS = ("tokenizer", "encoding", "families", "preprocess", "onnx")
+PARTS = ("tokenizer", "encoding", "families", "towers", "preprocess", "onnx")
 
 
 def _ratio(ours: float | None, theirs: float | None) -> str:

@@ -40,10 +40,11 @@ def _tiny(name: str) -> clipworks.CLIP:
 
 
 def _token_batches(model: clipworks.CLIP) -> dict[int, torch.Tensor]:
-    """Real CLIP token ids; for SigLIP's vocabulary, random ids of the same lengths padded with its pad id."""
-    tok = clipworks.get_tokenizer("ViT-B-32").tokenize(CAPTIONS)
-    assert int(tok.lengths.max()) == 77
+    """Real CLIP token ids at the model's context length (PE-Core: 32, CoCa: 76, the longest caption cut to fill it);
+    for SigLIP's vocabulary, random ids of the same lengths padded with its pad id."""
     text = model.config.text
+    tok = clipworks.get_tokenizer("ViT-B-32").tokenize(CAPTIONS, context_length=text.context_length)
+    assert int(tok.lengths.max()) == text.context_length
     if text.vocab_size == clipworks.Tokenizer.vocab_size:
         return {b: tok.ids[rows] for b, rows in BATCHES.items()}
     g = torch.Generator().manual_seed(0)
@@ -60,7 +61,11 @@ def _diff(a: np.ndarray, b: torch.Tensor) -> float:
 @pytest.mark.parametrize(
     "name, normalize",
     [("ViT-B-32", False), ("ViT-B-32-quickgelu", True), ("RN50", False), ("convnext_base_w", False),
-     ("ViT-B-16-SigLIP", False)],
+     ("ViT-B-16-SigLIP", False),
+     # timm image towers (RoPE and EVA's computed buffers, PE's attention pool, ViTamin's conv stem, FastViT's
+     # BatchNorm branches, the MCi ViT) and CoCa (attentional pool, appended class embedding, padding mask)
+     ("EVA02-B-16", False), ("EVA01-g-14", False), ("PE-Core-T-16-384", False), ("ViTamin-S", False),
+     ("MobileCLIP-S1", False), ("MobileCLIP-B", True), ("coca_ViT-B-32", False)],
 )  # fmt: skip
 def test_export_matches_pytorch(tmp_path, name, normalize, record_property):
     model = _tiny(name)

@@ -2,7 +2,8 @@
 
 The reduced-size parity tests check every key map and variant flag; these check what only the real sizes show
 (floored patch grids, position tables, vocabularies, widths that differ between towers). The big models are marked
-`slow` and run with `pytest -m slow`; CI runs ViT-B-16-SigLIP and ViT-B-16-SigLIP2.
+`slow` and run with `pytest -m slow`; CI runs ViT-B-16-SigLIP, ViT-B-16-SigLIP2, PE-Core-T-16-384 and
+MobileCLIP-S1.
 """
 
 import pytest
@@ -29,6 +30,15 @@ MODELS = [
     pytest.param("convnext_large_d", marks=SLOW),  # ConvNeXt-L with the MLP head (timm_proj="mlp")
     pytest.param("ViT-L-14-CLIPA", marks=SLOW),  # patch-average pooling, LayerNorm after the pool, no ln_pre
     pytest.param("coca_ViT-B-32", marks=SLOW),  # attentional pool, appended class embedding, the caption decoder
+    # timm image towers: timm builds both models' trunks, so these check the head, the text tower and the sizes
+    "PE-Core-T-16-384",  # RoPE ViT with an attention-pool head; text over 32 positions
+    "MobileCLIP-S1",  # FastViT MCi (BatchNorm branches), bidirectional text
+    pytest.param("MobileCLIP2-S4", marks=SLOW),  # five-stage FastViT MCi4 at 256px
+    pytest.param("MobileCLIP-B", marks=SLOW),  # the MCi ViT, causal text
+    pytest.param("EVA02-B-16", marks=SLOW),  # EVA-02: RoPE, SwiGLU
+    pytest.param("EVA01-g-14", marks=SLOW),  # EVA-01 giant: its key bias is a computed buffer
+    pytest.param("ViTamin-L-384", marks=SLOW),  # conv stem, linear head
+    pytest.param("PE-Core-bigG-14-448", marks=SLOW),  # no class token, text over 72 positions
 ]
 
 

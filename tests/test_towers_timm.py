@@ -177,6 +177,22 @@ def test_reparameterize_keeps_the_features(name, tmp_path, record_property):
     assert model.visual.reparameterized
 
 
+def test_commands_that_only_encode_fuse_the_tower():
+    from argparse import Namespace
+
+    from clipworks.search.commands import prepare_for_inference
+
+    cfg, ref = _reference("MobileCLIP-S1")
+    model = clipworks.create_model(cfg)
+    load_weights(model, convert_from_open_clip(ref.state_dict(), cfg))
+    images, _ = _inputs(cfg)
+    with torch.no_grad():
+        before = model.encode_image(images, normalize=True)
+        prepare_for_inference(Namespace(), model)  # what embed, serve, classify and eval do with a loaded model
+        after = model.encode_image(images, normalize=True)
+    assert model.visual.reparameterized and (after - before).abs().max() <= TOL
+
+
 def test_reparameterize_leaves_other_towers_alone():
     model = clipworks.create_model(tiny_config(clipworks.get_preset("EVA02-B-16")))
     keys = set(model.state_dict())

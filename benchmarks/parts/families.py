@@ -1,7 +1,7 @@
 """Benchmark: the newer model families, clipworks vs OpenCLIP (vs transformers), same weights, fp32.
 
 SigLIP and SigLIP 2 image and text encoding; the Hugging Face text towers (XLM-R, NLLB), which OpenCLIP runs
-through transformers and clipworks natively; CoCa's image encoding (attentional pool).
+through transformers and clipworks natively.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from timing import interleaved_rates  # noqa: E402
 
 SIGLIP_MODELS = ("ViT-B-16-SigLIP", "ViT-B-16-SigLIP2")
 HF_TEXT_MODELS = ("xlm-roberta-base-ViT-B-32", "nllb-clip-base")
-COCA_MODELS = ("coca_ViT-B-32",)  # image encoding only: its text tower is CLIP's with one more position
 
 
 def _models(name: str):
@@ -88,27 +87,18 @@ def run(quick: bool = False) -> list[dict]:
     for name in SIGLIP_MODELS:
         ours, ref, hf = _models(name)
         rows.append(_text_row(name, ours, ref, hf, repeats))
-        rows += _image_rows(name, ours, ref, hf, quick, repeats)
-    for name in COCA_MODELS:  # no transformers class holds CoCa
-        ours, ref, hf = _models(name)
-        rows += _image_rows(name, ours, ref, hf, quick, repeats)
-    return rows
-
-
-def _image_rows(name: str, ours, ref, hf, quick: bool, repeats: int) -> list[dict]:
-    rows = []
-    side = ours.config.vision.image_size
-    for batch in (1, 32):
-        images = torch.randn(batch, 3, side, side)
-        n = max(1, (8 if quick else 32) // batch)
-        a, b = ours.encode_image(images, normalize=True), ref.encode_image(images, normalize=True)
-        fns = {"clipworks": lambda: [ours.encode_image(images) for _ in range(n)],
-               "open_clip": lambda: [ref.encode_image(images) for _ in range(n)]}  # fmt: skip
-        if hf is not None:
-            fns["transformers"] = lambda: [hf.get_image_features(pixel_values=images) for _ in range(n)]
-        rates = {"transformers": None, **interleaved_rates(fns, batch * n, repeats)}
-        rows.append({"task": f"image encoding {name}, batch {batch}", "unit": "images/s", **rates,
-                     "note": f"fp32; max|diff| vs open_clip {float((a - b).abs().max()):.1e}"})  # fmt: skip
+        side = ours.config.vision.image_size
+        for batch in (1, 32):
+            images = torch.randn(batch, 3, side, side)
+            n = max(1, (8 if quick else 32) // batch)
+            a, b = ours.encode_image(images, normalize=True), ref.encode_image(images, normalize=True)
+            fns = {"clipworks": lambda: [ours.encode_image(images) for _ in range(n)],
+                   "open_clip": lambda: [ref.encode_image(images) for _ in range(n)]}  # fmt: skip
+            if hf is not None:
+                fns["transformers"] = lambda: [hf.get_image_features(pixel_values=images) for _ in range(n)]
+            rates = {"transformers": None, **interleaved_rates(fns, batch * n, repeats)}
+            rows.append({"task": f"image encoding {name}, batch {batch}", "unit": "images/s", **rates,
+                         "note": f"fp32; max|diff| vs open_clip {float((a - b).abs().max()):.1e}"})  # fmt: skip
     return rows
 
 

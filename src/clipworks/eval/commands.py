@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..search.commands import add_int8_flag, quantize_if_asked
+from ..search.commands import add_int8_flag, prepare_for_inference
 
 EVAL_TASKS = ("zeroshot", "retrieval", "linear-probe", "compositional", "clipscore", "fit-score")
 
@@ -105,7 +105,7 @@ def _load_model(args: argparse.Namespace):
     device = _device(args.device)
     torch.manual_seed(args.seed)  # random weights are the same on every rank and every run
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
-    quantize_if_asked(args, model)  # `score` has no --int8
+    prepare_for_inference(args, model)  # `score` has no --int8
     return model, preprocess, get_tokenizer(model), device
 
 

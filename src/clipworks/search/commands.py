@@ -18,7 +18,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     local_rank = os.environ.get("LOCAL_RANK", "0")  # under torchrun: one GPU per process on a machine
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
-    quantize_if_asked(args, model)
+    prepare_for_inference(args, model)
     tokenizer = get_tokenizer(model) if args.text else None
     result = embed_collection(
         model, args.data, args.out, model_name=model_id(args.model, args.pretrained), transform=preprocess,
@@ -54,8 +54,13 @@ def add_int8_flag(p: argparse.ArgumentParser) -> None:
                         "twice as fast; not the fp32 embeddings (cosine 0.9999 to them on the models measured)")
 
 
-def quantize_if_asked(args: argparse.Namespace, model) -> None:
-    """`quantize_int8(model)` when the command was given --int8 (a command without the flag never is)."""
+def prepare_for_inference(args: argparse.Namespace, model) -> None:
+    """Ready a model that a command only runs forward, in place: MobileCLIP's train-time branches fused
+    (`clipworks.reparameterize`: the same features up to float rounding, 1.1-1.2x faster; nothing for other towers),
+    and `quantize_int8(model)` when the command was given --int8 (a command without the flag never is)."""
+    from ..models.timm_tower import reparameterize
+
+    reparameterize(model)
     if getattr(args, "int8", False):
         from ..models.quant import quantize_int8
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..search.commands import add_int8_flag, add_random_init_flag, quantize_if_asked
+from ..search.commands import add_int8_flag, add_random_init_flag, prepare_for_inference
 from .limits import MIB, ServeSettings
 
 __all__ = ["add_commands", "settings_from_args"]
@@ -72,7 +72,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     captions = None if args.captions is None else load_index(args.captions, model=identity, verify=args.verify)
     refuse_random_weights(args)
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained)
-    quantize_if_asked(args, model)
+    prepare_for_inference(args, model)
     app = create_app(index, model, preprocess, get_tokenizer(model), settings, captions=captions)
     print(f"clipworks serve: {len(index)} images ({identity}) on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
