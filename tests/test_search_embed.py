@@ -422,7 +422,7 @@ def layers():  # a transformer's pattern: 20 MB temporaries made and freed, laye
         del h
 layers()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range(10):  # enough rounds that the default allocator, whose mmap threshold adapts, faults visibly
     layers()
 print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
