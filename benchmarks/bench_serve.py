@@ -1,13 +1,15 @@
-"""Load test of `clipworks serve` on loopback: searches, a fixed number at a fixed concurrency.
+"""Load test of `clipworks serve` on loopback: searches, a fixed number at each of several concurrencies.
 
 Builds a random index in a temporary folder, starts `clipworks serve` on it in a subprocess (random weights,
-no download), sends `--requests` searches (text queries, or with `--endpoint image` uploaded 256x256 PNGs)
-from `--clients` threads (each with its own keep-alive connection), and prints p50/p90/p99 latency,
-requests/s and the error count (any non-200 answer or failed request). The server's concurrency limit is
-set to the number of clients, so no request should see a 503.
+no download) with its default limits (concurrency 4 and a wait queue, unless `--concurrency`/`--queue` say
+otherwise), sends `--requests` searches (text queries, or with `--endpoint image` uploaded 256x256 PNGs)
+from each count of `--clients` threads (each with its own keep-alive connection), and prints p50/p90/p99
+latency of the answered ones, requests/s, the refusals (503: the server too busy) and the errors (any other
+non-200 answer or failed request). `--queue 0` refuses at once past the concurrency limit (no waiting).
 
 Usage: python benchmarks/bench_serve.py [--model ViT-B-32|tiny] [--endpoint text|image] [--requests 2000]
-                                        [--clients 16] [--items 10000] [--k 10] [--json OUT]
+                                        [--clients 16,64] [--concurrency N] [--queue N] [--items 10000]
+                                        [--k 10] [--quick] [--json OUT]
 """
 
 from __future__ import annotations
@@ -88,12 +90,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index: Path, model: str, port: int, concurrency: int) -> subprocess.Popen:
-    """`clipworks serve` in a subprocess, returned once /api/health answers."""
+def start_server(index: Path, model: str, port: int, limits: list[str]) -> subprocess.Popen:
+    """`clipworks serve` in a subprocess (with the extra options `limits`), returned once /api/health answers."""
     import httpx
 
     cmd = [sys.executable, "-m", "clipworks.cli", "serve", "--index", str(index), "--model", model,
-           "--port", str(port), "--concurrency", str(concurrency), "--max-k", "100", "--random-init"]  # fmt: skip
+           "--port", str(port), "--max-k", "100", "--random-init", *limits]  # fmt: skip
     server = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -115,17 +117,19 @@ def _post(client, query: str | bytes, k: int):
     return client.post("/api/search/text", json={"query": query, "k": k})
 
 
-def load(url: str, texts: list, clients: int, k: int) -> tuple[list[float], list[str], float]:
-    """Send one search per text (or image bytes) from `clients` threads; (latencies in s of successes, errors,
-    wall seconds)."""
+def load(url: str, texts: list, clients: int, k: int) -> tuple[list[float], int, list[str], float]:
+    """Send one search per text (or image bytes) from `clients` threads; (latencies in s of successes,
+    refusals (503), other errors, wall seconds)."""
     import httpx
 
     latencies: list[float] = []
     errors: list[str] = []
+    refused = 0
     lock = threading.Lock()
     next_item = iter(range(len(texts)))
 
     def worker() -> None:
+        nonlocal refused
         with httpx.Client(base_url=url, timeout=60) as client:
             while True:
                 with lock:
@@ -141,7 +145,10 @@ def load(url: str, texts: list, clients: int, k: int) -> tuple[list[float], list
                     problem = f"{type(e).__name__}: {e}"
                 elapsed = time.perf_counter() - start
                 with lock:
-                    (errors.append(problem) if problem else latencies.append(elapsed))
+                    if problem and problem.startswith("HTTP 503"):
+                        refused += 1
+                    else:
+                        (errors.append(problem) if problem else latencies.append(elapsed))
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     start = time.perf_counter()
@@ -149,58 +156,74 @@ def load(url: str, texts: list, clients: int, k: int) -> tuple[list[float], list
         t.start()
     for t in threads:
         t.join()
-    return latencies, errors, time.perf_counter() - start
+    return latencies, refused, errors, time.perf_counter() - start
 
 
-def summarize(latencies: list[float], errors: list[str], wall: float, args: argparse.Namespace) -> dict:
+def summarize(latencies: list[float], refused: int, errors: list[str], wall: float, clients: int,
+              args: argparse.Namespace) -> dict:  # fmt: skip
     """The figures of one run."""
     ms = np.array(latencies) * 1000
     pct = (lambda q: round(float(np.percentile(ms, q)), 2)) if len(ms) else (lambda q: None)
-    return {"model": args.model, "endpoint": args.endpoint, "items": args.items, "requests": args.requests, "clients": args.clients,
-            "k": args.k, "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
+    return {"model": args.model, "endpoint": args.endpoint, "items": args.items, "requests": args.requests, "clients": clients,
+            "concurrency": args.concurrency, "queue": args.queue, "k": args.k, "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
             "max_ms": round(float(ms.max()), 2) if len(ms) else None,
             "mean_ms": round(statistics.fmean(ms), 2) if len(ms) else None,
-            "requests_per_s": round(len(latencies) / wall, 1), "errors": len(errors), "wall_s": round(wall, 2)}  # fmt: skip
+            "requests_per_s": round(len(latencies) / wall, 1), "refused": refused, "errors": len(errors),
+            "wall_s": round(wall, 2)}  # fmt: skip
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-32", help='a preset (random weights) or "tiny" (default ViT-B-32)')
     parser.add_argument("--endpoint", choices=("text", "image"), default="text", help="what to search with")
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--clients", type=int, default=16, help="concurrent requests (default 16)")
+    parser.add_argument("--requests", type=int, default=2000, help="searches per client count (default 2000)")
+    parser.add_argument("--clients", default="16,64", help="comma-separated counts of concurrent clients (default 16,64)")
+    parser.add_argument("--concurrency", type=int, default=None, help="the server's --concurrency (default: its own)")
+    parser.add_argument("--queue", type=int, default=None, help="the server's --queue (default: its own; 0: no waiting)")
     parser.add_argument("--items", type=int, default=10_000, help="vectors in the index (default 10000)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=32, help="untimed requests first (default 32)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny model, 1000 items, 300 requests")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if args.quick:
+        args.model, args.items, args.requests, args.warmup = "tiny", 1000, 300, 16
+    counts = [int(c) for c in args.clients.split(",")]
+    limits = [f"--{name}={value}" for name, value in (("concurrency", args.concurrency), ("queue", args.queue))
+              if value is not None]  # fmt: skip
     import torch
 
-    print(f"# torch {torch.__version__}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+    print(f"# torch {torch.__version__}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+          f"server limits: {' '.join(limits) or 'defaults'}")  # fmt: skip
+    rows, problems = [], []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work = Path(tmp)
         model, dim = model_args(args.model, work)
         index = build_random_index(work, model, dim, args.items)
         port = free_port()
-        server = start_server(index, model, port, concurrency=args.clients)
+        server = start_server(index, model, port, limits)
         try:
             url = f"http://127.0.0.1:{port}"
             make = queries if args.endpoint == "text" else images
-            load(url, make(args.warmup), args.clients, args.k)
-            latencies, errors, wall = load(url, make(args.requests), args.clients, args.k)
+            for clients in counts:
+                load(url, make(args.warmup), clients, args.k)
+                latencies, refused, errors, wall = load(url, make(args.requests), clients, args.k)
+                rows.append(summarize(latencies, refused, errors, wall, clients, args))
+                problems += errors
         finally:
             server.terminate()
             server.wait(timeout=30)
-    row = summarize(latencies, errors, wall, args)
-    print("| model | search | index | requests | clients | p50 ms | p90 ms | p99 ms | max ms | requests/s | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {row['model']} | {row['endpoint']} | {row['items']:,} | {row['requests']:,} | {row['clients']} | {row['p50_ms']} | "
-          f"{row['p90_ms']} | {row['p99_ms']} | {row['max_ms']} | {row['requests_per_s']} | {row['errors']} |")  # fmt: skip
-    for problem in sorted(set(errors))[:5]:
+    print("| model | search | index | requests | clients | p50 ms | p90 ms | p99 ms | max ms | requests/s | refused (503) | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['model']} | {row['endpoint']} | {row['items']:,} | {row['requests']:,} | {row['clients']} | "
+              f"{row['p50_ms']} | {row['p90_ms']} | {row['p99_ms']} | {row['max_ms']} | {row['requests_per_s']} | "
+              f"{row['refused']} | {row['errors']} |")  # fmt: skip
+    for problem in sorted(set(problems))[:5]:
         print(f"error: {problem}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps(row, indent=2) + "\n")
-    return 1 if errors else 0
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -58,10 +58,12 @@ def test_serve_command_options_become_settings():
 
     args = build_parser().parse_args(["serve", "--index", "i", "--model", "m", "--max-k", "7", "--max-body-mb", "0.5",
                                       "--concurrency", "2", "--allow-urls", "--image-root", "/data", "--max-batch", "8",
-                                      "--url-timeout", "3"])  # fmt: skip
+                                      "--url-timeout", "3", "--queue", "9", "--queue-timeout", "2.5",
+                                      "--header-timeout", "4", "--keep-alive-timeout", "6", "--max-connections", "50"])  # fmt: skip
     s = settings_from_args(args)
     assert (s.max_k, s.max_body_bytes, s.concurrency, s.allow_urls) == (7, 512 * 1024, 2, True)
-    assert (s.max_batch, s.url_timeout_s) == (8, 3.0)
+    assert (s.max_batch, s.url_timeout_s, s.queue, s.queue_timeout_s) == (8, 3.0, 9, 2.5)
+    assert (s.header_timeout_s, s.keep_alive_s, s.max_connections) == (4.0, 6.0, 50)
     assert [str(r) for r in s.image_roots] == ["/data"]
     with pytest.raises(ValueError, match="concurrency"):
         settings_from_args(build_parser().parse_args(["serve", "--index", "i", "--model", "m", "--concurrency", "0"]))

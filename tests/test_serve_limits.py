@@ -114,12 +114,14 @@ def test_k_out_of_range_is_422(client, k):
     _assert_error(client.post("/api/search/image", data={"key": "red", "k": str(k)}), 422, "k")
 
 
-def test_saturated_service_answers_503_at_once(collection):  # noqa: F811
-    with _client(collection, concurrency=2) as client:
+def test_saturated_service_without_a_queue_answers_503_at_once(collection):  # noqa: F811
+    with _client(collection, concurrency=2, queue=0) as client:
         limiter = client.app.state.service.limiter
         assert limiter.try_acquire() and limiter.try_acquire() and not limiter.try_acquire()
         try:
-            _assert_error(client.post("/api/search/text", json={"query": "a cat"}), 503, "busy")
+            r = client.post("/api/search/text", json={"query": "a cat"})
+            _assert_error(r, 503, "busy")
+            assert r.headers["retry-after"] == "1"
             _assert_error(client.post("/api/search/image", data={"key": "red"}), 503)
             assert client.get("/api/health").status_code == 200  # no model work: still answered
         finally:
@@ -174,7 +176,7 @@ def test_every_resolved_address_must_be_public():
         raise OSError("Name or service not known")
 
     with pytest.raises(ServeError, match="cannot resolve"):
-        fetch_url("http://nowhere.invalid/x.png", max_bytes=100, timeout_s=1, resolver=fails)
+        asyncio.run(fetch_url("http://nowhere.invalid/x.png", max_bytes=100, timeout_s=1, resolver=fails))
 
 
 @pytest.mark.parametrize(
@@ -207,6 +209,14 @@ def test_settings_reject_bad_values():
         ServeSettings(max_k=0)
     with pytest.raises(ValueError, match="url_timeout_s"):
         ServeSettings(url_timeout_s=0)
+    with pytest.raises(ValueError, match="queue=-1"):
+        ServeSettings(queue=-1)
+    for name in ("queue_timeout_s", "header_timeout_s", "keep_alive_s"):
+        with pytest.raises(ValueError, match=name):
+            ServeSettings(**{name: 0})
+    with pytest.raises(ValueError, match="max_connections"):
+        ServeSettings(max_connections=0)
+    assert ServeSettings(queue=0).queue == 0  # no queue: refuse at once
 
 
 @pytest.fixture
@@ -247,8 +257,8 @@ def test_fetch_connects_to_the_checked_address_with_a_size_cap(local_http_server
     checked = []
     monkeypatch.setattr("clipworks.serve.urls.check_address", checked.append)  # let loopback stand in for the web
     pinned = lambda host, p: ["127.0.0.1"]  # noqa: E731  (the resolver's answer is what gets connected to)
-    fetch = lambda path, cap=1000: fetch_url(f"http://images.example:{port}{path}", max_bytes=cap, timeout_s=5,  # noqa: E731
-                                            resolver=pinned)  # fmt: skip
+    fetch = lambda path, cap=1000: asyncio.run(fetch_url(f"http://images.example:{port}{path}", max_bytes=cap,  # noqa: E731
+                                                         timeout_s=5, resolver=pinned))  # fmt: skip
     assert fetch("/ok.png") == image
     assert hosts == [f"images.example:{port}"] and checked == ["127.0.0.1"]
     with pytest.raises(ServeError, match="more than the limit of 1000") as e:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["create_app", "STATIC_DIR"]
 
 STATIC_DIR = Path(__file__).parent / "static"
-ERRORS: dict = {code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 503)}
+ERRORS: dict = {code: {"model": ErrorResponse} for code in (400, 404, 408, 413, 422, 503, 504)}
 # The page loads only its own files: no CDN, no inline script, no framing.
 PAGE_POLICY = ("default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
                "frame-ancestors 'none'; form-action 'none'")  # fmt: skip
@@ -192,7 +192,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        return _error(exc.status, exc.message)
+        return _error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

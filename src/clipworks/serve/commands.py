@@ -30,7 +30,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, default=d.max_pixels,
                    help=f"most pixels in an uploaded image (default {d.max_pixels})")  # fmt: skip
     p.add_argument("--concurrency", type=int, default=d.concurrency,
-                   help=f"requests doing model work at once; more get 503 (default {d.concurrency})")  # fmt: skip
+                   help=f"requests doing model work at once; more wait in the queue (default {d.concurrency})")  # fmt: skip
+    p.add_argument("--queue", type=int, default=d.queue,
+                   help=f"requests that wait for a model slot; more get 503 (default {d.queue}; 0: no waiting)")  # fmt: skip
+    p.add_argument("--queue-timeout", type=float, default=d.queue_timeout_s,
+                   help=f"seconds a request may wait in the queue before a 503 (default {d.queue_timeout_s:g})")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=d.max_batch,
                    help=f"most queries encoded in one batch while the model is busy (default {d.max_batch})")  # fmt: skip
     p.add_argument("--allow-urls", action="store_true", help="let image requests name a public http(s) URL to fetch")
@@ -38,6 +42,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"seconds a URL download may take (default {d.url_timeout_s:g})")  # fmt: skip
     p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
                    help=f"seconds a request body may take to arrive; slower gets 408 (default {d.body_timeout_s:g})")  # fmt: skip
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                   help=f"seconds a request line and headers may take to arrive; slower gets 408 and is closed "
+                        f"(default {d.header_timeout_s:g})")  # fmt: skip
+    p.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_s,
+                   help=f"seconds an idle keep-alive connection stays open (default {d.keep_alive_s:g})")  # fmt: skip
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help=f"most open connections; more get 503 and are closed (default {d.max_connections})")  # fmt: skip
     p.add_argument("--image-root", action="append", default=None, metavar="DIR",
                    help="folder image files may be served from (repeatable; default: the roots the index records)")  # fmt: skip
     add_int8_flag(p)
@@ -50,21 +61,20 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     if not args.max_body_mb > 0:
         raise ValueError(f"--max-body-mb {args.max_body_mb}: expected a positive number")
     return ServeSettings(max_k=args.max_k, max_body_bytes=int(args.max_body_mb * MIB), max_pixels=args.max_pixels,
-                         concurrency=args.concurrency, max_batch=args.max_batch, allow_urls=args.allow_urls,
-                         url_timeout_s=args.url_timeout, body_timeout_s=args.body_timeout,
+                         concurrency=args.concurrency, queue=args.queue, queue_timeout_s=args.queue_timeout,
+                         max_batch=args.max_batch, allow_urls=args.allow_urls, url_timeout_s=args.url_timeout,
+                         body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
+                         keep_alive_s=args.keep_alive_timeout, max_connections=args.max_connections,
                          image_roots=tuple(args.image_root or ()))  # fmt: skip
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
-    except ImportError as e:
-        raise ImportError("clipworks serve needs the search extra: pip install 'clipworks[search]'") from e
     from ..factory import create_model_and_transforms, get_tokenizer
     from ..search.commands import refuse_random_weights
     from ..search.index import load_index
     from ..search.store import model_id
     from .app import create_app
+    from .server import run_server
 
     settings = settings_from_args(args)
     identity = model_id(args.model, args.pretrained)
@@ -75,5 +85,5 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     prepare_for_inference(args, model)
     app = create_app(index, model, preprocess, get_tokenizer(model), settings, captions=captions)
     print(f"clipworks serve: {len(index)} images ({identity}) on http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    run_server(app, args.host, args.port, settings)
     return 0

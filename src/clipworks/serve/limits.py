@@ -1,10 +1,11 @@
-"""The limits a public search service needs: settings, a request-body cap, a model-work limiter, upload decoding."""
+"""The limits a public search service needs: settings, a request-body cap, a model-work queue, upload decoding."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -34,7 +35,12 @@ class ServeSettings:
     max_query_chars: int = 1000
     """Longest text query (CLIP reads 77 tokens; this only bounds the tokenizer's work)."""
     concurrency: int = 4
-    """Requests doing model work at once; one more is answered 503 at once instead of queueing."""
+    """Requests doing model work at once; more wait in the queue."""
+    queue: int = 64
+    """Requests that wait for a model slot while all are taken, served in arrival order; one more is answered
+    503 at once (0: no waiting, every request past `concurrency` is refused)."""
+    queue_timeout_s: float = 5.0
+    """Longest wait in the queue; a request still waiting then is answered 503."""
     max_batch: int = 32
     """Most queries the model encodes in one batch (requests that arrive while it is busy are batched)."""
     allow_urls: bool = False
@@ -44,27 +50,36 @@ class ServeSettings:
     body_timeout_s: float = 30.0
     """Deadline for receiving a whole request body; a client sending slower is answered 408 (a trickled
     upload would otherwise hold its connection and buffer for as long as it likes)."""
+    header_timeout_s: float = 10.0
+    """Deadline for receiving a request's line and headers, from the connection's first byte (or its opening);
+    a connection slower than that is answered 408 and closed (slowloris)."""
+    keep_alive_s: float = 5.0
+    """How long an idle keep-alive connection stays open between requests."""
+    max_connections: int = 512
+    """Most open connections; one more is answered 503 and closed."""
     image_roots: tuple[Path, ...] = field(default=())
     """Folders images are served from; empty: the roots recorded in the index's manifest."""
 
     def __post_init__(self) -> None:
-        for name in ("max_k", "max_body_bytes", "max_pixels", "max_query_chars", "concurrency", "max_batch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ServeSettings.{name}={value!r}: expected a positive int")
-        for name in ("url_timeout_s", "body_timeout_s"):
+        for name in ("max_k", "max_body_bytes", "max_pixels", "max_query_chars", "concurrency", "max_batch",
+                     "max_connections", "queue"):  # fmt: skip
+            value, least = getattr(self, name), 0 if name == "queue" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"ServeSettings.{name}={value!r}: expected an int >= {least}")
+        for name in ("url_timeout_s", "body_timeout_s", "queue_timeout_s", "header_timeout_s", "keep_alive_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ServeSettings.{name}={getattr(self, name)!r}: expected a positive number")
         object.__setattr__(self, "image_roots", tuple(Path(r) for r in self.image_roots))
 
 
 class ServeError(Exception):
-    """A request the service refuses: answered with `status` and the JSON body {"error": message}."""
+    """A request the service refuses: answered with `status`, the JSON body {"error": message} and `headers`."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 def _json_error(status: int, message: str) -> tuple[dict, dict]:
@@ -149,19 +164,87 @@ def _replay(body: bytes, receive: Callable) -> Callable:
 
 
 class ModelLimiter:
-    """At most `slots` requests do model work at once; one more is refused at once (503), never queued."""
+    """At most `slots` requests do model work at once; up to `queue` more wait for a slot, first come first
+    served, for at most `wait_s` seconds. A request past a full queue, or still waiting at its deadline, gets
+    `ServeError(503)` with a Retry-After header.
 
-    def __init__(self, slots: int) -> None:
+    A slot freed while requests wait passes straight to the first of them, so a newcomer cannot overtake the
+    queue. Thread-safe: slots may be taken and given back from any thread (waiting happens on an event loop).
+    """
+
+    def __init__(self, slots: int, queue: int = 0, wait_s: float = 5.0) -> None:
         self.slots = slots
-        self._semaphore = threading.BoundedSemaphore(slots)
+        self.queue = queue
+        self.wait_s = wait_s
+        self._free = slots
+        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+        self._lock = threading.Lock()
+
+    @property
+    def waiting(self) -> int:
+        """Requests now waiting for a slot."""
+        return len(self._waiters)
 
     def try_acquire(self) -> bool:
-        """Take a slot if one is free; False when all are taken."""
-        return self._semaphore.acquire(blocking=False)
+        """Take a slot if one is free and nobody waits; False otherwise."""
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return True
+            return False
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting in the queue if none is free; `ServeError(503)` when the queue is full or the
+        wait passes `wait_s`."""
+        loop = asyncio.get_running_loop()
+        waiter = (loop, loop.create_future())
+        with self._lock:  # one lock for the check and the queueing: a slot freed in between is not missed
+            if self._free and not self._waiters:
+                self._free -= 1
+                return
+            queued = len(self._waiters) < self.queue
+            if queued:
+                self._waiters.append(waiter)
+        if not queued:
+            raise self._busy(f"the server is busy ({self.slots} requests in progress, {self.queue} waiting)")
+        try:
+            await asyncio.wait([waiter[1]], timeout=self.wait_s)  # does not cancel the future on timeout
+        except BaseException:  # cancelled: leave the queue, or give back a slot handed over meanwhile
+            if not self._leave(waiter):
+                self.release()
+            raise
+        if self._leave(waiter):  # still in the queue at the deadline; otherwise release() handed it a slot
+            raise self._busy(f"the server is busy: no model slot came free within {self.wait_s:g} s")
 
     def release(self) -> None:
-        """Give back a slot taken with `try_acquire`."""
-        self._semaphore.release()
+        """Give back a slot: to the first waiting request, or to the free ones."""
+        with self._lock:
+            while self._waiters:
+                loop, future = self._waiters.popleft()
+                try:
+                    loop.call_soon_threadsafe(_wake, future)
+                    return
+                except RuntimeError:  # its loop is closed: nobody waits there any more
+                    continue
+            assert self._free < self.slots, "ModelLimiter.release() called more often than acquire()"
+            self._free += 1
+
+    def _leave(self, waiter: tuple) -> bool:
+        """Take `waiter` out of the queue; False when `release` already took it out (and gave it a slot)."""
+        with self._lock:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+                return True
+            return False
+
+    @staticmethod
+    def _busy(reason: str) -> ServeError:
+        return ServeError(503, f"{reason}; retry shortly", headers={"Retry-After": "1"})
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def decode_upload(data: bytes, max_pixels: int) -> Image.Image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 from urllib.parse import quote
@@ -74,11 +75,13 @@ class Service:
                  captions: SearchIndex | None = None) -> None:  # fmt: skip
         if captions is not None and captions.dim != index.dim:
             raise ValueError(f"the caption bank has dimension {captions.dim}, the image index {index.dim}")
+        if settings.allow_urls and importlib.util.find_spec("httpx") is None:
+            raise ImportError("fetching images from URLs (--allow-urls) needs httpx: pip install httpx")
         self.index = index
         self.captions = captions
         self.encoder = encoder
         self.settings = settings
-        self.limiter = ModelLimiter(settings.concurrency)
+        self.limiter = ModelLimiter(settings.concurrency, settings.queue, settings.queue_timeout_s)
         self.roots = collection_roots(settings.image_roots, index.manifest)
         self.text_batcher = Batcher(encoder.text, settings.max_batch, name="clipworks-text")
         self.image_batcher = Batcher(encoder.pixels, settings.max_batch, name="clipworks-image")
@@ -89,9 +92,9 @@ class Service:
         self.image_batcher.close()
 
     async def limited(self, work: Callable[[], Awaitable[T]]) -> T:
-        """Await `work()` inside a limiter slot, or raise `ServeError(503)` at once when none is free."""
-        if not self.limiter.try_acquire():
-            raise ServeError(503, f"the server is busy ({self.limiter.slots} requests in progress); retry shortly")
+        """Await `work()` inside a limiter slot, waiting in its queue if none is free; `ServeError(503)` when
+        the queue is full or the wait passes its deadline."""
+        await self.limiter.acquire()
         try:
             return await work()
         finally:
@@ -103,8 +106,15 @@ class Service:
 
     async def image_features(self, query: ImageQuery) -> np.ndarray:
         """(1, E) features of the image a query names: a stored vector, or the decoded image encoded in a
-        batch with concurrent requests (fetching, decoding and preprocessing run in a worker thread)."""
-        prepared = await run_in_threadpool(self._prepare_image, query)
+        batch with concurrent requests (decoding and preprocessing run in a worker thread)."""
+        data = query.data
+        if query.url is not None:
+            if not self.settings.allow_urls:
+                raise ServeError(400, "fetching images from URLs is disabled on this server (start it with "
+                                      "--allow-urls); upload the image instead")  # fmt: skip
+            data = await fetch_url(query.url, max_bytes=self.settings.max_body_bytes,
+                                   timeout_s=self.settings.url_timeout_s)  # fmt: skip
+        prepared = await run_in_threadpool(self._prepare_image, query.key, data)
         if isinstance(prepared, np.ndarray):
             return prepared
         return (await self.image_batcher.run(prepared))[None]
@@ -146,17 +156,11 @@ class Service:
         except (KeyError, ValueError) as e:
             raise ServeError(404, f"unknown key {key[:200]!r}") from e
 
-    def _prepare_image(self, query: ImageQuery):
-        """A stored (1, E) vector for a key, else the image fetched, decoded and preprocessed (3, H, W)."""
-        if query.key is not None:
-            self.record(query.key)  # 404 for an unknown key
-            return np.asarray(self.index.vector(query.key), dtype=np.float32).reshape(1, -1)
-        data = query.data
-        if query.url is not None:
-            if not self.settings.allow_urls:
-                raise ServeError(400, "fetching images from URLs is disabled on this server (start it with "
-                                      "--allow-urls); upload the image instead")  # fmt: skip
-            data = fetch_url(query.url, max_bytes=self.settings.max_body_bytes, timeout_s=self.settings.url_timeout_s)
+    def _prepare_image(self, key: str | None, data: bytes | None):
+        """A stored (1, E) vector for a key, else the image's bytes decoded and preprocessed (3, H, W)."""
+        if key is not None:
+            self.record(key)  # 404 for an unknown key
+            return np.asarray(self.index.vector(key), dtype=np.float32).reshape(1, -1)
         return preprocess_upload(data, self.settings.max_pixels, self.encoder.preprocess)
 
     def results(self, hits: list[Hit], images: bool = True) -> list[dict]:

@@ -2,14 +2,14 @@
 
 Every address the host resolves to must be a public one; the connection then goes to that checked address
 (so a second DNS answer cannot swap in another, "DNS rebinding"), redirects are not followed, proxies from
-the environment are ignored, and the download is capped in bytes and in time.
+the environment are ignored, and the download is capped in bytes and in time (one deadline for the whole fetch).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
-import time
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -19,7 +19,6 @@ __all__ = ["address_refusal", "check_address", "resolve_public", "fetch_url"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[str]]
-_CHUNK = 64 * 1024
 
 
 def address_refusal(address: str | IPAddress) -> str | None:
@@ -78,50 +77,64 @@ def _split_url(url: str) -> tuple[str, str, int, str]:
     return parts.scheme, parts.hostname, port, target
 
 
-def fetch_url(url: str, *, max_bytes: int, timeout_s: float, resolver: Resolver = _getaddrinfo) -> bytes:
-    """The body of `url` (at most `max_bytes`, within `timeout_s`), fetched from a checked public address.
+async def fetch_url(url: str, *, max_bytes: int, timeout_s: float, resolver: Resolver = _getaddrinfo) -> bytes:
+    """The body of `url` (at most `max_bytes`), fetched from a checked public address, all within `timeout_s`.
+
+    The deadline covers the whole fetch: resolving, connecting, the headers and the body. (httpx's own timeouts
+    bound each read, so a server trickling a few bytes at a time would otherwise hold the request, and its
+    model slot, for as long as it liked.)
 
     Raises:
-        ServeError: 400 for a refused or unreachable URL or an HTTP error status, 413 for a body over the cap.
+        ServeError: 400 for a refused or unreachable URL or an HTTP error status, 413 for a body over the cap,
+            504 when the deadline passes.
     """
+    scheme, host, port, target = _split_url(url)
+    try:
+        async with asyncio.timeout(timeout_s):
+            # a resolver stuck past the deadline is left to finish in its thread; the request does not wait
+            address = (await asyncio.to_thread(resolve_public, host, port, resolver))[0].split("%", 1)[0]
+            return await _fetch(url, scheme, host, port, target, address, max_bytes, timeout_s)
+    except TimeoutError as e:
+        raise ServeError(504, f"fetching {url[:200]} took longer than the limit of {timeout_s:g} s") from e
+
+
+async def _fetch(url: str, scheme: str, host: str, port: int, target: str, address: str, max_bytes: int,
+                 timeout_s: float) -> bytes:  # fmt: skip
     import httpx
 
-    scheme, host, port, target = _split_url(url)
-    address = resolve_public(host, port, resolver)[0].split("%", 1)[0]
     netloc = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     default_port = port == (443 if scheme == "https" else 80)
     host_header = f"[{host}]" if ":" in host else host
     headers = {"Host": host_header if default_port else f"{host_header}:{port}", "Accept": "image/*"}
     extensions = {"sni_hostname": host} if scheme == "https" else {}  # the certificate is checked for `host`
-    deadline = time.monotonic() + timeout_s
     try:
-        with httpx.Client(follow_redirects=False, trust_env=False, timeout=timeout_s) as client:
+        async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=timeout_s) as client:
             request = client.build_request("GET", f"{scheme}://{netloc}{target}", headers=headers,
                                            extensions=extensions)  # fmt: skip
-            response = client.send(request, stream=True)
+            response = await client.send(request, stream=True)
             try:
                 if response.is_redirect:
                     raise ServeError(400, f"{url[:200]} redirects (HTTP {response.status_code}); redirects are "
                                           "not followed: give the final URL")  # fmt: skip
                 if response.status_code != 200:
                     raise ServeError(400, f"fetching {url[:200]} gave HTTP {response.status_code}")
-                return _read_capped(response, url, max_bytes, deadline)
+                return await _read_capped(response, url, max_bytes)
             finally:
-                response.close()
+                await response.aclose()
+    except httpx.TimeoutException as e:
+        raise ServeError(504, f"fetching {url[:200]} took longer than the limit of {timeout_s:g} s") from e
     except httpx.HTTPError as e:
         raise ServeError(400, f"cannot fetch {url[:200]}: {type(e).__name__}: {e}") from e
 
 
-def _read_capped(response, url: str, max_bytes: int, deadline: float) -> bytes:
+async def _read_capped(response, url: str, max_bytes: int) -> bytes:
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise ServeError(413, f"{url[:200]} is {declared} bytes, more than the limit of {max_bytes}")
     chunks, size = [], 0
-    for chunk in response.iter_bytes(_CHUNK):
+    async for chunk in response.aiter_bytes():  # each chunk as it arrives: the cap is checked as it grows
         size += len(chunk)
         if size > max_bytes:
             raise ServeError(413, f"{url[:200]} is more than the limit of {max_bytes} bytes")
-        if time.monotonic() > deadline:  # a server trickling bytes cannot hold a slot past the deadline
-            raise ServeError(400, f"fetching {url[:200]} took longer than the time limit")
         chunks.append(chunk)
     return b"".join(chunks)
