@@ -339,17 +339,39 @@ def test_two_process_gloo_step_matches_one_process(tmp_path, extra):
 
 
 def test_batches_of_only_broken_samples_are_skipped_and_counted(tmp_path):
+    from clipworks.data.datasets import EpochSampler
+
     data = tmp_path / "data"
     data.mkdir()
     (data / "broken.jpg").write_bytes(b"not an image")
-    (data / "captions.csv").write_text("filepath,caption\n" + "broken.jpg,a broken image\n" * 8)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(data / "red.png")
+    # The third batch of the first epoch (the loop's order: seed 0) is all broken images, the others readable.
+    third = set(EpochSampler(12, batch_size=4, seed=0).indices()[8:12])
+    rows = [f"{'broken.jpg' if i in third else 'red.png'},image {i}" for i in range(12)]
+    (data / "captions.csv").write_text("filepath,caption\n" + "\n".join(rows) + "\n")
     run = tmp_path / "run"
-    cfg = tiny_config(run, "--run.steps", "2", "--data.eval_size", "0", "--data.train", f"csv:{data / 'captions.csv'}",
+    cfg = tiny_config(run, "--run.steps", "3", "--data.eval_size", "0", "--data.train", f"csv:{data / 'captions.csv'}",
                       "--data.batch_size", "4", "--data.workers", "0")  # fmt: skip
     result = train(cfg)
-    assert result.step == 2
+    assert result.step == 3 and (run / "model" / "model.safetensors").is_file()
     rows = list(csv.DictReader((run / "metrics.csv").open()))
-    assert rows[-1]["skipped_steps"] == "2" and rows[-1]["skipped"] == "8"
+    assert rows[-1]["skipped_steps"] == "1" and rows[-1]["skipped"] == "4"
+
+
+@pytest.mark.parametrize("steps", [2, 40], ids=["shorter-than-the-check", "stopped-at-the-start"])
+def test_a_csv_of_only_missing_images_fails_and_writes_no_model(tmp_path, capsys, steps):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "captions.csv").write_text("filepath,caption\n" + "".join(f"gone{i}.jpg,a cat\n" for i in range(8)))
+    run = tmp_path / "run"
+    args = ["train", *TINY, "--run.out_dir", str(run), "--run.steps", str(steps), "--data.eval_size", "0",
+            "--data.train", f"csv:{data / 'captions.csv'}", "--data.batch_size", "4"]  # fmt: skip
+    assert cli_main(args) != 0
+    err = capsys.readouterr().err.strip()
+    assert str(data / "captions.csv") in err and "\n" not in err
+    # 40 steps: stopped after 16 empty batches (64 samples); 2 steps: ran out, every step skipped
+    assert ("all 64 samples of the first 16 batches were skipped" if steps == 40 else "8 samples") in err
+    assert not (run / "model").exists() and not (run / "checkpoints").exists()
 
 
 _KILLED_SAVE = """

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .io import CheckpointError
+from .io import CheckpointError, check_zip_archive, one_line
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32,
@@ -33,6 +33,7 @@ _STORAGE_DTYPES = {
     "ByteStorage": torch.uint8,
     "BoolStorage": torch.bool,
 }
+_MAX_DEPTH = 100  # module nesting; a CLIP nests fewer than 10 deep
 _CLASS_RE = re.compile(
     r"^class (\w+)\(Module\):\n(?:  .*\n)*?  __parameters__ = \[(.*?)\]\n  __buffers__ = \[(.*?)\]", re.MULTILINE
 )
@@ -58,7 +59,16 @@ class _StorageType:
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None) -> Tensor:
-    return storage.as_strided(tuple(size), tuple(stride), offset)
+    size, stride = tuple(size), tuple(stride)
+    ints = all(type(v) is int for v in (offset, *size, *stride))
+    if not (ints and len(size) == len(stride) and offset >= 0 and min(size + stride, default=0) >= 0):
+        raise CheckpointError(f"TorchScript archive has a tensor view with offset {offset}, size {size}, stride {stride}")
+    # the last element a view reaches must lie inside its storage
+    end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else 0
+    if end > storage.numel():
+        raise CheckpointError(f"TorchScript archive has a tensor view (offset {offset}, size {size}, stride {stride}) "
+                              f"past the end of its storage of {storage.numel()} elements")  # fmt: skip
+    return storage.as_strided(size, stride, offset)
 
 
 def _list(data, *args):
@@ -92,10 +102,13 @@ class _Unpickler(pickle.Unpickler):
         if kind != "storage" or not isinstance(storage_type, _StorageType):
             raise CheckpointError(f"TorchScript archive has an unknown persistent record {pid!r}")
         if key not in self.storages:
-            raw = bytearray(self.archive.read(f"{self.root}/data/{key}"))
+            name = f"{self.root}/data/{key}"
+            declared = numel * storage_type.dtype.itemsize if type(numel) is int and numel >= 0 else -1
+            if self.archive.getinfo(name).file_size != declared:  # read nothing the pickle did not declare
+                raise CheckpointError(f"TorchScript archive storage {key} holds {self.archive.getinfo(name).file_size} "
+                                      f"bytes, not the {declared} its tensors declare")  # fmt: skip
+            raw = bytearray(self.archive.read(name))
             flat = torch.frombuffer(raw, dtype=storage_type.dtype) if raw else torch.empty(0, dtype=storage_type.dtype)
-            if flat.numel() < numel:
-                raise CheckpointError(f"TorchScript archive storage {key} is truncated")
             self.storages[key] = flat
         return self.storages[key]
 
@@ -113,11 +126,16 @@ def _tensor_attributes(archive: zipfile.ZipFile, root: str) -> dict[str, set[str
     return names
 
 
-def _collect(obj: _ScriptModule, prefix: str, tensor_names: dict[str, set[str]], out: dict[str, Tensor]) -> None:
+def _collect(obj: _ScriptModule, prefix: str, tensor_names: dict[str, set[str]], out: dict[str, Tensor],
+             parents: tuple[int, ...] = ()) -> None:  # fmt: skip
+    if id(obj) in parents:  # a pickle can make a module its own descendant
+        raise CheckpointError(f"TorchScript module tree loops back on itself at {prefix[:-1][:80]!r}")
+    if len(parents) > _MAX_DEPTH:
+        raise CheckpointError(f"TorchScript modules nest deeper than {_MAX_DEPTH} at {prefix[:80]!r}")
     keep = tensor_names.get(obj.qualname, set())
     for name, value in obj.attrs.items():
         if isinstance(value, _ScriptModule):
-            _collect(value, f"{prefix}{name}.", tensor_names, out)
+            _collect(value, f"{prefix}{name}.", tensor_names, out, (*parents, id(obj)))
         elif isinstance(value, Tensor) and name in keep:
             out[prefix + name] = value.clone()  # own memory, not a view of the archive's buffer
 
@@ -136,23 +154,26 @@ def load_torchscript_state_dict(path: str | Path) -> dict[str, Tensor]:
     Raises:
         CheckpointError: the archive is malformed, or its pickle refers to anything but tensors and modules.
     """
+    check_zip_archive(Path(path))
     try:
         with zipfile.ZipFile(path) as archive:
             pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
             if not pickles:
-                raise CheckpointError(f"{path}: TorchScript archive without data.pkl")
+                raise CheckpointError("TorchScript archive without data.pkl")
             root = pickles[0].split("/")[0]
             with archive.open(pickles[0]) as f:
                 tree = _Unpickler(f, archive, root).load()
             tensor_names = _tensor_attributes(archive, root)
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable TorchScript archive: {type(e).__name__}: {e}") from e
-    if not isinstance(tree, _ScriptModule):
-        raise CheckpointError(f"{path}: TorchScript archive does not hold a module")
-    out: dict[str, Tensor] = {}
-    _collect(tree, "", tensor_names, out)
+        if not isinstance(tree, _ScriptModule):
+            raise CheckpointError("TorchScript archive does not hold a module")
+        out: dict[str, Tensor] = {}
+        _collect(tree, "", tensor_names, out)
+    except CheckpointError as e:  # raised inside, where the file is not known
+        raise CheckpointError(f"{path}: {e}") from e
+    # RuntimeError: torch refusing a tensor; RecursionError: a pickle nested past Python's stack
+    except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, RuntimeError,
+            RecursionError) as e:  # fmt: skip
+        raise CheckpointError(f"{path}: unreadable TorchScript archive: {type(e).__name__}: {one_line(e)}") from e
     if not out:
         raise CheckpointError(f"{path}: TorchScript archive holds no parameters or buffers")
     return out

@@ -129,7 +129,9 @@ class RunConfig:
         log_every: steps between metric rows in `metrics.csv`.
         eval_every: steps between zero-shot evaluations (0: only at the end).
         save_every: steps between run-state checkpoints (0: only at the end).
-        resume: "latest" (the newest complete checkpoint in `out_dir`, if any), a checkpoint path, or None.
+        resume: "latest" (the newest intact checkpoint in `out_dir`, if any: one whose files fail their checksums is
+            passed over with a warning), a checkpoint path, or None. At the start of a run, temporary directories
+            of saves that were killed are removed.
         nonfinite: on a NaN/inf loss, "stop" the run naming the step, or "skip" the step's update.
         progress: show a progress bar.
         tensorboard: also write the metrics as TensorBoard scalars to `<run>/tensorboard` (needs `tensorboard`).

@@ -26,13 +26,23 @@ from .distributed import (
     wrap_model,
 )
 from .optim import build_optimizer, build_scheduler, follow_config
-from .state import DataPosition, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
+from .state import (
+    DataPosition,
+    latest_checkpoint,
+    load_resume,
+    remove_stale_temporaries,
+    save_checkpoint,
+    set_rng_state,
+)
 from .zeroshot import EvalResult, SyntheticEval
 
 # skipped: broken samples dropped by the data pipeline so far; skipped_steps: updates skipped for a non-finite loss.
 # zero_shot_top1: on held-out attribute combinations; zero_shot_seen_top1: on unseen scenes of seen combinations.
 METRIC_FIELDS = ("step", "loss", "lr", "logit_scale", "samples_per_s", "skipped", "skipped_steps", "zero_shot_top1",
                  "zero_shot_seen_top1")  # fmt: skip
+# A run stops when its first batches (at least 2, and this many samples) hold no readable sample: the data source
+# is broken (issue 16: a csv of missing files trained to a NaN loss and wrote an untrained model).
+EMPTY_START_SAMPLES = 64
 
 
 class NonFiniteLossError(RuntimeError):
@@ -145,7 +155,11 @@ class Runner:
             self.heldout = SyntheticEval(cfg.data.eval_size, image_transform(self.preprocess), self.tokenizer)
         self.step, self.position, self.skipped, self.skipped_steps = 0, DataPosition(), 0, 0
         self.loss, self.last_eval, self.train_s, self.samples = math.nan, None, 0.0, 0
+        self.updates, self._fed, self._empty_batches, self._empty_skipped = 0, False, 0, 0
+        if dist.main:
+            remove_stale_temporaries(run_dir)
         self._resume()
+        self._start_step = self.step
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
@@ -153,13 +167,13 @@ class Runner:
             self.metrics = MetricsLog(run_dir / "metrics.csv", tensorboard)
 
     def _resume(self) -> None:
-        path = resolve_resume(self.cfg.run.resume, self.run_dir)
-        if path is None:
+        resumed = load_resume(self.cfg.run.resume, self.run_dir)
+        if resumed is None:
             if self.cfg.run.resume is None and latest_checkpoint(self.run_dir) is not None:
                 raise ValueError(f"{self.run_dir} already holds checkpoints: continue it with --run.resume latest, "
                                  "or pass a new --run.out_dir")  # fmt: skip
             return
-        state = load_checkpoint(path)
+        path, state = resumed
         load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.dist)
         self.scheduler.load_state_dict(state["scheduler"])
         follow_config(self.scheduler, self.cfg.optim, self.cfg.run.steps)
@@ -191,6 +205,8 @@ class Runner:
         while self.step < steps:
             seen = 0
             for seen, batch in enumerate(loader, 1):
+                if not self._fed:
+                    self._check_fed(batch)
                 self.loss = self._train_step(batch)
                 self.step, self.position.step_in_epoch = self.step + 1, self.position.step_in_epoch + 1
                 self._after_step(batch, bar)
@@ -203,6 +219,18 @@ class Runner:
                 set_epoch(loader, self.position.epoch, 0)
         bar.close()
         return self._finish()
+
+    def _check_fed(self, batch) -> None:
+        """Stop a run whose first batches hold no readable sample on any process; checking ends at the first batch
+        that holds one. Every process counts the same batches, so all stop together."""
+        self._fed = not everywhere(len(batch.images) == 0, self.dist.device)
+        if self._fed:
+            return
+        self._empty_batches, self._empty_skipped = self._empty_batches + 1, self._empty_skipped + batch.skipped
+        if self._empty_batches >= max(2, math.ceil(EMPTY_START_SAMPLES / self.cfg.data.batch_size)):
+            raise ValueError(f"{self.cfg.data.train}: all {self._empty_skipped} samples of the first "
+                             f"{self._empty_batches} batches were skipped (missing or unreadable images, or empty "
+                             "captions); nothing to train on")  # fmt: skip
 
     def _skip_update(self) -> None:
         """No update this step, but the schedule moves on (a skipped step still counts toward `run.steps`)."""
@@ -239,6 +267,7 @@ class Runner:
         if self.cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
+        self.updates += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         with torch.no_grad():
@@ -303,7 +332,7 @@ class Runner:
                                skipped=self.skipped, skipped_steps=self.skipped_steps,
                                zero_shot_top1=result and result.top1,
                                zero_shot_seen_top1=result and result.seen_top1)  # fmt: skip
-        if (run.save_every and self.step % run.save_every == 0) or last:
+        if ((run.save_every and self.step % run.save_every == 0) or last) and self.updates:  # else nothing learnt
             self._save()
         self._tick = time.perf_counter()  # evaluation and saving count neither as training time nor in samples/s
         if logged:
@@ -336,6 +365,10 @@ class Runner:
     def _finish(self) -> TrainResult:
         from ..checkpoints.export import save_pretrained
 
+        if self.step > self._start_step and self.updates == 0:  # never write an untrained model as a result
+            raise ValueError(f"none of the {self.step - self._start_step} steps of this run updated the model ("
+                             f"{self.skipped} samples of {self.cfg.data.train} skipped as missing, unreadable or "
+                             "uncaptioned, the other steps' losses not finite); no model written")  # fmt: skip
         if self.heldout is not None and self.last_eval is None:
             self.last_eval = self.heldout.evaluate(self.model, self.dist.device)
         final = self._final_model()
@@ -373,7 +406,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     Raises:
         NonFiniteLossError: a NaN or infinite loss with `run.nonfinite: stop` (on every rank, naming the step).
-        ValueError: a bad config or data source.
+        ValueError: a bad config or data source; a source whose first batches hold no readable sample; a run in
+            which no step updated the model (then no model is written); no intact checkpoint to resume from.
     """
     cfg.validate()
     dist = setup_distributed(cfg.run.device, cfg.run.parallel)

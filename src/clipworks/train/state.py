@@ -1,23 +1,42 @@
-"""Training run state: checkpoints of model, optimiser, schedule, step, data position and RNG, written atomically."""
+"""Training run state: checkpoints of model, optimiser, schedule, step, data position and RNG, written atomically
+and checked against their SHA-256 checksums when read back."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from ..checkpoints.io import atomic_directory
+from ..checkpoints.io import atomic_directory, one_line
 
 STATE_FILE = "state.pt"
-# Written last, inside the temporary directory: a checkpoint without it was never finished.
+# Written last, inside the temporary directory: a checkpoint without it was never finished. It holds the step and
+# the SHA-256 of every other file, as JSON (checkpoints written before issue 16 hold just the step).
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# What `atomic_directory` leaves behind when a save dies: `.step_NNNNNNNN.<random>` and `.step_NNNNNNNN.old`.
+_TEMP_DIR = re.compile(r"^\.(step_\d{8})\.(\w+)$")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose files are missing, unreadable, or differ from the checksums written with them."""
+
+
+class Resumed(NamedTuple):
+    """The checkpoint a run resumes from and the state read from it."""
+
+    path: Path
+    state: dict[str, Any]
 
 
 @dataclass
@@ -66,7 +85,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict, op
     The states are whole (unsharded) state dicts; `clipworks.train.distributed` gathers them under FSDP.
 
     The files go into a temporary sibling directory, which is renamed into place only once complete, so a
-    process killed mid-save leaves the previous checkpoints as they were.
+    process killed mid-save leaves the previous checkpoints as they were. The completion marker, written last,
+    holds each file's SHA-256, which `load_checkpoint` checks.
     """
     path = checkpoint_dir(run_dir, step)
     state = {
@@ -77,26 +97,78 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict, op
         "data": {"epoch": position.epoch, "step_in_epoch": position.step_in_epoch},
         "rng": rng_state(),
     }
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, replaceable=_ours) as tmp:  # a run resumed from an earlier step saves it again
         torch.save(state, tmp / STATE_FILE)
-        (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
+        sums = {}
+        for p in sorted(tmp.iterdir()):
+            sums[p.name] = _sha256(p)
+            _fsync(p)  # on disk before the rename makes the checkpoint visible
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "sha256": sums}) + "\n")
+        _fsync(tmp / COMPLETE_MARKER)
     return path
+
+
+def _ours(path: Path) -> bool:
+    return bool(_STEP_DIR.match(path.name)) and {p.name for p in path.iterdir()} <= {STATE_FILE, COMPLETE_MARKER}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
 
 
 def is_complete(path: str | os.PathLike) -> bool:
     """A finished checkpoint: named `step_NNNNNNNN` and holding its state file and completion marker."""
     path = Path(path)
-    return (bool(_STEP_DIR.match(path.name)) and (path / STATE_FILE).is_file()
-            and (path / COMPLETE_MARKER).is_file())  # fmt: skip
+    return bool(_STEP_DIR.match(path.name)) and _has_files(path)
+
+
+def _has_files(path: Path) -> bool:
+    return (path / STATE_FILE).is_file() and (path / COMPLETE_MARKER).is_file()
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """A run's complete checkpoints, newest first; half-written and temporary directories are left out."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), reverse=True)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run, or None; half-written and temporary directories are ignored."""
+    """The newest complete checkpoint of a run, or None (its files are not checked: see `load_resume`)."""
+    return next(iter(complete_checkpoints(run_dir)), None)
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Clear what saves killed mid-write left in `run_dir/checkpoints`; returns the directories removed.
+
+    Only directories named as `atomic_directory` names its temporaries (`.step_NNNNNNNN.<suffix>`) are touched.
+    A `.step_NNNNNNNN.old` whose `step_NNNNNNNN` is missing is the only copy of a checkpoint (the save died between
+    the two renames that replace it): it is renamed back instead.
+    """
     root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
-    return max(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
+    removed = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        match = _TEMP_DIR.match(p.name)
+        if not match or p.is_symlink() or not p.is_dir():
+            continue
+        final = root / match.group(1)
+        if match.group(2) == "old" and not final.exists() and _has_files(p):
+            p.rename(final)
+            continue
+        shutil.rmtree(p)
+        removed.append(p)
+    return removed
 
 
 def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | None:
@@ -117,5 +189,57 @@ def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | Non
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The run state saved at `path`, read with `weights_only=True`."""
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+    """The run state saved at `path`, its files checked against the checksums written with them, read with
+    `weights_only=True`.
+
+    Raises:
+        CorruptCheckpointError: one line naming the checkpoint and the file that is missing, damaged or unreadable.
+    """
+    path = Path(path)
+    try:
+        marker = json.loads((path / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{path}: unreadable {COMPLETE_MARKER} marker: {one_line(e)}") from e
+    if isinstance(marker, int):  # written before checksums were: only the load below checks it
+        marker = {"step": marker, "sha256": {}}
+    sums = marker.get("sha256") if isinstance(marker, dict) else None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise CorruptCheckpointError(f"{path}: {COMPLETE_MARKER} marker holds no checksums")
+    for name, digest in sums.items():
+        file = path / name
+        if Path(name).name != name or name.startswith(".") or not file.is_file():
+            raise CorruptCheckpointError(f"{path}: {name[:80]!r} is missing")
+        if _sha256(file) != digest:
+            raise CorruptCheckpointError(f"{path}: {name} differs from the checksum written with it (damaged)")
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or damaged zip raises whatever its reader meets first
+        raise CorruptCheckpointError(f"{path}: {STATE_FILE} is unreadable: {one_line(e)}") from e
+    if not isinstance(state, dict) or not {"step", "model", "optimizer", "scheduler", "data", "rng"} <= set(state):
+        raise CorruptCheckpointError(f"{path}: {STATE_FILE} is not a run state")
+    return state
+
+
+def load_resume(resume: str | None, run_dir: str | os.PathLike) -> Resumed | None:
+    """The checkpoint `--run.resume` names, loaded: "latest" (None when the run has no checkpoint yet) or a path.
+
+    "latest" takes the newest intact checkpoint: each newer one that is damaged or unreadable is passed over with a
+    warning naming it and why.
+
+    Raises:
+        ValueError: a path that is not a complete checkpoint, or is damaged; "latest" when every one is damaged.
+    """
+    path = resolve_resume(resume, run_dir)
+    if path is None:
+        return None
+    if resume != "latest":
+        return Resumed(path, load_checkpoint(path))
+    damaged = []
+    for path in complete_checkpoints(run_dir):
+        try:
+            return Resumed(path, load_checkpoint(path))
+        except CorruptCheckpointError as e:
+            warnings.warn(f"skipping damaged checkpoint {e}", stacklevel=2)
+            damaged.append(f"{path.name}: {str(e).removeprefix(f'{path}: ')}")
+    raise ValueError(f"--run.resume latest: no intact checkpoint in {Path(run_dir) / 'checkpoints'} ("
+                     f"{'; '.join(damaged)}); remove them to start over, or pass a new --run.out_dir")  # fmt: skip
