@@ -96,6 +96,48 @@ def test_classify_ranks_a_caption_bank(env, capsys, tmp_path):
     assert sorted(re.findall(r"%\s+(.+)", blocks[0])) == ["a blue square", "a cat", "a green square", "a red square"]
 
 
+def _bad_images(folder) -> tuple:
+    """A decompression bomb (a PNG header claiming 9000x9000 pixels over a few bytes of data) and a PNG cut short."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", 9000, 9000, 8, 2, 0, 0, 0)
+    bomb = folder / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                     + chunk(b"IEND", b""))  # fmt: skip
+    cut = folder / "cut.png"
+    Image.effect_noise((64, 64), 50).convert("RGB").save(cut)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    return bomb, cut
+
+
+def test_classify_skips_and_names_unreadable_images(env, capsys, tmp_path):
+    good = [env / "folder" / n / "2.png" for n in COLORS]
+    bomb, cut = _bad_images(tmp_path)
+    model = ("--model", f"local-dir:{env / 'model'}", "--labels", "red,green,blue", "--templates", "photo")
+    code, out, err = _run(capsys, "classify", *model, good[0], bomb, good[1], cut, good[2])
+    assert code == 0
+    blocks = re.split(r"\n(?=\S)", out.strip())  # one per image: its path, then indented lines
+    assert [b.splitlines()[0] for b in blocks] == [str(p) for p in good]
+    for path, block in zip(good, blocks):  # each good image gets the result it gets alone
+        assert block == _run(capsys, "classify", *model, path)[1].strip()
+    lines = err.strip().splitlines()
+    assert len(lines) == 3 and lines[2] == "clipworks classify: 2 of 5 images unreadable (skipped); 3 done"
+    assert lines[0].startswith(f"clipworks classify: skipped {bomb}: ") and "9000x9000" in lines[0]
+    assert lines[1].startswith(f"clipworks classify: skipped {cut}: ") and "cannot read image" in lines[1]
+
+
+def test_classify_and_score_fail_when_no_image_is_readable(env, capsys, tmp_path):
+    bomb, cut = _bad_images(tmp_path)
+    code, out, err = _run(capsys, "classify", "--model", f"local-dir:{env / 'model'}", "--captions", env / "data.csv",
+                          bomb, cut)  # fmt: skip
+    assert code == 2 and out == "" and f"skipped {bomb}" in err and f"skipped {cut}" in err
+    assert err.strip().splitlines()[-1] == "clipworks classify: error: none of the 2 image(s) could be read"
+
+
 def test_zeroshot_on_class_folders_writes_reports(env, capsys, tmp_path):
     code, out, _ = _eval(env, capsys, "zeroshot", "--data", f"folder:{env / 'folder'}", "--templates", "photo",
                          "--out", tmp_path / "zs")  # fmt: skip
@@ -194,8 +236,15 @@ def test_fit_score_then_score(env, capsys, tmp_path):
 
     loaded = load_head(head)
     model, _, preprocess = clipworks.create_model_and_transforms(loaded.model)
-    expected = loaded.head(encode_image_files(model, preprocess, images)).tolist()
+    expected = loaded.head(encode_image_files(model, preprocess, images).features).tolist()
     assert printed == pytest.approx(expected, abs=1e-4)
+    bomb, cut = _bad_images(tmp_path)
+    code, out, err = _run(capsys, "score", "--head", head, bomb, images[0], cut, images[1])
+    assert code == 0 and [line.split()[1] for line in out.strip().splitlines()] == [str(p) for p in images]
+    assert [float(line.split()[0]) for line in out.strip().splitlines()] == printed
+    assert f"skipped {bomb}" in err and f"skipped {cut}" in err and "2 of 4 images unreadable" in err
+    code, out, err = _run(capsys, "score", "--head", head, bomb)
+    assert code == 2 and out == "" and "none of the 1 image(s) could be read" in err
 
 
 def test_features_are_cached_by_model_and_data(env, capsys, tmp_path):

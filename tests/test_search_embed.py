@@ -20,7 +20,7 @@ from clipworks.cli import main
 from clipworks.data.decode import load_image
 from clipworks.search.embed import embed_collection
 from clipworks.search.index import build_index, load_index
-from clipworks.search.store import read_embeddings
+from clipworks.search.store import read_embeddings, seal_manifest
 
 
 @pytest.fixture(scope="module")
@@ -170,13 +170,30 @@ def test_text_embedding_of_webdataset_captions(tiny, tmp_path):
         _add(tar, "f.txt", b"never read" * 100)
     data = (tmp_path / "shard-1.tar").read_bytes()
     (tmp_path / "shard-1.tar").write_bytes(data[:2000])  # cut inside the second member: reading it raises
-    _embed(tiny, f"wds:{tmp_path}/shard-{{0..1}}.tar", tmp_path / "bank", text=True)
+    with pytest.warns(UserWarning, match=r"shard-1\.tar: read stopped early: ReadError"):
+        _embed(tiny, f"wds:{tmp_path}/shard-{{0..1}}.tar", tmp_path / "bank", text=True)
     x, records, manifest = read_embeddings(tmp_path / "bank")
     captions = ["a red circle", "a blue square", "a green triangle"]
     assert manifest["modality"] == "text" and [r["caption"] for r in records] == captions
     with torch.no_grad():
         ref = model.encode_text(tokenizer(captions), normalize=True).numpy()
     np.testing.assert_allclose(x, ref, atol=2e-3)
+
+
+def test_wds_shard_cut_at_a_member_header_is_listed_as_skipped(tiny, tmp_path):
+    paths = _photos(tmp_path / "photos", 3)
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        for i, path in enumerate(paths):
+            _add(tar, f"s{i}.jpg", path.read_bytes())
+            _add(tar, f"s{i}.txt", f"caption {i}".encode())
+    with tarfile.open(tmp_path / "shard-0.tar") as tar:
+        cut = next(m.offset for m in tar.getmembers() if m.name == "s2.jpg")
+    (tmp_path / "shard-0.tar").write_bytes((tmp_path / "shard-0.tar").read_bytes()[:cut])  # no end-of-archive block
+    result = _embed(tiny, f"wds:{tmp_path}/shard-0.tar", tmp_path / "e")
+    assert (result.embedded, result.skipped) == (2, 1)
+    skipped = (tmp_path / "e" / "skipped.txt").read_text().splitlines()
+    assert len(skipped) == 1
+    assert skipped[0].startswith(f"shard-0.tar\tread stopped: ReadError: cut at a member header at byte {cut}")
 
 
 def test_embed_refuses_bad_input(tiny, tmp_path):
@@ -206,6 +223,30 @@ def test_cli_embed_index_dedup(tiny, tmp_path, capsys):
     assert lines[0] == "a,b,score" and [line.rsplit(",", 1)[0] for line in lines[1:]] == ["copy.jpg,p03.jpg"]
     assert main(["index", "--embeddings", str(tmp_path / "nothing"), "--out", str(tmp_path / "j")]) == 2
     assert "not an embeddings directory" in capsys.readouterr().err
+
+
+def test_cli_index_refuses_a_changed_shard_of_a_resumed_embed(tiny, tmp_path, capsys):
+    # Each shard's checksums are recorded as it is written, so a shard changed on disk before a resumed job
+    # finishes is caught too; the index is not built.
+    _photos(tmp_path / "photos", 6)
+    data, out = f"folder:{tmp_path / 'photos'}", tmp_path / "e"
+
+    def stop_after_one(shard):
+        if shard == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _embed(tiny, data, out, shard_size=3, on_shard=stop_after_one)
+    assert json.loads((out / "sha256-000000.json").read_text()).keys() == {"emb-000000.npy", "meta-000000.parquet"}
+    shard = out / "emb-000000.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0x01  # one bit of one embedding
+    shard.write_bytes(bytes(raw))
+    assert _embed(tiny, data, out, shard_size=3).complete
+    assert main(["index", "--embeddings", str(out), "--out", str(tmp_path / "i")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"clipworks index: error: {shard}: checksum mismatch") and "\n" not in err
+    assert not (tmp_path / "i").exists()
 
 
 def test_fast_decode_is_opt_in_and_close(tiny, tmp_path):
@@ -340,7 +381,7 @@ def test_update_refuses_what_it_cannot_do(tiny, tmp_path):
     with pytest.raises(ValueError, match="in one process"):
         _embed(tiny, f"folder:{photos}", tmp_path / "emb", update=True, rank=0, world_size=2)
     manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
-    (tmp_path / "emb" / "manifest.json").write_text(json.dumps({**manifest, "removed": {"0": [7]}}))
+    (tmp_path / "emb" / "manifest.json").write_text(json.dumps(seal_manifest({**manifest, "removed": {"0": [7]}})))
     with pytest.raises(ValueError, match="removes rows 7..7 of shard 0, which holds 3"):
         read_embeddings(tmp_path / "emb")
 

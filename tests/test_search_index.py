@@ -202,9 +202,10 @@ def test_build_refuses_duplicate_keys_and_bad_targets(tmp_path):
 
     (tmp_path / "emb").mkdir()
     recs = [{"key": "a"}, {"key": "b"}, {"key": "a"}]  # e.g. two tar shards that reuse a sample key
-    write_shard(tmp_path / "emb", 0, np.eye(3, dtype=np.float32), recs, "float32")
+    checksums = write_shard(tmp_path / "emb", 0, np.eye(3, dtype=np.float32), recs, "float32")
     write_json(tmp_path / "emb" / "manifest.json", embeddings_manifest(
-        model="m", modality="image", dtype="float32", dim=3, shard_counts=[3], roots=[], skipped=0))  # fmt: skip
+        model="m", modality="image", dtype="float32", dim=3, shard_counts=[3], roots=[], skipped=0,
+        checksums=checksums))  # fmt: skip
     with pytest.raises(ValueError, match="duplicate keys \\(e.g. 'a'\\)"):
         build_index(tmp_path / "emb", tmp_path / "idx")
     with pytest.raises(ValueError, match="recall target"):
@@ -220,10 +221,93 @@ def test_files_written_before_the_member_column_still_load(tmp_path):
     write_embeddings(tmp_path / "e", x, _records(6), model="m")
     meta = tmp_path / "e" / "meta-000000.parquet"
     pq.write_table(pq.read_table(meta).drop(["member"]), meta)
-    _, back, _ = read_embeddings(tmp_path / "e")
+    _as_version_1(tmp_path / "e")  # and from before shard checksums
+    with pytest.warns(UserWarning, match="sealed its manifests"):
+        _, back, _ = read_embeddings(tmp_path / "e")
     assert all(r["member"] is None for r in back) and back[2]["path"] == _records(6)[2]["path"]
-    build_index(tmp_path / "e", tmp_path / "idx", kind="flat")
+    with pytest.warns(UserWarning, match="sealed its manifests"):
+        build_index(tmp_path / "e", tmp_path / "idx", kind="flat")
     records = tmp_path / "idx" / "records.parquet"
     pq.write_table(pq.read_table(records).drop(["member"]), records)
     index = load_index(tmp_path / "idx", verify=False)  # the checksum is of the file as written
     assert index.record("img-2")["member"] is None and index.search(x[2], 1)[0][0].member is None
+
+
+# Manifests sealed by their own sha256, embeddings shards by theirs (issue 16, item 5)
+
+
+def _flip(file, old: bytes, new: bytes) -> None:
+    """Change one byte of `file`: the first `old` (a few bytes around the target, for a unique match) to `new`."""
+    data = file.read_bytes()
+    assert data.count(old) == 1 and len(old) == len(new) and sum(a != b for a, b in zip(old, new)) == 1
+    file.write_bytes(data.replace(old, new))
+
+
+def _as_version_1(directory) -> None:
+    """Rewrite a manifest as clipworks wrote it before manifests were sealed and shards checksummed."""
+    file = directory / "manifest.json"
+    manifest = json.loads(file.read_text())
+    for key in ("manifest_sha256", *(("checksums",) if manifest["format"] == "clipworks-embeddings" else ())):
+        del manifest[key]
+    file.write_text(json.dumps({**manifest, "version": 1}, indent=2, sort_keys=True))
+
+
+def test_changed_index_manifest_is_refused(tmp_path):
+    x = _clustered(40, 8)
+    write_embeddings(tmp_path / "e", x, _records(40), model="m", roots=["/photos/cats"])
+    build_index(tmp_path / "e", tmp_path / "idx", kind="flat")
+    manifest = tmp_path / "idx" / "manifest.json"
+    good = manifest.read_bytes()
+    load_index(tmp_path / "idx")
+    for old, new in [(b'"/photos/cats"', b'"/photos/cata"'), (b'"recall_at_10": 1.0', b'"recall_at_10": 1.1')]:
+        manifest.write_bytes(good)
+        _flip(manifest, old, new)
+        with pytest.raises(IndexLoadError, match=r"manifest.json: manifest checksum mismatch .* rebuild") as e:
+            load_index(tmp_path / "idx")
+        assert "\n" not in str(e.value)
+        assert load_index(tmp_path / "idx", verify=False).manifest["roots"] in (["/photos/cats"], ["/photos/cata"])
+    manifest.write_bytes(good)
+    _flip(manifest, b'"model": "m"', b'"model": "o"')  # corruption, not another model
+    with pytest.raises(IndexLoadError, match="manifest checksum mismatch"):
+        load_index(tmp_path / "idx", model="m")
+    manifest.write_text(json.dumps(json.loads(good)))  # the same content, formatted differently: still sealed
+    assert len(load_index(tmp_path / "idx")) == 40
+    _flip(manifest, b'"manifest_sha256"', b'"manifest_sha257"')  # a version 2 manifest without its seal
+    with pytest.raises(IndexLoadError, match="it has no manifest_sha256"):
+        load_index(tmp_path / "idx")
+
+
+def test_index_from_before_sealed_manifests_loads_with_a_warning(tmp_path):
+    x = _clustered(20, 8)
+    write_embeddings(tmp_path / "e", x, _records(20), model="m")
+    build_index(tmp_path / "e", tmp_path / "idx", kind="flat")
+    _as_version_1(tmp_path / "idx")
+    with pytest.warns(UserWarning, match=r"manifest.json: written before .* rebuild the index"):
+        index = load_index(tmp_path / "idx")
+    assert index.search(x[3], 1)[0][0].key == "img-3"
+    data = bytearray((tmp_path / "idx" / "vectors.npy").read_bytes())
+    data[-3] ^= 0xFF
+    (tmp_path / "idx" / "vectors.npy").write_bytes(bytes(data))
+    with pytest.warns(UserWarning), pytest.raises(IndexLoadError, match="vectors.npy: checksum mismatch"):
+        load_index(tmp_path / "idx")  # its files are still checked
+
+
+@pytest.mark.parametrize("name", ["emb-000000.npy", "meta-000000.parquet"])
+def test_index_build_refuses_a_changed_embeddings_shard(tmp_path, name):
+    x = _clustered(30, 8)
+    write_embeddings(tmp_path / "e", x, _records(30), model="m", dtype="float32")
+    file = tmp_path / "e" / name
+    data = bytearray(file.read_bytes())
+    data[-200 if name.endswith(".npy") else data.index(b"parquet-cpp")] ^= 0x01  # a vector's bit; the writer's name
+    file.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{name}: checksum mismatch .* embed the collection again"):
+        build_index(tmp_path / "e", tmp_path / "idx", kind="flat")
+    assert not (tmp_path / "idx").exists()
+    assert len(read_embeddings(tmp_path / "e", verify=False)[1]) == 30  # readable: only the checksum tells
+
+
+def test_changed_embeddings_manifest_is_refused(tmp_path):
+    write_embeddings(tmp_path / "e", _clustered(10, 8), _records(10), model="m", roots=["/photos/cats"])
+    _flip(tmp_path / "e" / "manifest.json", b'"/photos/cats"', b'"/photos/cata"')
+    with pytest.raises(ValueError, match="manifest.json: manifest checksum mismatch"):
+        build_index(tmp_path / "e", tmp_path / "idx", kind="flat")

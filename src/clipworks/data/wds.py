@@ -131,26 +131,52 @@ def _read_shards(shards: list[str]) -> Iterator[tuple]:
         yield shard, None, count
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """A tar member header that reports a file cut at (or inside) a header, or a corrupt header, as a
+    `tarfile.ReadError`: `TarFile.next` takes a missing, partial or invalid header after the first member for
+    the end of the archive, so a shard cut at a member boundary would read as complete (issue 16). A proper
+    end is a block of zeros (`EOFHeaderError`), which still ends the archive quietly."""
+
+    @classmethod
+    def fromtarfile(cls, archive):
+        try:
+            return super().fromtarfile(archive)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            if archive.offset == 0:  # not a tar at all, or empty: tarfile's own error says so
+                raise
+            if isinstance(e, tarfile.InvalidHeaderError):
+                raise tarfile.ReadError(f"corrupt member header at byte {archive.offset} ({e})") from e
+            raise tarfile.ReadError(f"cut at a member header at byte {archive.offset} ({e}; the file ends "
+                                    "without tar's end-of-archive block)") from e  # fmt: skip
+
+
 def tar_samples(tar: str, names: bool = False) -> Iterator[tuple]:
     """(key, {extension: bytes}) for each sample of a WebDataset tar, in file order; the key is the member path
     without its extensions (`folder/stem`). With `names`, (key, {extension: bytes}, {extension: member name}).
-    Raises tarfile/OS errors of a cut or unreadable file as they come."""
+    Raises tarfile/OS errors of a cut, corrupt or unreadable file as they come (a file that ends at a member
+    header without the end-of-archive block is cut too), after yielding the members of the sample in progress
+    that were read whole."""
     group, members, key = {}, {}, None
-    with tarfile.open(tar, mode="r|*") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            folder, _, base = member.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot or stem.startswith("."):
-                continue
-            name = f"{folder}/{stem}" if folder else stem
-            if name != key and group:
-                yield (key, group, members) if names else (key, group)
-                group, members = {}, {}
-            key = name
-            group[ext.lower()] = archive.extractfile(member).read()
-            members[ext.lower()] = member.name
+    try:
+        with tarfile.open(tar, mode="r|*", tarinfo=_CheckedTarInfo) as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                folder, _, base = member.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                if not dot or stem.startswith("."):
+                    continue
+                name = f"{folder}/{stem}" if folder else stem
+                if name != key and group:
+                    yield (key, group, members) if names else (key, group)
+                    group, members = {}, {}
+                key = name
+                group[ext.lower()] = archive.extractfile(member).read()
+                members[ext.lower()] = member.name
+    except (tarfile.TarError, OSError, EOFError):
+        if group:  # what was read before the damage is kept; the caller still hears of the damage
+            yield (key, group, members) if names else (key, group)
+        raise
     if group:
         yield (key, group, members) if names else (key, group)
 

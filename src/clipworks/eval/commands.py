@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from ..search.commands import add_int8_flag, prepare_for_inference
 
@@ -120,11 +121,25 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     captions = read_captions(args.captions) if args.captions else None
     model, preprocess, tokenizer, device = _load_model(args)
     if labels:
-        rankings = classify(model, preprocess, tokenizer, args.images, labels, templates, args.top, device)
+        result = classify(model, preprocess, tokenizer, args.images, labels, templates, args.top, device)
     else:
-        rankings = rank_captions(model, preprocess, tokenizer, args.images, captions, args.top, device)
-    print("\n".join(r.format() for r in rankings))
+        result = rank_captions(model, preprocess, tokenizer, args.images, captions, args.top, device)
+    if result.rankings:
+        print("\n".join(r.format() for r in result.rankings))
+    _report_unreadable("classify", result.failed, len(args.images))
     return 0
+
+
+def _report_unreadable(command: str, failed: list[tuple[str, str]], total: int) -> None:
+    """One stderr line per unreadable image (path and reason) and a count, as `embed` skips and lists them;
+    ValueError (exit 2) when not one of the `total` images could be read."""
+    for path, reason in failed:
+        print(f"clipworks {command}: skipped {path}: {reason}", file=sys.stderr)
+    if len(failed) == total:
+        raise ValueError(f"none of the {total} image(s) could be read")
+    if failed:
+        print(f"clipworks {command}: {len(failed)} of {total} images unreadable (skipped); "
+              f"{total - len(failed)} done", file=sys.stderr)  # fmt: skip
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -138,9 +153,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if model.config.embed_dim != loaded.head[0].in_features:
         raise ValueError(f"{args.head} reads {loaded.head[0].in_features}-d embeddings; {args.model} gives "
                          f"{model.config.embed_dim}-d (it was fit on {loaded.model})")  # fmt: skip
-    scores = loaded.head(encode_image_files(model, preprocess, args.images, device)).tolist()
-    for path, s in zip(args.images, scores):
+    images = encode_image_files(model, preprocess, args.images, device)
+    scores = loaded.head(images.features).tolist() if images.paths else []
+    for path, s in zip(images.paths, scores):
         print(f"{s:10.4f}  {path}")
+    _report_unreadable("score", images.failed, len(args.images))
     return 0
 
 

@@ -1,8 +1,9 @@
 """Embedding a collection into shards: decode in worker processes, encode in batches, write, resume.
 
 A job writes `job.json` (what is being embedded), then each shard (`emb-NNNNNN.npy`, `meta-NNNNNN.parquet`,
-and `skipped-NNNNNN.txt` when inputs were unreadable) as it completes, and finally `manifest.json` and
-`skipped.txt` once every shard exists. Rerunning the same command skips the finished shards. Under
+`sha256-NNNNNN.json` with their checksums, and `skipped-NNNNNN.txt` when inputs were unreadable) as it
+completes, and finally `manifest.json` (sealed, with every shard's checksums: `clipworks index` checks them)
+and `skipped.txt` once every shard exists. Rerunning the same command skips the finished shards. Under
 `torchrun` (RANK/WORLD_SIZE set) rank r takes shards r, r + world, ...; whichever rank finishes the last
 shard writes the manifest.
 """
@@ -25,7 +26,8 @@ from torch.utils.data import DataLoader
 
 from ..models.quant import is_quantized
 from .sources import Chunk, Item, ListedImages, Plan, TarImages, plan_images, plan_texts
-from .store import DTYPES, embeddings_manifest, read_shard_records, shard_names, write_json, write_shard
+from .store import (DTYPES, embeddings_manifest, read_shard_records, shard_checksums, shard_names, write_json,
+                    write_shard)  # fmt: skip
 
 __all__ = ["EmbedResult", "default_workers", "embed_collection", "rank_and_world"]
 
@@ -108,9 +110,12 @@ def _finalize(out: Path, job: dict, dim: int, roots: list[str]) -> bool:
     tmp = out / f".skipped.txt.tmp-{os.getpid()}"
     tmp.write_text("".join(s + "\n" for s in skipped), encoding="utf-8")
     os.replace(tmp, out / "skipped.txt")
+    # recorded as each shard was written (computed now only for shards of an older clipworks)
+    checksums = {name: sha for i in range(n) for name, sha in shard_checksums(out, i).items()}
     write_json(out / "manifest.json", embeddings_manifest(
         model=job["model"], modality=job["modality"], dtype=job["dtype"], dim=dim, shard_counts=counts,
-        roots=roots, skipped=len(skipped), source=job["data"], removed=job.get("removed")))  # fmt: skip
+        roots=roots, skipped=len(skipped), checksums=checksums, source=job["data"],
+        removed=job.get("removed")))  # fmt: skip
     return True
 
 

@@ -3,7 +3,8 @@
 An index directory holds `index.faiss`, `vectors.npy` (the unit-norm vectors, memory-mapped on load),
 `records.parquet` (key, path, caption, member per row) and `manifest.json`: model, dim, count, kind, metric "ip",
 search parameters, the measured recall@10 against exact search, the image roots and the sha256 of each
-file. Search answers with the stored keys, never bare row positions.
+file, sealed by a sha256 of its own content (`store.seal_manifest`). Search answers with the stored keys, never
+bare row positions.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from . import ann
-from .store import RECORD_FIELDS, normalize_rows, read_embeddings, replace_directory, sha256_file, write_json
+from .store import (MANIFEST_VERSION, RECORD_FIELDS, check_manifest_seal, normalize_rows, read_embeddings,
+                    replace_directory, seal_manifest, sha256_file, write_json)  # fmt: skip
 
 __all__ = ["INDEX_FORMAT", "Hit", "IndexLoadError", "SearchIndex", "build_index", "load_index"]
 
@@ -150,9 +152,12 @@ def build_index(
     `recall_target`, and then given the held-out vectors too. The measured recall is stored in the
     manifest as "recall_at_10" (1.0 for exact search), with the number of queries as "recall_queries".
 
+    Every embeddings shard is checked against the sha256 its manifest records (and the manifest against its
+    seal) before anything goes into the index.
+
     Raises:
-        ValueError: an unreadable or empty embeddings directory, duplicate keys, a bad kind, a budget no
-            index fits, or a recall target outside (0, 1].
+        ValueError: an unreadable, corrupt (a checksum mismatch, naming the file) or empty embeddings directory,
+            duplicate keys, a bad kind, a budget no index fits, or a recall target outside (0, 1].
     """
     if not 0 < recall_target <= 1:
         raise ValueError(f"recall target {recall_target}: expected a number in (0, 1]")
@@ -175,8 +180,9 @@ def build_index(
     if held:
         index.add(vectors[len(base) :])
     manifest = {
-        "format": INDEX_FORMAT, "version": 1, "model": emb_manifest["model"], "modality": emb_manifest["modality"],
-        "dim": int(vectors.shape[1]), "count": len(records), "kind": plan.kind, "metric": "ip", "params": plan.params,
+        "format": INDEX_FORMAT, "version": MANIFEST_VERSION, "model": emb_manifest["model"],
+        "modality": emb_manifest["modality"], "dim": int(vectors.shape[1]), "count": len(records), "kind": plan.kind,
+        "metric": "ip", "params": plan.params,
         "search_param_name": ann.search_param_name(plan.kind), "search_param": param,
         "recall_at_10": round(float(recall), 4), "recall_target": recall_target, "recall_queries": held,
         "estimated_bytes": plan.bytes, "build_seconds": round(time.perf_counter() - start, 2),
@@ -186,7 +192,7 @@ def build_index(
         _write_files(tmp, index, vectors, records, emb_manifest.get("dtype", "float16"))
         manifest["checksums"] = {name: sha256_file(tmp / name) for name in FILES}
         manifest["index_bytes"] = (tmp / "index.faiss").stat().st_size
-        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / "manifest.json", seal_manifest(manifest))  # over every field, so last
     return load_index(out, verify=False)
 
 
@@ -217,7 +223,7 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _verify(path: Path, manifest: dict) -> None:
+def _verify_files(path: Path, manifest: dict) -> None:
     for name in FILES:
         file = path / name
         if not file.is_file():
@@ -230,23 +236,34 @@ def _verify(path: Path, manifest: dict) -> None:
 
 
 def load_index(path: str | os.PathLike, *, model: str | None = None, verify: bool = True) -> SearchIndex:
-    """Load an index directory, checking every file's sha256 (unless `verify=False`) and the model.
+    """Load an index directory, checking the manifest against its seal and every file's sha256 (unless
+    `verify=False`), and the model.
+
+    An index built before manifests were sealed loads with a warning (its files are still checked): refusing
+    it would break every index built before, and rebuilding one adds the seal.
 
     Args:
         path: the index directory written by `build_index`.
         model: the identity of the model that will make the queries (see `store.model_id`); None skips the check.
-        verify: check the checksums (reads every byte once).
+        verify: check the checksums (reads every byte once); False also accepts a hand-edited manifest.
 
     Raises:
-        IndexLoadError: missing or corrupt files, an unreadable manifest, or a different model.
+        IndexLoadError: missing or corrupt files (the manifest included), an unreadable manifest, or a different
+            model.
     """
     path = Path(path)
     manifest = _read_manifest(path)
+    if verify:  # first: a corrupt "model" field is reported as corruption, not as another model
+        check_manifest_seal(manifest, path / "manifest.json", error=IndexLoadError,
+                            remedy="rebuild the index (or load it with verify=False, `serve --no-verify`, to "
+                                   "accept an edited manifest)",
+                            unsealed="its fields (model, roots, recall) are not verified; rebuild the index with "
+                                     "`clipworks index` to add the check")  # fmt: skip
     if model is not None and model != manifest["model"]:
         raise IndexLoadError(f"{path}: the index was built with model {manifest['model']!r}, not {model!r}; "
                              "serve it with the same --model (and --pretrained) it was embedded with")  # fmt: skip
     if verify:
-        _verify(path, manifest)
+        _verify_files(path, manifest)
     try:
         import pyarrow.parquet as pq
 

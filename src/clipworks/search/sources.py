@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,15 +157,15 @@ def _tars(pattern: str) -> list[str]:
 
 def _tar_captions(tars: list[str]) -> list[Item]:
     """The captions (`.txt`, or a `.json` "caption") of every sample of the tars, in order; a cut or
-    unreadable tar gives what was read before the damage."""
+    unreadable tar gives what was read before the damage, with a warning (as training reads it)."""
     rows = []
     for tar in tars:
         try:
             for key, files in tar_samples(tar):
                 if caption := _caption(files):
                     rows.append(Item(key, None, caption))
-        except (tarfile.TarError, OSError, EOFError):
-            continue
+        except (tarfile.TarError, OSError, EOFError) as e:
+            warnings.warn(f"shard {tar}: read stopped early: {type(e).__name__}: {e}", stacklevel=2)
     return rows
 
 

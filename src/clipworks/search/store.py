@@ -2,7 +2,9 @@
 
 An embeddings directory holds, per shard, `emb-000000.npy` (N, D) float16/float32 unit-norm rows and
 `meta-000000.parquet` (columns key, path, caption, member, stamp), plus `manifest.json` naming the model,
-dimension, count, modality ("image" or "text"), dtype, the shards and the image roots. `skipped.txt` lists the
+dimension, count, modality ("image" or "text"), dtype, the shards, the image roots and the sha256 of every shard
+file (each shard's `sha256-000000.json` records them as the shard is written; the manifest gathers them), sealed
+by a sha256 of its own content ("manifest_sha256", see `seal_manifest`). `skipped.txt` lists the
 inputs that could not be read. After `embed --update`, the manifest's "removed" maps a shard to the rows
 that no longer count (files deleted or changed since): readers drop them, so shards are never rewritten.
 Directories and single files are written under temporary names and renamed when complete, so an interrupted
@@ -12,8 +14,10 @@ write never leaves a half-written file under its final name.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,7 @@ import numpy as np
 __all__ = [
     "EMBEDDINGS_FORMAT", "DTYPES", "MODALITIES", "model_id", "write_embeddings", "read_embeddings", "write_shard",
     "shard_names", "write_json", "sha256_file", "replace_directory", "normalize_rows", "read_shard_records",
+    "seal_manifest", "check_manifest_seal", "shard_checksums", "checksum_name",
 ]  # fmt: skip
 
 EMBEDDINGS_FORMAT = "clipworks-embeddings"
@@ -28,6 +33,9 @@ DTYPES = ("float16", "float32")
 MODALITIES = ("image", "text")
 # member: the image inside a tar `path` (WebDataset); stamp: "size:mtime_ns" of the file when it was embedded
 RECORD_FIELDS = ("key", "path", "caption", "member", "stamp")
+# Embeddings and index manifests carry "manifest_sha256" (and embeddings manifests shard checksums) from version 2.
+MANIFEST_VERSION = 2
+SEAL = "manifest_sha256"
 
 
 def model_id(model_arg: str, pretrained: str | None = None) -> str:
@@ -41,6 +49,41 @@ def model_id(model_arg: str, pretrained: str | None = None) -> str:
 def shard_names(index: int) -> tuple[str, str]:
     """The (embeddings, metadata) file names of shard `index`."""
     return f"emb-{index:06d}.npy", f"meta-{index:06d}.parquet"
+
+
+def checksum_name(index: int) -> str:
+    """The name of shard `index`'s checksum file: {file name: sha256} of its two files."""
+    return f"sha256-{index:06d}.json"
+
+
+def _canonical_sha256(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """`manifest` as JSON reads it back, with "manifest_sha256": the sha256 of its canonical JSON (sorted keys,
+    no spaces) without that field. Every other file of a directory is checked against the manifest; this
+    checks the manifest itself (a changed root, model or recall), whatever its indentation."""
+    manifest = json.loads(json.dumps(manifest))
+    return {**manifest, SEAL: _canonical_sha256(manifest)}
+
+
+def check_manifest_seal(manifest: dict, file, remedy: str, unsealed: str, error: type = ValueError) -> None:
+    """Raise `error` ending in `remedy` when `manifest` (read from `file`) does not match its seal, or a
+    version 2 manifest has none. A manifest written before manifests were sealed (version 1) is read with a
+    warning ending in `unsealed`: refusing it would break every index and collection made before, whose
+    other files still have checksums to check."""
+    sealed = manifest.get(SEAL)
+    if sealed is None and isinstance(manifest.get("version"), int) and manifest["version"] < MANIFEST_VERSION:
+        warnings.warn(f"{file}: written before clipworks sealed its manifests with a checksum; {unsealed}",
+                      stacklevel=3)  # fmt: skip
+        return
+    actual = _canonical_sha256(manifest)
+    if sealed != actual:
+        said = f"it says {sealed[:12]}..." if isinstance(sealed, str) else f"it has no {SEAL}"
+        raise error(f"{file}: manifest checksum mismatch (sha256 of its content {actual[:12]}..., {said}): the "
+                    f"manifest is corrupt or was edited; {remedy}")  # fmt: skip
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -76,8 +119,9 @@ def _check_records(embeddings: np.ndarray, records: list[dict]) -> None:
         raise ValueError(f"every record needs a non-empty string 'key'; got {bad!r}")
 
 
-def write_shard(out_dir: Path, index: int, embeddings: np.ndarray, records: list[dict], dtype: str) -> None:
-    """Write shard `index` into `out_dir`: the metadata table first, then the embeddings, each renamed in place.
+def write_shard(out_dir: Path, index: int, embeddings: np.ndarray, records: list[dict], dtype: str) -> dict[str, str]:
+    """Write shard `index` into `out_dir`: the metadata table, the checksum file of both, then the embeddings,
+    each renamed in place; returns the checksums ({file name: sha256}).
 
     The embeddings file appears last, so its presence marks a complete shard (what a resumed embed skips).
     """
@@ -93,7 +137,20 @@ def write_shard(out_dir: Path, index: int, embeddings: np.ndarray, records: list
     os.replace(tmp_meta, out_dir / meta_name)
     tmp_emb = out_dir / f".{emb_name}.tmp-{os.getpid()}.npy"
     np.save(tmp_emb, np.ascontiguousarray(embeddings, dtype=np.dtype(dtype)))
+    checksums = {emb_name: sha256_file(tmp_emb), meta_name: sha256_file(out_dir / meta_name)}
+    write_json(out_dir / checksum_name(index), checksums)
     os.replace(tmp_emb, out_dir / emb_name)
+    return checksums
+
+
+def shard_checksums(directory: str | os.PathLike, index: int) -> dict[str, str]:
+    """{file name: sha256} of shard `index`: as recorded when it was written, or (a shard written before
+    shards recorded them) computed now."""
+    directory = Path(directory)
+    file = directory / checksum_name(index)
+    if file.is_file():
+        return json.loads(file.read_text(encoding="utf-8"))
+    return {name: sha256_file(directory / name) for name in shard_names(index)}
 
 
 def read_shard_records(directory: str | os.PathLike, index: int) -> list[dict]:
@@ -108,16 +165,42 @@ def read_shard_records(directory: str | os.PathLike, index: int) -> list[dict]:
         table = pq.read_table(Path(directory) / shard_names(index)[1]).to_pydict()
     except (OSError, ValueError) as e:
         raise ValueError(f"{directory}: shard {index} is unreadable ({type(e).__name__}: {e})") from e
+    return _rows(table)
+
+
+def _rows(table: dict[str, list]) -> list[dict]:
     n = len(table.get("key", []))
     return [dict(zip(RECORD_FIELDS, row)) for row in zip(*(table.get(f, [None] * n) for f in RECORD_FIELDS))]
 
 
-def _read_shard(directory: Path, index: int) -> tuple[np.ndarray, list[dict]]:
+def _check_sha256(file: Path, data: bytes, expected: str | None) -> None:
+    actual = hashlib.sha256(data).hexdigest()
+    if expected != actual:
+        said = f"the manifest says {expected[:12]}..." if expected else "the manifest has no checksum for it"
+        raise ValueError(f"{file}: checksum mismatch (sha256 {actual[:12]}..., {said}): the shard is corrupt or "
+                         "was changed; embed the collection again")  # fmt: skip
+
+
+def _read_shard(directory: Path, index: int, checksums: dict | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Shard `index`'s embeddings and records, both files checked against `checksums` (None: not checked) in
+    the very bytes that are then parsed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = shard_names(index)
     try:
-        emb = np.load(directory / shard_names(index)[0], allow_pickle=False)
+        data = [(directory / name).read_bytes() for name in names]
+    except OSError as e:
+        raise ValueError(f"{directory}: shard {index} is unreadable ({type(e).__name__}: {e})") from e
+    if checksums is not None:
+        for name, content in zip(names, data):
+            _check_sha256(directory / name, content, checksums.get(name))
+    try:
+        emb = np.load(io.BytesIO(data[0]), allow_pickle=False)
+        table = pq.read_table(pa.BufferReader(data[1])).to_pydict()
     except (OSError, ValueError) as e:
         raise ValueError(f"{directory}: shard {index} is unreadable ({type(e).__name__}: {e})") from e
-    records = read_shard_records(directory, index)
+    records = _rows(table)
     if emb.ndim != 2 or len(records) != emb.shape[0]:
         raise ValueError(f"{directory}: shard {index} has {emb.shape} embeddings for {len(records)} records")
     return emb, records
@@ -171,24 +254,27 @@ def write_embeddings(
     if len(set(keys)) != len(keys):
         raise ValueError(f"keys must be unique; {len(keys) - len(set(keys))} duplicates")
     with replace_directory(out_dir, (EMBEDDINGS_FORMAT,)) as tmp:
-        write_shard(tmp, 0, normalize_rows(embeddings), records, dtype)
+        checksums = write_shard(tmp, 0, normalize_rows(embeddings), records, dtype)
         write_json(tmp / "manifest.json", embeddings_manifest(
             model=model, modality=modality, dtype=dtype, dim=embeddings.shape[1], shard_counts=[len(records)],
-            roots=roots or [], skipped=0))  # fmt: skip
+            roots=roots or [], skipped=0, checksums=checksums))  # fmt: skip
     return Path(out_dir)
 
 
-def embeddings_manifest(*, model, modality, dtype, dim, shard_counts, roots, skipped, removed=None, **extra) -> dict:
-    """The manifest dict of an embeddings directory; `removed` maps shard index -> rows that no longer count
+def embeddings_manifest(*, model, modality, dtype, dim, shard_counts, roots, skipped, checksums, removed=None,
+                        **extra) -> dict:  # fmt: skip
+    """The sealed manifest dict of an embeddings directory; `checksums` maps every shard file's name to its
+    sha256 (`write_shard`, `shard_checksums`); `removed` maps shard index -> rows that no longer count
     ("count" is the rows that do)."""
     removed = {str(k): sorted(int(r) for r in v) for k, v in sorted((removed or {}).items(), key=lambda kv: int(kv[0])) if v}
-    manifest = {"format": EMBEDDINGS_FORMAT, "version": 1, "model": model, "modality": modality, "dtype": dtype,
-                "dim": int(dim), "count": int(sum(shard_counts)) - sum(len(v) for v in removed.values()),
+    count = int(sum(shard_counts)) - sum(len(v) for v in removed.values())
+    manifest = {"format": EMBEDDINGS_FORMAT, "version": MANIFEST_VERSION, "model": model, "modality": modality,
+                "dtype": dtype, "dim": int(dim), "count": count,
                 "shards": [int(c) for c in shard_counts], "roots": [str(r) for r in roots], "skipped": int(skipped),
-                **extra}  # fmt: skip
+                "checksums": dict(sorted(checksums.items())), **extra}  # fmt: skip
     if removed:
         manifest["removed"] = removed
-    return manifest
+    return seal_manifest(manifest)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -211,24 +297,34 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return manifest
 
 
-def read_embeddings(directory: str | os.PathLike) -> tuple[np.ndarray, list[dict], dict]:
-    """Read a whole embeddings directory.
+def read_embeddings(directory: str | os.PathLike, verify: bool = True) -> tuple[np.ndarray, list[dict], dict]:
+    """Read a whole embeddings directory, checking (unless `verify=False`) the manifest against its seal and
+    every shard file against the manifest's sha256, in the bytes that are then parsed.
 
     Returns:
         (float32 (N, D) array, records with "key", "path", "caption", "member", "stamp", the manifest dict),
         without the rows the manifest lists as "removed". Files written before "member" or "stamp" existed
-        read them as None.
+        read them as None. A directory written before manifests were sealed and shards checksummed is read
+        unchecked, with a warning.
 
     Raises:
-        ValueError: not an embeddings directory, a shard missing or unreadable, or counts that disagree.
+        ValueError: not an embeddings directory, a checksum mismatch (naming the file), a shard missing or
+            unreadable, or counts that disagree.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
+    checksums = None
+    if verify:
+        check_manifest_seal(manifest, directory / "manifest.json", remedy="embed the collection again",
+                            unsealed="neither it nor its shards can be verified; rerun the `clipworks embed` "
+                                     "command that wrote it to add checksums of the shards as they are now")  # fmt: skip
+        if SEAL in manifest:  # a sealed manifest lists the checksum of every shard file
+            checksums = manifest.get("checksums") or {}
     dim, counts = int(manifest["dim"]), manifest["shards"]
     removed = manifest.get("removed", {})
     arrays, records = [], []
     for i, count in enumerate(counts):
-        emb, recs = _read_shard(directory, i)
+        emb, recs = _read_shard(directory, i, checksums)
         if emb.shape != (count, dim) and count:
             raise ValueError(f"{directory}: shard {i} holds {emb.shape} embeddings; manifest says ({count}, {dim})")
         emb = emb.astype(np.float32, copy=False).reshape(-1, dim)
