@@ -19,17 +19,23 @@ does not), initialises its ViT image tower with PyTorch's defaults (clipworks: O
 shared` starts both from OpenCLIP's initial weights), and `open_clip_train` imports pandas only to read the CSV
 (without pandas installed, the driver in train_runs.py gives it a stdlib stand-in).
 
+`--busy 1` runs a busy loop beside each trainer (a machine where another process holds a core), to compare how
+much of its quiet speed each trainer keeps.
+
 Usage: python benchmarks/bench_train.py [--steps 200] [--batch-size 128] [--workers 1] [--repeats 1] [--init own]
+       [--busy 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -83,6 +89,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run this Python script with clipworks.cli's arguments instead of `-m clipworks.cli` (A/B a "
                         "patched trainer)")
     p.add_argument("--only", default=",".join(TRAINERS), help=f"comma-separated subset of {TRAINERS}")
+    p.add_argument("--busy", type=int, default=0,
+                   help="processes spinning in a busy loop beside each trainer run (a machine shared with other "
+                        "work: 1 holds one core)")  # fmt: skip
     p.add_argument("--work-dir", default=None, help="keep data, logs and runs here (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the per-run figures to this JSON file")
     args = p.parse_args(argv)
@@ -154,20 +163,34 @@ def run_trainer(trainer: str, args, work: Path, csv: Path, config: Path, index: 
         init = work / f"open_clip_init_seed{seed}.pt"
         if not init.exists():
             write_open_clip_init(config, init, seed=seed)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # each trainer keeps its own OpenMP defaults
     if trainer == "clipworks":
         run_dir = work / f"clipworks-{index}"
         shutil.rmtree(run_dir, ignore_errors=True)  # clipworks refuses a run folder holding checkpoints
-        run = run_child(clipworks_argv(args, csv, run_dir, seed, init), work / f"clipworks-{index}.log", env)
+        with busy_loops(args.busy):
+            run = run_child(clipworks_argv(args, csv, run_dir, seed, init), work / f"clipworks-{index}.log", env)
         records = read_clipworks_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else []
     else:
         name = f"open_clip-{index}"
         shutil.rmtree(work / "open_clip_logs" / name, ignore_errors=True)  # OpenCLIP refuses an existing name
         argv = open_clip_argv(args, csv, config, work / "open_clip_logs", name, seed, init)
-        run = run_child(argv, work / f"{name}.log", env)
+        with busy_loops(args.busy):
+            run = run_child(argv, work / f"{name}.log", env)
         log = work / "open_clip_logs" / name / "out.log"
         records = read_open_clip_log(log) if log.exists() else []
     return summarize(trainer, run, records, args)
+
+
+@contextlib.contextmanager
+def busy_loops(n: int):
+    """`n` processes spinning in a Python busy loop (each wants a whole core) while the block runs."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in spinners:
+            proc.kill()
+            proc.wait()
 
 
 def _median(rows: list[Summary], trainer: str) -> Summary | None:
@@ -200,7 +223,8 @@ def _header(args, work: Path) -> str:
 
     return (f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
             f"{platform.processor() or platform.machine()}; work folder {work}\n"
-            f"# steps {args.steps}, batch {args.batch_size}, workers {args.workers}, images {args.images} "
+            f"# steps {args.steps}, batch {args.batch_size}, workers {args.workers}, busy loops {args.busy}, "
+            f"images {args.images} "
             f"({args.format}), init {args.init}, seed {args.seed}, lr {args.lr}, warmup {args.warmup}, wd {args.wd}, "
             f"grad clip {args.grad_clip}; samples/s over steps {args.skip + 1}-{args.steps}, "
             f"loss over the last {args.last}")  # fmt: skip

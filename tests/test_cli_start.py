@@ -1,0 +1,40 @@
+"""The command line's start: `import clipworks` loads no torch, and OpenMP's spin is set before torch loads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+PROBE = """
+import os, sys
+import clipworks, clipworks.cli
+assert "torch" not in sys.modules, "importing clipworks loaded torch"
+print(clipworks.cli.configure_openmp(), os.environ.get("GOMP_SPINCOUNT"))
+clipworks.CLIP  # the public names still resolve, loading torch on first use
+print("torch" in sys.modules, clipworks.cli.configure_openmp())
+"""
+
+
+def _probe(**env: str) -> list[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    return out.stdout.split()
+
+
+def test_the_command_line_shortens_openmps_spin_before_torch_loads():
+    assert _probe() == ["True", "1000", "True", "False"]  # set once; after torch has loaded it is too late
+
+
+def test_a_users_openmp_setting_is_kept():
+    assert _probe(GOMP_SPINCOUNT="5000")[:2] == ["False", "5000"]
+    assert _probe(OMP_WAIT_POLICY="ACTIVE")[:2] == ["False", "None"]
+
+
+def test_every_public_name_resolves():
+    import clipworks
+
+    for name in clipworks.__all__:
+        assert getattr(clipworks, name) is not None, name
+    assert set(clipworks.__all__) <= set(dir(clipworks))
