@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import CLIPConfig, CoCaDecoderConfig
 from .keymap import KeyMap, Rule, block_rules, transpose
-from .layers import MLP, OPEN_CLIP_BLOCK_KEYS, Block, _outputs
+from .layers import MLP, OPEN_CLIP_BLOCK_KEYS, Block, _outputs, init_blocks
 
 _MLP_RATIO = 4.0  # OpenCLIP's MultimodalTransformer is built without its config's mlp_ratio: always 4
 
@@ -75,18 +75,8 @@ class CaptionDecoder(nn.Module):
     def init_weights(self) -> None:
         # OpenCLIP's init for its text towers (it leaves its decoder at PyTorch's defaults, the projection
         # uninitialised): residual projections shrink with depth.
-        D, layers = self.config.width, self.config.layers
-        attn_std, proj_std, fc_std = D**-0.5, D**-0.5 * (2 * layers) ** -0.5, (2 * D) ** -0.5
-        for block in [*self.blocks, *self.cross_blocks]:
-            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
-            nn.init.zeros_(block.attn.qkv.bias)
-            nn.init.normal_(block.attn.out.weight, std=proj_std)
-            nn.init.zeros_(block.attn.out.bias)
-            nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
-            nn.init.zeros_(block.mlp.fc1.bias)
-            nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
-            nn.init.zeros_(block.mlp.fc2.bias)
-        nn.init.normal_(self.proj.weight, std=attn_std)
+        init_blocks([*self.blocks, *self.cross_blocks], self.config.width, self.config.layers)
+        nn.init.normal_(self.proj.weight, std=self.config.width**-0.5)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

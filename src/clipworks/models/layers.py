@@ -155,19 +155,24 @@ class Transformer(nn.Module):
         return hidden
 
     def init_weights(self) -> None:
-        # OpenAI CLIP's init: residual projections shrink with depth so the stream's variance stays bounded.
-        attn_std = self.width**-0.5
-        proj_std = attn_std * (2 * len(self.blocks)) ** -0.5
-        fc_std = (2 * self.width) ** -0.5
-        for block in self.blocks:
-            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
-            nn.init.zeros_(block.attn.qkv.bias)
-            nn.init.normal_(block.attn.out.weight, std=proj_std)
-            nn.init.zeros_(block.attn.out.bias)
-            nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
-            nn.init.zeros_(block.mlp.fc1.bias)
-            nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
-            nn.init.zeros_(block.mlp.fc2.bias)
+        init_blocks(self.blocks, self.width, len(self.blocks))
+
+
+def init_blocks(blocks, width: int, depth: int) -> None:
+    """OpenAI CLIP's init of blocks with `attn` and `mlp` (Block, CoCa's CrossBlock) in a stack `depth` deep:
+    residual projections shrink with depth so the stream's variance stays bounded; biases zero."""
+    attn_std = width**-0.5
+    proj_std = attn_std * (2 * depth) ** -0.5
+    fc_std = (2 * width) ** -0.5
+    for block in blocks:
+        nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+        nn.init.zeros_(block.attn.qkv.bias)
+        nn.init.normal_(block.attn.out.weight, std=proj_std)
+        nn.init.zeros_(block.attn.out.bias)
+        nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
+        nn.init.zeros_(block.mlp.fc1.bias)
+        nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+        nn.init.zeros_(block.mlp.fc2.bias)
 
 
 # Key maps between OpenCLIP/OpenAI transformer blocks and ours: (their suffix, our suffix).
