@@ -38,3 +38,23 @@ def test_every_public_name_resolves():
     for name in clipworks.__all__:
         assert getattr(clipworks, name) is not None, name
     assert set(clipworks.__all__) <= set(dir(clipworks))
+
+
+def _clipworks(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clipworks.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_version_answers_without_torch():
+    import clipworks
+
+    out = _clipworks("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"clipworks {clipworks.__version__}"
+
+
+def test_a_closed_pipe_ends_quietly():
+    listing = subprocess.Popen([sys.executable, "-m", "clipworks.cli", "models"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)  # fmt: skip
+    listing.stdout.readline()  # like `| head -1`: read one line, then go away
+    listing.stdout.close()
+    err = listing.stderr.read().decode()
+    assert listing.wait(timeout=120) == 1 and err == "", err

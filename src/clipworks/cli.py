@@ -101,7 +101,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="clipworks", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"clipworks {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the model presets (and their pretrained tags)")
@@ -143,6 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Which extra installs a module the optional commands import (tests/test_packaging.py checks it against the wheel).
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(("pyarrow", "faiss", "fastapi", "starlette", "pydantic", "uvicorn", "h11", "httpx", "multipart",
+                     "simplejpeg"), "search"),
+    **dict.fromkeys(("huggingface_hub", "tokenizers", "sentencepiece"), "hub"),
+    **dict.fromkeys(("onnx", "onnxruntime", "onnxscript"), "onnx"),
+    "timm": "timm",
+    "tensorboard": "train",
+}  # fmt: skip
+
+
+def _missing_extra(e: ImportError) -> str:
+    """An ImportError's message, with the extra that installs the missing module when the message does not say."""
+    message = str(e)
+    extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
+    if extra is None or "clipworks[" in message:
+        return message
+    return f"{message}: pip install 'clipworks[{extra}]'"
+
+
 # OpenMP threads spin this many rounds waiting for work before they sleep (libgomp's default is 300,000, ~ms).
 OPENMP_SPIN = "1000"
 
@@ -173,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (`clipworks models | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail again
+        return 1
     except (ValueError, OSError, ImportError) as e:  # bad input, missing files, offline hub, missing extras
-        print(f"clipworks {args.command}: error: {e}", file=sys.stderr)
+        message = _missing_extra(e) if isinstance(e, ImportError) else e
+        print(f"clipworks {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

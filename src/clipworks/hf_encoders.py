@@ -111,7 +111,7 @@ class SentencePieceEncoder:
             import sentencepiece
         except ImportError as e:
             raise ImportError(f"{path.parent} has a SentencePiece model and no tokenizer.json: reading it needs "
-                              "the sentencepiece package: pip install sentencepiece") from e  # fmt: skip
+                              "the sentencepiece package: pip install 'clipworks[hub]'") from e  # fmt: skip
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = self.sp.get_piece_size() + extra_ids  # T5's sentinel tokens follow the pieces
 
