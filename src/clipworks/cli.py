@@ -45,7 +45,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from .demo import read_demo_pairs, similarity_table
     from .factory import create_model_and_transforms, get_tokenizer
+    from .search.commands import refuse_random_weights
 
+    refuse_random_weights(args)
     torch.manual_seed(args.seed)
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained)
     tokenizer = get_tokenizer(args.model)
@@ -102,6 +104,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .search.commands import add_random_init_flag
 
     parser = argparse.ArgumentParser(prog="clipworks", description=__doc__)
     parser.add_argument("--version", action="version", version=f"clipworks {__version__}")
@@ -115,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ViT-B-32", help="preset name or local-dir:DIR (default: ViT-B-32)")
     p.add_argument("--pretrained", default=None, help="weights file or clipworks directory for a preset")
     p.add_argument("--data", default=None, help="a folder with captions.tsv (filepath, caption); default: shipped")
-    p.add_argument("--seed", type=int, default=0, help="seed for random initialisation")
+    p.add_argument("--seed", type=int, default=0, help="seed for random initialisation (with --random-init)")
+    add_random_init_flag(p)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("tokenize", help="print the token ids of texts, as the model's tokenizer gives them")

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..search.commands import add_int8_flag, prepare_for_inference
+from ..search.commands import add_int8_flag, add_random_init_flag, prepare_for_inference, refuse_random_weights
 
 EVAL_TASKS = ("zeroshot", "retrieval", "linear-probe", "compositional", "clipscore", "fit-score")
 
@@ -15,7 +15,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="preset, NAME:TAG, local-dir:DIR or hf-hub:ORG/REPO")
     p.add_argument("--pretrained", default=None, help="registry tag, weights file or checkpoint directory")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random initialisation (no --pretrained)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random initialisation (with --random-init)")
+    add_random_init_flag(p)
     add_int8_flag(p)
 
 
@@ -103,6 +104,8 @@ def _load_model(args: argparse.Namespace):
 
     from ..factory import create_model_and_transforms, get_tokenizer
 
+    if hasattr(args, "random_init"):  # classify and eval (score's model is the one its head was fit on)
+        refuse_random_weights(args)
     device = _device(args.device)
     torch.manual_seed(args.seed)  # random weights are the same on every rank and every run
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)

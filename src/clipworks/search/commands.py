@@ -33,14 +33,15 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def refuse_random_weights(args: argparse.Namespace) -> None:
-    """Raise ValueError when --model/--pretrained name no weights and --random-init was not given."""
+    """Raise ValueError when --model/--pretrained name no weights and --random-init was not given: every command that
+    prints or writes model outputs (embed, serve, classify, eval, demo) asks for the flag."""
     from ..factory import names_no_weights
 
     if names_no_weights(args.model, args.pretrained) and not args.random_init:
         raise ValueError(f"--model {args.model} with no --pretrained is a random initialisation, new on every run: "
-                         "its embeddings would match nothing embedded or served by another run; name weights "
+                         "its outputs mean nothing (and match nothing another run embeds); name weights "
                          "(--pretrained TAG or FILE, NAME:TAG, local-dir:DIR, hf-hub:ORG/REPO) or pass --random-init "
-                         "(e.g. to time a model)")  # fmt: skip
+                         "(e.g. to time a model or try a pipeline)")  # fmt: skip
 
 
 def add_random_init_flag(p: argparse.ArgumentParser) -> None:
