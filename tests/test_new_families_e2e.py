@@ -63,13 +63,19 @@ def photo(tmp_path):
     return path
 
 
-def test_siglip2_release_by_name_and_tag(tmp_path, monkeypatch, photo):
-    name, tag, repo = "ViT-B-16-SigLIP2-256", "webli", "timm/ViT-B-16-SigLIP2-256"
-    cfg = tiny_config(clipworks.get_preset(name))
+def _saved_reference(cfg, path):
+    """OpenCLIP's model of `cfg`, every tensor perturbed, its state dict saved as safetensors at `path`."""
     torch.manual_seed(0)
     ref = open_clip_model(cfg).eval()
     perturb_(ref)
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    return ref
+
+
+def test_siglip2_release_by_name_and_tag(tmp_path, monkeypatch, photo):
+    name, tag, repo = "ViT-B-16-SigLIP2-256", "webli", "timm/ViT-B-16-SigLIP2-256"
+    cfg = tiny_config(clipworks.get_preset(name))
+    ref = _saved_reference(cfg, tmp_path / "open_clip_model.safetensors")
     tokenizer_dir = build_gemma(tmp_path / "gemma")
     entry = _register_tiny(monkeypatch, name, tag, repo, cfg)
     with serving(monkeypatch, tmp_path / "home") as hub:
@@ -106,10 +112,7 @@ def test_multilingual_release_takes_its_tokenizer_from_the_named_repository(tmp_
 def test_clipa_release_strips_berts_separator(tmp_path, monkeypatch, photo):
     name, tag, repo = "ViT-L-14-CLIPA", "datacomp1b", "UCSC-VLAA/ViT-L-14-CLIPA-datacomp1B"
     cfg = tiny_config(clipworks.get_preset(name))
-    torch.manual_seed(0)
-    ref = open_clip_model(cfg).eval()
-    perturb_(ref)
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    ref = _saved_reference(cfg, tmp_path / "open_clip_model.safetensors")
     tokenizer_dir = build_bert(tmp_path / "bert")
     entry = _register_tiny(monkeypatch, name, tag, repo, cfg)
     with serving(monkeypatch, tmp_path / "home") as hub:

@@ -12,22 +12,14 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import CLIPConfig, CoCaDecoderConfig
 from .keymap import KeyMap, Rule, block_rules, transpose
-from .layers import MLP, OPEN_CLIP_BLOCK_KEYS, Block, _outputs, init_blocks
+from .layers import MLP, OPEN_CLIP_BLOCK_KEYS, Attention, Block, _outputs, init_blocks
 
 _MLP_RATIO = 4.0  # OpenCLIP's MultimodalTransformer is built without its config's mlp_ratio: always 4
 
 
-class CrossAttention(nn.Module):
-    """Multi-head attention from queries (B, L, D) to a context (B, N, D), with nn.MultiheadAttention's packed
-    projection: rows 0:D of `qkv` make the queries, D:3D the keys and values."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
+class CrossAttention(Attention):
+    """Multi-head attention from queries (B, L, D) to a context (B, N, D), with the self-attention's parameters
+    (nn.MultiheadAttention's packed projection): rows 0:D of `qkv` make the queries, D:3D the keys and values."""
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         B, L, D = x.shape
