@@ -58,3 +58,29 @@ def test_a_closed_pipe_ends_quietly():
     listing.stdout.close()
     err = listing.stderr.read().decode()
     assert listing.wait(timeout=120) == 1 and err == "", err
+
+
+HELP_PROBE = """
+import sys, time
+start = time.perf_counter()
+from clipworks.cli import main
+for argv in (["--help"], *([c, "--help"] for c in sys.argv[1:])):
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code == 0, (argv, e.code)
+    if argv == ["--help"]:
+        took = time.perf_counter() - start
+assert "torch" not in sys.modules, "--help loaded torch"
+print(f"{took:.3f}", file=sys.stderr)
+"""
+
+
+def test_help_answers_without_torch_at_once():
+    commands = ["models", "demo", "tokenize", "convert", "train", "classify", "score", "eval", "embed", "index",
+                "dedup", "serve"]  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", HELP_PROBE, *commands], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "usage: clipworks [-h] [--version] COMMAND" in out.stdout and "usage: clipworks serve" in out.stdout
+    took = float(out.stderr.strip().splitlines()[-1])
+    assert took < 0.5, f"`clipworks --help` took {took:.2f} s after the interpreter started"

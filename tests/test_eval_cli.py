@@ -134,7 +134,7 @@ def test_classify_and_score_fail_when_no_image_is_readable(env, capsys, tmp_path
     bomb, cut = _bad_images(tmp_path)
     code, out, err = _run(capsys, "classify", "--model", f"local-dir:{env / 'model'}", "--captions", env / "data.csv",
                           bomb, cut)  # fmt: skip
-    assert code == 2 and out == "" and f"skipped {bomb}" in err and f"skipped {cut}" in err
+    assert code == 1 and out == "" and f"skipped {bomb}" in err and f"skipped {cut}" in err  # a run-time failure
     assert err.strip().splitlines()[-1] == "clipworks classify: error: none of the 2 image(s) could be read"
 
 
@@ -244,7 +244,7 @@ def test_fit_score_then_score(env, capsys, tmp_path):
     assert [float(line.split()[0]) for line in out.strip().splitlines()] == printed
     assert f"skipped {bomb}" in err and f"skipped {cut}" in err and "2 of 4 images unreadable" in err
     code, out, err = _run(capsys, "score", "--head", head, bomb)
-    assert code == 2 and out == "" and "none of the 1 image(s) could be read" in err
+    assert code == 1 and out == "" and "none of the 1 image(s) could be read" in err
 
 
 def test_features_are_cached_by_model_and_data(env, capsys, tmp_path):
@@ -271,21 +271,22 @@ def test_features_are_cached_by_model_and_data(env, capsys, tmp_path):
                                                             "--no-progress", *args)[1]  # fmt: skip
 
 
-@pytest.mark.parametrize("argv, message", [
-    (("eval", "zeroshot", "--data", "folder:/no/such/dir"), "data folder not found: '/no/such/dir'"),
-    (("eval", "retrieval", "--data", "csv:{root}/data.csv?caption=text"), "missing column(s) 'text'"),
-    (("eval", "zeroshot", "--data", "csv:{root}/data.csv?label=klass"), "missing column(s) 'klass'"),
-    (("eval", "zeroshot", "--data", "parquet:x"), "SCHEME one of folder, csv, tsv"),
-    (("eval", "compositional", "--data", "csv:{root}/data.csv"), "?negatives=COL1,COL2"),
-    (("classify", "--labels", "cat,dog,cat", "x.png"), "duplicate class names ['cat']"),
-    (("classify", "--labels", "cat,,dog", "x.png"), "non-empty class names"),
-    (("classify", "--labels", "cat,dog", "/no/such.png"), "cannot read image '/no/such.png'"),
-    (("eval", "retrieval", "--data", "coco:{root}/data.csv"), "not a COCO caption file"),
+@pytest.mark.parametrize("argv, message, status", [
+    (("eval", "zeroshot", "--data", "folder:/no/such/dir"), "data folder not found: '/no/such/dir'", 1),
+    (("eval", "retrieval", "--data", "csv:{root}/data.csv?caption=text"), "missing column(s) 'text'", 2),
+    (("eval", "zeroshot", "--data", "csv:{root}/data.csv?label=klass"), "missing column(s) 'klass'", 2),
+    (("eval", "zeroshot", "--data", "parquet:x"), "SCHEME one of folder, csv, tsv", 2),
+    (("eval", "compositional", "--data", "csv:{root}/data.csv"), "?negatives=COL1,COL2", 2),
+    (("classify", "--labels", "cat,dog,cat", "x.png"), "duplicate class names ['cat']", 2),
+    (("classify", "--labels", "cat,,dog", "x.png"), "non-empty class names", 2),
+    (("classify", "--labels", "cat,dog", "/no/such.png"), "cannot read image '/no/such.png'", 1),
+    (("eval", "retrieval", "--data", "coco:{root}/data.csv"), "not a COCO caption file", 2),
 ])  # fmt: skip
-def test_bad_input_gives_a_clear_error(env, capsys, argv, message):
+def test_bad_input_gives_a_clear_error(env, capsys, argv, message, status):
+    """Exit status 2 for input that cannot work, 1 for files that cannot be read."""
     argv = [a.format(root=env) for a in argv]
     code, _, err = _run(capsys, *argv, "--model", f"local-dir:{env / 'model'}")
-    assert code == 2 and message in err
+    assert code == status and message in err
 
 
 def test_empty_class_folder_is_named(env, capsys, tmp_path):

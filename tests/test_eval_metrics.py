@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from clipworks.eval import metrics, tasks
 from clipworks.eval.embed import Embedder
-from clipworks.eval.linear_probe import fit_logistic, linear_probe
+from clipworks.eval.linear_probe import WEIGHT_DECAYS, AdamWProtocol, fit_logistic, linear_probe
 from clipworks.eval.sources import Captioned, Classification, ImageSet, WithNegatives
 
 # A fake CLIP whose features are looked up in tables: the same fake goes through clipworks' evaluation and
@@ -53,10 +53,10 @@ class TableModel(torch.nn.Module):
 
 
 class IndexImages(ImageSet):
-    """n "images" that are their own index (a (1, 1, 1) tensor); those in `broken` fail to load."""
+    """n "images" that are their own index + `offset` (a (1, 1, 1) tensor); those in `broken` fail to load."""
 
-    def __init__(self, n: int, broken: tuple[int, ...] = ()):
-        self.n, self.broken = n, set(broken)
+    def __init__(self, n: int, broken: tuple[int, ...] = (), offset: int = 0):
+        self.n, self.broken, self.offset = n, set(broken), offset
 
     def __len__(self) -> int:
         return self.n
@@ -66,13 +66,13 @@ class IndexImages(ImageSet):
             from clipworks.data.decode import ImageDecodeError
 
             raise ImageDecodeError(f"image {i} is broken")
-        return torch.full((1, 1, 1), float(i))
+        return torch.full((1, 1, 1), float(i + self.offset))
 
     def name(self, i: int) -> str:
-        return str(i)
+        return str(i + self.offset)
 
     def fingerprint(self) -> str:
-        return f"index:{self.n}:{sorted(self.broken)}"
+        return f"index:{self.n}:{sorted(self.broken)}:{self.offset}"
 
 
 def identity(x):
@@ -211,6 +211,22 @@ def test_linear_probe_matches_scikit_learn(one_thread):
     assert result.validation[result.l2] == max(result.validation.values())
     assert result.validation[100.0] < result.validation[result.l2]  # far too strong L2 is never chosen here
     assert result.top1 > 0.5
+
+
+def test_linear_probe_eval_with_clip_benchmarks_protocol(one_thread):
+    features, labels = _clustered(160, 4, 8, noise=1.5, seed=7)
+    model, names = TableModel(features), [f"class {k}" for k in range(4)]
+    embedder = Embedder(model, identity, TableTokenizer(), show_progress=False)
+    train = Classification(IndexImages(120, broken=(5,)), labels[:120].tolist(), names)
+    test = Classification(IndexImages(40, offset=120), labels[120:].tolist(), names)
+    ev = tasks.linear_probe_eval(embedder, train, test, adamw=AdamWProtocol(fewshot_k=8, epochs=3, batch_size=16))
+    assert ev.skipped == 1 and ev.metrics["top5"] is None  # 4 classes: no top-5
+    assert 0.5 < ev.metrics["top1"] <= 1 and ev.metrics["weight_decay"] in WEIGHT_DECAYS
+    assert 7 <= len([k for k in ev.metrics if k.startswith("val_top1@wd=")]) <= 15  # 7 first, then 2 a round
+    with pytest.raises(ValueError, match="fewer than 40"):
+        tasks.linear_probe_eval(embedder, train, test, adamw=AdamWProtocol(fewshot_k=40))
+    with pytest.raises(ValueError, match="fewshot_k=0"):
+        AdamWProtocol(fewshot_k=0)
 
 
 def test_compositional_accuracy_counts_images_beating_every_negative():

@@ -193,11 +193,9 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     assert [e.step for e in events.Scalars("train/loss")] == [4, 8, 12, 16, 20, 24]
     assert [e.step for e in events.Scalars("train/zero_shot_top1")] == [12, 24]
     assert events.Scalars("train/loss")[-1].value == pytest.approx(float(rows[-1]["loss"]), rel=1e-5)
-    curves = Image.open(out / "curves.png")  # loss and zero-shot curves, drawn at the end of the run
-    assert curves.format == "PNG" and curves.size == (1040, 300)
-    blue, red, green = (31, 119, 180), (214, 39, 40), (44, 160, 44)  # loss; held-out and seen zero-shot lines
-    assert blue in {c for _, c in curves.crop((0, 0, 520, 300)).getcolors(2**16)}
-    assert {red, green} & {c for _, c in curves.crop((520, 0, 1040, 300)).getcolors(2**16)}  # may coincide
+    curves = Image.open(out / "curves.png")  # loss, learning rate and zero-shot curves, drawn at the end of the run
+    assert curves.format == "PNG" and curves.width > 2 * curves.height  # three panels (tests/test_plots.py: labels)
+    assert "held-out combinations, top-1" in (out / "curves.svg").read_text()
 
 
 _RESUME_CHILD = """

@@ -103,11 +103,31 @@ def test_grayscale_input_matches_open_clip(reference):
     assert torch.equal(image_transform(PreprocessConfig())(image), reference()(image))
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "P", "CMYK", "1", "I;16"])
-def test_other_modes_are_converted_to_rgb_first(mode):
-    image = _noise(300, 200, seed=6).convert(mode)
-    transform = image_transform(PreprocessConfig())
-    assert torch.equal(transform(image), transform(image.convert("RGB")))
+def _translucent(width: int, height: int, seed: int) -> Image.Image:
+    rgba = np.asarray(_noise(width, height, seed=seed).convert("RGBA")).copy()
+    rgba[:, :, 3] = np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
+    return Image.fromarray(rgba, "RGBA")
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "PA", "CMYK", "1", "I;16"])
+def test_other_modes_match_open_clip_exactly(mode, resize_mode):
+    # OpenCLIP resizes in the image's own mode (alpha premultiplied, palettes nearest-neighbour), then drops alpha
+    image = _translucent(300, 200, seed=6).convert(mode) if mode != "I;16" else Image.fromarray(
+        np.random.default_rng(6).integers(0, 65536, (200, 300), dtype=np.uint16))  # fmt: skip
+    ours = image_transform(PreprocessConfig(resize_mode=resize_mode))
+    ref = open_clip.image_transform(224, is_train=False, resize_mode=resize_mode)
+    assert torch.equal(ours(image), ref(image))
+
+
+def test_alpha_white_composites_as_load_image_does(tmp_path):
+    from clipworks.data.decode import load_image
+
+    image = _translucent(120, 90, seed=8)
+    image.save(tmp_path / "logo.png")
+    white = image_transform(PreprocessConfig(), alpha="white")
+    assert torch.equal(white(image), image_transform(PreprocessConfig())(load_image(tmp_path / "logo.png")))
+    assert not torch.equal(white(image), image_transform(PreprocessConfig())(image))
 
 
 def test_fast_mode_is_close_but_opt_in():

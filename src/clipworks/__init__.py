@@ -18,14 +18,17 @@ _EXPORTS = {
     "CheckpointError": ".checkpoints.io",
     **dict.fromkeys(("CLIPConfig", "ConvNeXtConfig", "PreprocessConfig", "ResNetConfig", "TextConfig",
                      "TimmVisionConfig", "TokenizerConfig", "VisionTransformerConfig"), ".config"),
-    **dict.fromkeys(("create_model", "create_model_and_transforms", "get_tokenizer"), ".factory"),
-    **dict.fromkeys(("CLIP", "CLIPOutput", "MissingTowerError"), ".models.clip"),
+    **dict.fromkeys(("create_model", "create_model_and_transforms", "create_model_from_pretrained", "get_tokenizer",
+                     "RandomWeightsWarning"), ".factory"),
+    "get_model_config": ".compat",
+    **dict.fromkeys(("CLIP", "CLIPOutput", "SigLIPOutput", "MissingTowerError"), ".models.clip"),
     "quantize_int8": ".models.quant",
     "reparameterize": ".models.timm_tower",
     **dict.fromkeys(("get_preset", "list_models"), ".presets"),
     **dict.fromkeys(("PretrainedEntry", "get_pretrained", "list_pretrained"), ".pretrained"),
     "HFTokenizer": ".hf_tokenizer",
-    **dict.fromkeys(("TextTokenizer", "TokenizedText", "Tokenizer", "default_tokenizer"), ".tokenizer"),
+    **dict.fromkeys(("TextTokenizer", "TokenizedText", "Tokenizer", "default_tokenizer", "tokenize", "decode"),
+                    ".tokenizer"),
 }  # fmt: skip
 __all__ = list(_EXPORTS)
 
@@ -50,11 +53,14 @@ if TYPE_CHECKING:  # what static analysis sees: the same names, eagerly
         CLIPConfig, ConvNeXtConfig, PreprocessConfig, ResNetConfig, TextConfig, TimmVisionConfig, TokenizerConfig,
         VisionTransformerConfig,
     )  # fmt: skip
-    from .factory import create_model, create_model_and_transforms, get_tokenizer
+    from .compat import get_model_config
+    from .factory import (
+        RandomWeightsWarning, create_model, create_model_and_transforms, create_model_from_pretrained, get_tokenizer,
+    )  # fmt: skip
     from .hf_tokenizer import HFTokenizer
-    from .models.clip import CLIP, CLIPOutput, MissingTowerError
+    from .models.clip import CLIP, CLIPOutput, MissingTowerError, SigLIPOutput
     from .models.quant import quantize_int8
     from .models.timm_tower import reparameterize
     from .presets import get_preset, list_models
     from .pretrained import PretrainedEntry, get_pretrained, list_pretrained
-    from .tokenizer import TextTokenizer, TokenizedText, Tokenizer, default_tokenizer
+    from .tokenizer import TextTokenizer, TokenizedText, Tokenizer, decode, default_tokenizer, tokenize

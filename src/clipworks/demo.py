@@ -57,10 +57,11 @@ def similarity_table(model, preprocess, tokenizer, pairs: list[tuple[Path, str]]
     """Encode every image and caption and compare them all."""
     from .data.decode import load_image
 
+    device = next(model.parameters()).device
     images = torch.stack([preprocess(load_image(path)) for path, _ in pairs])  # (N, 3, S, S)
     captions = [caption for _, caption in pairs]
-    image_features = model.encode_image(images, normalize=True)
-    text_features = model.encode_text(tokenizer(captions), normalize=True)
+    image_features = model.encode_image(images.to(device), normalize=True)
+    text_features = model.encode_text(tokenizer(captions).to(device), normalize=True)
     similarity = image_features @ text_features.t()  # (N, N)
     probs = (model.logit_scale.exp() * similarity).softmax(dim=-1)
-    return SimilarityTable([p.name for p, _ in pairs], captions, similarity, probs)
+    return SimilarityTable([p.name for p, _ in pairs], captions, similarity.cpu(), probs.cpu())

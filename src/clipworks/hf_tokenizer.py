@@ -40,7 +40,9 @@ from . import hf_conventions
 from .config import TEXT_CLEANING, CLIPConfig, TokenizerConfig
 from .hf_encoders import JSONEncoder, SentencePieceEncoder
 from .hub import SENTENCEPIECE_FILES  # the files download_tokenizer fetches; hub imports huggingface_hub lazily
-from .tokenizer import TextTokenizer, TokenizedText, as_texts, check_context_length, ids_list, needs_fixing, pack
+from .tokenizer import (
+    TextTokenizer, TokenizedText, as_texts, check_context_length, clean_up_spaces, ids_list, needs_fixing, pack,
+)  # fmt: skip
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -227,18 +229,20 @@ class HFTokenizer(TextTokenizer):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
         return self._encoder.encode_batch([clean(text, self.clean)])[0]
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False) -> str:
         """Text of a sequence of ids (a list or a 1-D tensor/array), as the release's decoder spells it.
 
         Args:
             ids: token ids.
             skip_special_tokens: leave out special tokens (framing and padding).
+            clean_up_tokenization_spaces: remove the spaces before punctuation (`tokenizer.clean_up_spaces`).
         """
         ids = ids_list(ids)
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
-        return self._encoder.decode(ids, skip_special_tokens)
+        text = self._encoder.decode(ids, skip_special_tokens)
+        return clean_up_spaces(text) if clean_up_tokenization_spaces else text
 
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self.path)!r}, context_length={self.context_length}, clean={self.clean!r})"
@@ -248,7 +252,7 @@ class HFTokenizer(TextTokenizer):
 _HUB_DIRS: dict[tuple, Path] = {}
 
 
-def tokenizer_dir(source: str | None) -> Path:
+def tokenizer_dir(source: str | None, cache_dir: str | os.PathLike | None = None) -> Path:
     """The directory holding the tokenizer files `source` names: a local directory, else a hub repository id whose
     tokenizer files are downloaded (`hub.download_tokenizer`).
 
@@ -267,10 +271,10 @@ def tokenizer_dir(source: str | None) -> Path:
         raise FileNotFoundError(f"tokenizer source {source!r} is neither a directory nor a hub repository id")
     from .hub import download_tokenizer
 
-    key = (source, os.environ.get("HF_HUB_CACHE"), os.environ.get("HF_HOME"), os.environ.get("HF_ENDPOINT"))
+    key = (source, cache_dir, os.environ.get("HF_HUB_CACHE"), os.environ.get("HF_HOME"), os.environ.get("HF_ENDPOINT"))
     cached = _HUB_DIRS.get(key)
     if cached is None or not has_tokenizer_files(cached):
-        cached = _HUB_DIRS[key] = download_tokenizer(source)
+        cached = _HUB_DIRS[key] = download_tokenizer(source, cache_dir=cache_dir)
     return cached
 
 
@@ -280,9 +284,10 @@ def _cached_tokenizer(directory: str, stamp: tuple, clean: str, context_length: 
     return HFTokenizer(directory, context_length, clean, language, strip_sep_token)
 
 
-def load_hf_tokenizer(cfg: TokenizerConfig, context_length: int | None = None, language: str | None = None):
+def load_hf_tokenizer(cfg: TokenizerConfig, context_length: int | None = None, language: str | None = None,
+                      cache_dir: str | os.PathLike | None = None):  # fmt: skip
     """The `HFTokenizer` a kind="hf" config describes, built once per (files, settings) and shared."""
-    directory = tokenizer_dir(cfg.source)
+    directory = tokenizer_dir(cfg.source, cache_dir)
     context = cfg.context_length if context_length is None else context_length
     return _cached_tokenizer(str(directory), _stamp(directory), cfg.clean, context, language or cfg.language,
                              cfg.strip_sep_token)  # fmt: skip

@@ -13,8 +13,12 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
+import time
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .pretrained import PretrainedEntry, get_pretrained
 
@@ -63,6 +67,34 @@ def _env_true(name: str) -> bool:
 def _offline(hf) -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; a variable set later must still count.
     return hf.constants.is_offline_mode() or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
+# How long a probe's "reachable" is reused (a failure is probed again: it costs nothing), and how long a probe may take.
+_PROBE_TTL_S, _PROBE_TIMEOUT_S = 30.0, 5.0
+_reached: dict[tuple[str, int], float] = {}
+
+
+def _reachable(hf) -> bool:
+    """False when the hub's host certainly cannot be reached: its name does not resolve, or it refuses the connection
+    (no network, or HF_ENDPOINT names a port nothing listens on). huggingface_hub retries such failures with backoff
+    for about 25 s per file before giving up; one TCP connection tells at once. True otherwise, including when a proxy
+    stands between (only the client can tell then) or the probe times out (a slow network is left to the client)."""
+    url = urlsplit(hf.constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxies = urllib.request.getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host):
+        return True
+    now = time.monotonic()
+    if now - _reached.get((host, port), -_PROBE_TTL_S) < _PROBE_TTL_S:
+        return True
+    try:
+        socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S).close()
+    except socket.timeout:
+        return True
+    except OSError:  # gaierror (no DNS), ConnectionRefusedError, ENETUNREACH, EHOSTUNREACH
+        return False
+    _reached[host, port] = now
+    return True
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -169,7 +201,8 @@ def download_file(
     Raises:
         ValueError: `sha256` is not 64 hex digits.
         ChecksumError: the file's SHA-256 differs from the expected one; the cached copy is removed.
-        HubUnavailableError: offline or unreachable, and the file is not cached.
+        HubUnavailableError: offline or unreachable, and the file is not cached. A host that does not resolve or
+            refuses the connection is told at once, without huggingface_hub's retries.
         DownloadError: the transfer failed after retries; nothing was cached.
         huggingface_hub.errors.HfHubHTTPError: the repository, revision or file does not exist (or is gated).
     """
@@ -177,9 +210,9 @@ def download_file(
         raise ValueError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
     hf = _hub()
     offline = _offline(hf)
-    try:
+    try:  # unreachable: the cache only, at once (see `_reachable`)
         path = hf.hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                  local_files_only=offline, library_name="clipworks")  # fmt: skip
+                                  local_files_only=offline or not _reachable(hf), library_name="clipworks")  # fmt: skip
     except hf.errors.LocalEntryNotFoundError as e:
         raise _unavailable(repo_id, repr(filename), revision, offline) from e
     except hf.errors.HfHubHTTPError:
@@ -255,7 +288,7 @@ def _remember_commit(hf, repo_id: str, revision: str | None, commit: str, cache_
 def _list_files(hf, repo_id: str, revision: str | None, cache_dir, offline: bool) -> tuple[str | None, set[str], bool]:
     """(commit, top-level file names, from the cache): the hub's listing, else (offline or unreachable) the cached
     snapshot's; (None, empty, True) when neither is there."""
-    if not offline:
+    if not offline and _reachable(hf):
         try:
             info = hf.HfApi().model_info(repo_id, revision=revision)
             return info.sha, {s.rfilename for s in info.siblings or ()}, False

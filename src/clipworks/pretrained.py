@@ -322,15 +322,20 @@ def _build() -> dict[tuple[str, str], PretrainedEntry]:
 _ENTRIES: dict[tuple[str, str], PretrainedEntry] = _build()
 
 
-def list_pretrained(model: str | None = None) -> list[tuple[str, str]]:
-    """Sorted (model, tag) pairs of every registered release, or of one model's releases.
+def list_pretrained(model: str | None = None, *, as_str: bool = False) -> list[tuple[str, str]] | list[str]:
+    """Sorted (model, tag) pairs of every registered release, or of one model's releases; with `as_str`,
+    "model:tag" strings (OpenCLIP's `list_pretrained(as_str=True)`, whose only argument is `as_str`: a bool
+    passed first is read as it).
 
     Raises:
         ValueError: `model` is not a preset name; the message lists the closest names.
     """
+    if isinstance(model, bool):  # OpenCLIP's positional as_str
+        model, as_str = None, model
     if model is not None:
         get_preset(model)  # an unknown name is an error, not an empty list
-    return sorted(key for key in _ENTRIES if model is None or key[0] == model)
+    pairs = sorted(key for key in _ENTRIES if model is None or key[0] == model)
+    return [f"{m}:{t}" for m, t in pairs] if as_str else pairs
 
 
 def get_pretrained(model: str, tag: str) -> PretrainedEntry:

@@ -129,16 +129,29 @@ class TextTokenizer(abc.ABC):
         """Token ids of one text, without framing tokens and untruncated."""
 
     @abc.abstractmethod
-    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray, skip_special_tokens: bool = False) -> str:
-        """Text of one sequence of ids."""
+    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray, skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool = False) -> str:  # fmt: skip
+        """Text of one sequence of ids; `clean_up_tokenization_spaces` as transformers (`clean_up_spaces`)."""
 
-    def batch_decode(self, batch, skip_special_tokens: bool = False) -> list[str]:
+    def batch_decode(self, batch, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False
+                     ) -> list[str]:  # fmt: skip
         """Texts of a batch of id sequences (a list of lists, or a 2-D tensor/array); see `decode`."""
         if isinstance(batch, (torch.Tensor, np.ndarray)):
             if batch.ndim != 2:
                 raise ValueError(f"batch_decode takes a batch of id sequences (2-D), got shape {tuple(batch.shape)}")
             batch = batch.tolist()
-        return [self.decode(ids, skip_special_tokens) for ids in batch]
+        return [self.decode(ids, skip_special_tokens, clean_up_tokenization_spaces) for ids in batch]
+
+
+def clean_up_spaces(text: str) -> str:
+    """transformers' `clean_up_tokenization`: no space before punctuation and English contractions."""
+    for spaced, joined in _SPACED:
+        text = text.replace(spaced, joined)
+    return text
+
+
+_SPACED = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+           (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
 
 
 def as_texts(texts: str | Sequence[str]) -> list[str]:
@@ -262,12 +275,14 @@ class Tokenizer(TextTokenizer):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
         return self._encode_batch([text], None)[0]
 
-    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray, skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool = False) -> str:  # fmt: skip
         """Text of a sequence of ids, as the reference decodes it (word ends become spaces).
 
         Args:
             ids: token ids, a list or a 1-D tensor/array.
             skip_special_tokens: drop start tokens and stop at the first end token (so padding goes too).
+            clean_up_tokenization_spaces: remove the spaces before punctuation (`clean_up_spaces`).
         """
         ids = ids_list(ids)
         if skip_special_tokens:
@@ -278,7 +293,8 @@ class Tokenizer(TextTokenizer):
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
         chars = "".join(self._vocab[i] for i in ids)
         data = bytes(self._byte_decode[ord(c)] for c in chars)
-        return data.decode("utf-8", errors="replace").replace("</w>", " ")
+        text = data.decode("utf-8", errors="replace").replace("</w>", " ")
+        return clean_up_spaces(text) if clean_up_tokenization_spaces else text
 
     def _check_context_length(self, context_length: int) -> int:
         return check_context_length(context_length)
@@ -430,3 +446,13 @@ class Tokenizer(TextTokenizer):
 def default_tokenizer() -> Tokenizer:
     """The shared CLIP tokenizer (context length 77), loaded once per process."""
     return Tokenizer()
+
+
+def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.Tensor:
+    """OpenCLIP's module-level `tokenize`: CLIP's BPE ids of `texts`, (B, context_length)."""
+    return default_tokenizer()(texts, context_length)
+
+
+def decode(output_ids: Iterable[int] | torch.Tensor | np.ndarray) -> str:
+    """OpenCLIP's module-level `decode`: the text of one sequence of CLIP BPE ids, special tokens included."""
+    return default_tokenizer().decode(output_ids)

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from .config import PreprocessConfig
-from .data.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_image
+from .data.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, to_rgb, load_image
 from .data.jpeg import JPEG_MAGIC
 
 __all__ = ["AugmentConfig", "EvalTransform", "INTERPOLATIONS", "RESIZE_MODES", "TrainTransform", "image_transform",
@@ -34,6 +34,9 @@ INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
 }
 RESIZE_MODES = ("shortest", "longest", "squash")
+# How the evaluation transform treats non-RGB images: OpenCLIP's order (resize in the mode, then drop alpha), or
+# transparency composited on white first (as `load_image`).
+ALPHA_MODES = ("open_clip", "white")
 
 # Half-widths of Pillow's convolution filters at scale 1 (libImaging/Resample.c).
 _FILTER_SUPPORT = {Image.Resampling.BICUBIC: 2.0, Image.Resampling.BILINEAR: 1.0}
@@ -82,7 +85,8 @@ class AugmentConfig:
 
 
 def image_transform(
-    cfg: PreprocessConfig, train: bool = False, augment: AugmentConfig | None = None, *, fast: bool = False
+    cfg: PreprocessConfig, train: bool = False, augment: AugmentConfig | None = None, *, fast: bool = False,
+    alpha: str = "open_clip",
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The transform for images going into a model trained with preprocessing `cfg`.
 
@@ -92,6 +96,8 @@ def image_transform(
         augment: training augmentation; OpenCLIP's defaults when None. Evaluation ignores it.
         fast: evaluation only: resize just the region that is kept, in one Pillow call. Faster, but not
             bit-identical to OpenCLIP (Pillow takes that region's bounds in float32); off by default.
+        alpha: evaluation only: "open_clip" (OpenCLIP's tensor for every image mode: alpha is dropped after
+            resizing) or "white" (transparency composited on white first, as `load_image` does); see `EvalTransform`.
 
     Returns:
         A picklable callable (safe to hand to DataLoader workers) mapping a PIL image of any mode and size
@@ -99,7 +105,7 @@ def image_transform(
     """
     if train:
         return TrainTransform(cfg, augment or AugmentConfig())
-    return EvalTransform(cfg, fast=fast)
+    return EvalTransform(cfg, fast=fast, alpha=alpha)
 
 
 class _Transform:
@@ -145,19 +151,28 @@ class EvalTransform(_Transform):
       `cfg.fill_color` centred as OpenCLIP's `CenterCropOrPad`.
     - "squash": resize to S x S regardless of aspect ratio.
 
-    Non-RGB images are converted to RGB first. For RGB (and "L") images the output equals OpenCLIP's
-    bit for bit; OpenCLIP converts after resizing, so for "P" (resized nearest-neighbour there) and alpha
-    modes (resized premultiplied there) the results differ, ours being the plain RGB resize. Images with
-    extreme aspect ratios cost what they cost in OpenCLIP (a 1x5000 image is resized to 224x1120000
-    before cropping); `fast=True` avoids that.
+    The output equals OpenCLIP's bit for bit for every image mode with the default `alpha="open_clip"`: RGB and
+    "L" images take the fast path below; other modes (RGBA, LA, palette, 16-bit, CMYK...) are resized in their own
+    mode, as OpenCLIP's transform does (Pillow resizes alpha premultiplied, palettes nearest-neighbour), and only
+    then converted to RGB, which drops any alpha. `alpha="white"` composites transparency on white first (what
+    `load_image` does to files; `load()` gives that), then takes the RGB path: what a transparent logo looks like
+    on a page, not OpenCLIP's tensor. Images with extreme aspect ratios cost what they cost in OpenCLIP (a 1x5000
+    image is resized to 224x1120000 before cropping); `fast=True` avoids that.
     """
 
-    def __init__(self, cfg: PreprocessConfig, *, fast: bool = False):
+    def __init__(self, cfg: PreprocessConfig, *, fast: bool = False, alpha: str = "open_clip"):
         super().__init__(cfg)
+        _check_choice("alpha", alpha, ALPHA_MODES)
         self.fast = fast
+        self.alpha = alpha
         self._resample = INTERPOLATIONS[cfg.interpolation]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        if isinstance(image, Image.Image) and image.mode not in ("RGB", "L"):
+            if self.alpha == "white":
+                image = to_rgb(image, (255, 255, 255))
+            else:
+                return self._in_own_mode(image)
         image = self._rgb(image)
         size = self.cfg.image_size
         (new_w, new_h), (x0, y0, x1, y1), (dx, dy) = self._plan(*image.size)
@@ -172,6 +187,19 @@ class EvalTransform(_Transform):
         canvas = np.full((size, size, 3), self.cfg.fill_color, dtype=np.uint8)  # only "longest" pads
         canvas[dy : dy + kept.height, dx : dx + kept.width] = np.asarray(kept)
         return self._to_tensor(canvas)
+
+    def _in_own_mode(self, image: Image.Image) -> torch.Tensor:
+        """OpenCLIP's order for a non-RGB image: resize, crop (or pad with `fill_color`) in its mode, then RGB."""
+        size = self.cfg.image_size
+        (new_w, new_h), box, (dx, dy) = self._plan(*image.size)
+        kept = image.resize((new_w, new_h), self._resample).crop(box)
+        if kept.size != (size, size):  # "longest" pads: the fill is a palette index for "P", as torchvision's pad
+            canvas = Image.new(kept.mode, (size, size), self.cfg.fill_color)
+            if kept.mode == "P":
+                canvas.putpalette(kept.getpalette())
+            canvas.paste(kept, (dx, dy))
+            kept = canvas
+        return self._to_tensor(np.asarray(kept.convert("RGB")))
 
     def load(self, source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
              formats: tuple[str, ...] | None = DEFAULT_FORMATS) -> torch.Tensor:  # fmt: skip

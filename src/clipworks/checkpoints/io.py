@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import struct
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -225,9 +225,10 @@ def atomic_directory(path: str | os.PathLike, replaceable: Callable[[Path], bool
     if not (replaceable is not None and path.is_dir() and not path.is_symlink() and replaceable(path)):
         check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = make_unique_directory(path.parent, prefix=f".{path.name}.")
     try:
         yield tmp
+        apply_umask(tmp)  # some writers (safetensors) make 0600 files; the result gets the user's usual modes
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -239,6 +240,62 @@ def atomic_directory(path: str | os.PathLike, replaceable: Callable[[Path], bool
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's file-creation mask, read from /proc without changing it; elsewhere set and put back at once
+    (`os.umask` is the only portable reader, and for that instant a file created by another thread gets mode 0o022's).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give `path`, and everything under it if it is a directory, the mode a plain `open()` or `mkdir` would give
+    under the current umask: 0o666 & ~umask for files, 0o777 & ~umask for directories (0644 and 0755 under umask
+    022; 0600 and 0700 under 077). Links are left alone.
+
+    Why: some writers create restrictive files whatever the umask (`safetensors.torch.save_file` makes 0600 ones),
+    which left weights other users of a shared machine could not read (issue 17).
+    """
+    mask = current_umask()
+    path = Path(path)
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        os.chmod(path, 0o666 & ~mask)
+        return
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            child = os.path.join(root, name)
+            if not os.path.islink(child):
+                os.chmod(child, (0o777 if name in dirs else 0o666) & ~mask)
+
+
+def make_unique_directory(parent: str | os.PathLike, prefix: str) -> Path:
+    """Create a new directory `parent/<prefix><8 random hex digits>` and return it.
+
+    Unlike `tempfile.mkdtemp`, whose directories are 0700 (and keep that mode when renamed into place, so a
+    checkpoint other users of a shared machine cannot read: issue 17), it gets the mode a plain `mkdir` gives under
+    the user's umask (0755 under umask 022). Every directory clipworks writes atomically is made by it.
+    """
+    for _ in range(100):
+        path = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()  # mode 0o777, less the umask
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free name {prefix}XXXXXXXX in {parent} after 100 tries")
 
 
 # Files that mark a directory as a checkpoint one may overwrite: clipworks/transformers, and OpenCLIP configs.

@@ -108,7 +108,7 @@ def load_image(
                 image.draft(None, (draft_size, draft_size))  # only JPEG decoders act on it
             image.load()
             orientation = _orientation(image)
-            rgb = _to_rgb(image, background)
+            rgb = to_rgb(image, background)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
@@ -168,7 +168,7 @@ def _orientation(image: Image.Image) -> int | None:
         return None  # a corrupt EXIF block should not cost us the pixels; they are shown as stored
 
 
-def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     mode = image.mode
     has_alpha = mode in _ALPHA_MODES or "transparency" in image.info
     if mode == "RGB" and not has_alpha:

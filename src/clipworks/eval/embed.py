@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checkpoints.io import apply_umask
 from ..data.decode import ImageDecodeError
 from ..models.quant import is_quantized
 from ..train.distributed import everywhere, rank_world
@@ -58,15 +59,16 @@ def model_identity(name: str, pretrained: str | None) -> str | None:
     return f"{name}|{pretrained}|{path.resolve()}|" + ",".join(stats)
 
 
-def progress(items: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
-    """`items` with a tqdm progress bar on stderr when enabled and tqdm is installed."""
+def progress(items: Iterable, total: int, desc: str, enabled: bool, scale: int = 1, unit: str = "it") -> Iterable:
+    """`items` with a tqdm progress bar on stderr when enabled and tqdm is installed; `scale` items (of `unit`) per
+    item counted, so that a bar over batches shows images and images/s."""
     if not enabled:
         return items
     try:
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False)
+    return tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False, unit=unit, unit_scale=scale)
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -104,7 +106,7 @@ class Embedder:
         identity: `model_identity(...)`, or None to never cache (random weights).
         cache_dir: where features are cached; None disables the cache.
         batch_size, workers, device: how to embed.
-        show_progress: tqdm bars on stderr (rank 0 only).
+        show_progress: tqdm bars on stderr (rank 0 only), headed `progress_prefix` + "images" / "texts".
     """
 
     def __init__(self, model, transform: Callable, tokenizer: Callable, *, identity: str | None = None,
@@ -117,6 +119,7 @@ class Embedder:
         self.cache = Path(cache_dir).expanduser() if cache_dir is not None and identity is not None else None
         self.rank, self.world_size = rank_world()
         self.show_progress = show_progress and self.rank == 0
+        self.progress_prefix = ""  # e.g. "cell 3/12: " (`clipworks benchmark`)
         self.embedded = {"images": 0, "texts": 0}  # what was actually run through the towers (not cached)
         self.cache_hits = 0
 
@@ -137,6 +140,7 @@ class Embedder:
             self.cache.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             save_file({k: v.contiguous() for k, v in out.items()}, tmp)
+            apply_umask(tmp)  # safetensors writes 0600 whatever the umask
             os.replace(tmp, path)  # readers never see a half-written file
         return out
 
@@ -153,7 +157,8 @@ class Embedder:
                                              num_workers=self.workers, collate_fn=_collate)  # fmt: skip
         dim = self.model.config.embed_dim
         idx, feats, oks = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dim)], [torch.zeros(0, dtype=torch.bool)]
-        for indices, batch, ok in progress(loader, len(loader), "images", self.show_progress):
+        desc = f"{self.progress_prefix}images"
+        for indices, batch, ok in progress(loader, len(loader), desc, self.show_progress, self.batch_size, "img"):
             f = torch.zeros(len(indices), dim)
             if batch is not None:
                 f[ok] = self.model.encode_image(batch.to(self.device), normalize=True).float().cpu()
@@ -175,7 +180,7 @@ class Embedder:
         chunks = [mine[i : i + self.batch_size * 4] for i in range(0, len(mine), self.batch_size * 4)]
         dim = self.model.config.embed_dim
         feats = [torch.zeros(0, dim)]
-        for chunk in progress(chunks, len(chunks), "texts", self.show_progress):
+        for chunk in progress(chunks, len(chunks), f"{self.progress_prefix}texts", self.show_progress):
             tokens = self.tokenizer([texts[i] for i in chunk]).to(self.device)
             feats.append(self.model.encode_text(tokens, normalize=True).float().cpu())
         self.embedded["texts"] += len(mine)

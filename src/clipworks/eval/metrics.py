@@ -5,6 +5,10 @@ among the k highest logits; mean per-class recall is scikit-learn's balanced acc
 classes present among the labels, of the fraction of each class predicted right); retrieval recall@k counts
 a caption when its image is among the k images it scores highest (text to image) and an image when any of
 its captions is among the k captions it scores highest (image to text).
+
+Where scores tie exactly, "the k highest" is what `torch.topk(k)` returns, called once per k as CLIP_benchmark
+does: its tie order depends on k, so the top 5 is not always the first 5 of the top 10 (issue 18). On the same
+features (on the CPU) the counts are CLIP_benchmark's, tested in tests/test_eval_benchmark_parity.py.
 """
 
 from __future__ import annotations
@@ -18,18 +22,28 @@ from torch import Tensor
 def classification_metrics(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float | None]:
     """`top{k}` for each k (None where k exceeds the number of classes) and `mean_per_class_recall`.
 
+    As CLIP_benchmark's `accuracy`, one `topk` call for the largest k computed gives every k (so with 3
+    classes top-1 comes from `topk(1)`, with 1000 from `topk(5)`: the two can differ where logits tie), and
+    mean per-class recall ranks by `argmax`.
+
     Args:
         logits: (N, C) scores.
         labels: (N,) class indices.
     """
     n, c = logits.shape
+    _check_ks(ks)
     out: dict[str, float | None] = {}
-    top = logits.topk(min(max(ks), c), dim=1).indices  # (N, K)
-    hits = top == labels[:, None]
+    within = [k for k in ks if k <= c]
+    hits = logits.topk(max(within), dim=1).indices == labels[:, None] if within else None  # (N, K)
     for k in ks:
         out[f"top{k}"] = hits[:, :k].any(dim=1).double().mean().item() if k <= c else None
     out["mean_per_class_recall"] = per_class_recall(logits.argmax(dim=1), labels, c).nanmean().item()
     return out
+
+
+def _check_ks(ks: Sequence[int]) -> None:
+    if not ks or min(ks) < 1:
+        raise ValueError(f"k = {list(ks)}: expected one or more k, each at least 1")
 
 
 def per_class_recall(pred: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -45,31 +59,39 @@ def confusion_matrix(pred: Tensor, labels: Tensor, num_classes: int) -> Tensor:
 
 
 def retrieval_metrics(image_features: Tensor, text_features: Tensor, caption_image: Tensor,
-                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:  # fmt: skip
-    """`text_to_image@k` and `image_to_text@k` recall for each k.
+                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float | None]:  # fmt: skip
+    """`text_to_image@k` and `image_to_text@k` recall for each k; None where k exceeds the number of
+    candidates (images for text to image, captions for image to text), where CLIP_benchmark's `topk` fails.
 
     Args:
         image_features: normalised (N, E).
         text_features: normalised (T, E).
         caption_image: (T,) the image each caption describes; every image needs at least one caption.
     """
+    _check_ks(ks)
     scores = text_features @ image_features.t()  # (T, N)
     positive = torch.zeros_like(scores, dtype=torch.bool)
     positive[torch.arange(len(scores)), caption_image] = True
     if not positive.any(dim=0).all():
         raise ValueError("retrieval: every image needs at least one caption")
-    out = {}
+    out: dict[str, float | None] = {}
     for name, s, pos in (("text_to_image", scores, positive), ("image_to_text", scores.t(), positive.t())):
-        top = s.topk(min(max(ks), s.shape[1]), dim=1).indices  # (queries, K)
-        hit = pos.gather(1, top)
         for k in ks:
-            out[f"{name}@{k}"] = hit[:, :k].any(dim=1).double().mean().item()
+            out[f"{name}@{k}"] = recall_at_k(s, pos, k) if k <= s.shape[1] else None
     return out
 
 
-def ranked(scores: Tensor, k: int) -> Tensor:
-    """Indices (Q, k') of the k highest scores per row (k' = min(k, columns))."""
-    return scores.topk(min(k, scores.shape[1]), dim=1).indices
+def recall_at_k(scores: Tensor, positive: Tensor, k: int) -> float:
+    """The fraction of queries with a positive among the `topk(k)` of their scores.
+
+    Args:
+        scores: (Q, M) query-candidate scores.
+        positive: (Q, M) bool, True where the candidate answers the query.
+    """
+    # topk(k) for each k, never a slice of a larger topk: CLIP_benchmark's recall_at_k does so, and where scores
+    # tie the candidates topk picks depend on k.
+    top = scores.topk(k, dim=1).indices  # (Q, k)
+    return positive.gather(1, top).any(dim=1).double().mean().item()
 
 
 def compositional_accuracy(image_features: Tensor, caption_features: Tensor, negative_features: Tensor,

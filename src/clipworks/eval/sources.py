@@ -3,42 +3,52 @@
 A spec is `SCHEME:PATH[?key=value&...]`:
 
 - `folder:DIR`: classification with one sub-folder per class (the class name is the folder name with "_" as
-  a space); every image under a class folder, recursively.
+  a space; ImageNet WordNet-id folders such as `n01440764` are named as `imagenet:` names them); every image
+  under a class folder, recursively.
 - `csv:FILE` / `tsv:FILE`: image paths (column `filepath`, relative to the file) with `label`, `caption`,
   negative-caption or `score` columns, renamed with `?image=COL&label=COL&caption=COL&negatives=A,B&score=COL`.
-  For retrieval an image may repeat on several rows, one caption each.
+  For retrieval an image may repeat on several rows, one caption each. Labels are class names (classes sorted
+  by name), or with `?classes=FILE` (one name a line, in class-index order; `classes=imagenet` for OpenAI's
+  1000) class indices or names from that list, whose names may repeat (ImageNet's do).
 - `coco:FILE`: a COCO caption JSON (`images[{id, file_name}]`, `annotations[{image_id, caption}]`); images
   are read from `?images=DIR` (default: the JSON's folder).
 - `synthetic:shapes[?size=N&seed=S&image_size=64&split=heldout]`: the built-in generator's held-out scenes.
+
+Published sets in their distributed layouts (adapters in `eval/datasets/`, one module per format):
+`imagenet:DIR[?split=val]` (ImageNet-1k, -V2, -Sketch, -R, -A), `cifar10:DIR` / `cifar100:DIR[?labels=coarse]`
+(the binary versions), `mnist:DIR` / `fashion-mnist:DIR` (idx files), each with `?split=test|train`, and
+`wds-benchmark:DIR[?split=test]` (CLIP_benchmark's WebDataset export, as on the hub's clip-benchmark/wds_*).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from PIL import Image
 
 from ..data.datasets import parse_data_spec
-from ..data.decode import load_image
-from ..transforms import preprocess_file
+from .images import FileImages, ImageSet, SyntheticImages  # noqa: F401 (ImageSet: re-exported)
 from .prompts import check_unique
-
-if TYPE_CHECKING:
-    import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OPTIONS: dict[str, dict[str, str]] = {
     "folder": {},
-    "csv": {"image": "filepath", "label": "label", "caption": "caption", "negatives": "", "score": "score"},
-    "tsv": {"image": "filepath", "label": "label", "caption": "caption", "negatives": "", "score": "score"},
+    "csv": {"image": "filepath", "label": "label", "caption": "caption", "negatives": "", "score": "score",
+            "classes": ""},
+    "tsv": {"image": "filepath", "label": "label", "caption": "caption", "negatives": "", "score": "score",
+            "classes": ""},
     "coco": {"images": ""},
     "synthetic": {"size": "500", "seed": "0", "image_size": "64", "split": "heldout"},
+    "imagenet": {"split": ""},
+    "cifar10": {"split": "test"},
+    "cifar100": {"split": "test", "labels": "fine"},
+    "mnist": {"split": "test"},
+    "fashion-mnist": {"split": "test"},
+    "wds-benchmark": {"split": "test"},
 }
+# Schemes read by an adapter in eval/datasets/ (the rest are read here).
+ADAPTED = ("imagenet", "cifar10", "cifar100", "mnist", "fashion-mnist", "wds-benchmark")
 
 
 @dataclass(frozen=True)
@@ -64,89 +74,20 @@ def parse_spec(text: str, allowed: tuple[str, ...] = tuple(OPTIONS)) -> Spec:
     return Spec(spec.scheme, spec.path, dict(spec.options))
 
 
-# --- images -------------------------------------------------------------------------------------------------
-
-
-class ImageSet:
-    """The images of an evaluation set: `load(i)` decodes image i (raising `ImageDecodeError` when broken)."""
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def load(self, i: int) -> Image.Image:
-        raise NotImplementedError
-
-    def preprocess(self, i: int, transform) -> torch.Tensor:
-        """Image i through `transform`."""
-        return transform(self.load(i))
-
-    def name(self, i: int) -> str:
-        """A short name of image i for reports."""
-        raise NotImplementedError
-
-    def fingerprint(self) -> str:
-        """A hash that changes when the images may have changed (paths, sizes, modification times)."""
-        raise NotImplementedError
-
-
-class FileImages(ImageSet):
-    """Image files."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths = paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, i: int) -> Image.Image:
-        return load_image(self.paths[i])
-
-    def preprocess(self, i: int, transform) -> torch.Tensor:
-        return preprocess_file(transform, self.paths[i])  # EvalTransform: JPEG photos by its faster route
-
-    def name(self, i: int) -> str:
-        return str(self.paths[i])
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for p in self.paths:
-            try:
-                st = p.stat()
-                h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(f"{p}\0missing\n".encode())
-        return h.hexdigest()
-
-
-class SyntheticImages(ImageSet):
-    """Images drawn by the `synthetic:shapes` generator (a `ShapesDataset`)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def load(self, i: int) -> Image.Image:
-        return self.dataset[i][0]
-
-    def name(self, i: int) -> str:
-        return f"shapes/{self.dataset.split}/{i}"
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(repr(self.dataset).encode()).hexdigest()
-
-
 # --- tasks --------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Classification:
-    """Images with class labels (indices into `class_names`)."""
+    """Images with class labels (indices into `class_names`, whose names may repeat: classes are indices).
+
+    `templates`: the prompt templates published with the set (each with one "{}"), or None.
+    """
 
     images: ImageSet
     labels: list[int]
     class_names: list[str]
+    templates: list[str] | None = None
 
 
 @dataclass
@@ -186,23 +127,36 @@ def _exists(path: str, kind: str) -> Path:
 def read_table(spec: Spec, columns: list[str]) -> tuple[Path, list[dict[str, str]]]:
     """(the file's folder, its rows) of a csv/tsv spec, checking that `columns` are present."""
     file = _exists(spec.path, "data file")
+    sep = "," if spec.scheme == "csv" else "\t"
     with open(file, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
-        reader = csv.DictReader(f, delimiter="," if spec.scheme == "csv" else "\t")
+        # skipinitialspace: `a.jpg, "a cat, sitting"` is two fields, as spreadsheets and pandas read it
+        reader = csv.DictReader(f, delimiter=sep, skipinitialspace=spec.scheme == "csv")
         found = reader.fieldnames or []
         missing = [c for c in columns if c not in found]
         if missing:
             raise ValueError(f"{spec.path}: missing column(s) {', '.join(map(repr, missing))} (columns found: "
                              f"{', '.join(found) or 'none'}); name them with ?image=COL&label=COL&caption=COL...")  # fmt: skip
-        rows = list(reader)
+        rows = []
+        for row in reader:
+            if None in row:  # DictReader files the surplus fields under None
+                raise ValueError(f"{spec.path} line {reader.line_num}: {len(found) + len(row[None])} fields but "
+                                 f"{len(found)} columns ({', '.join(found)}); quote a field that holds a "
+                                 f"{'comma' if sep == ',' else 'tab'}, as \"a cat, sitting\"")  # fmt: skip
+            rows.append(row)
     if not rows:
         raise ValueError(f"{spec.path}: no rows")
     return file.parent, rows
 
 
 def load_classification(text: str) -> Classification:
-    """A labelled image set from `folder:DIR`, `csv:FILE`, `tsv:FILE` (classes sorted by name) or
-    `synthetic:shapes` (single-object scenes labelled with their colour-shape pair among all 36)."""
-    spec = parse_spec(text, ("folder", "csv", "tsv", "synthetic"))
+    """A labelled image set from `folder:DIR`, `csv:FILE`, `tsv:FILE` (classes sorted by name unless
+    `?classes=` lists them), `synthetic:shapes` (single-object scenes labelled with their colour-shape pair
+    among all 36) or a published set's adapter (`imagenet:`, `cifar10:`, ..., see the module docstring)."""
+    spec = parse_spec(text, ("folder", "csv", "tsv", "synthetic", *ADAPTED))
+    if spec.scheme in ADAPTED:
+        from .datasets import CLASSIFICATION
+
+        return CLASSIFICATION[spec.scheme](spec)
     if spec.scheme == "folder":
         return _class_folders(spec.path)
     if spec.scheme == "synthetic":
@@ -215,36 +169,89 @@ def load_classification(text: str) -> Classification:
     names = [(row[spec.options["label"]] or "").strip() for row in rows]
     if any(not n for n in names):
         raise ValueError(f"{spec.path}: {sum(not n for n in names)} row(s) with an empty {spec.options['label']!r}")
-    class_names = sorted(set(names))
-    index = {n: k for k, n in enumerate(class_names)}
     paths = [root / row[spec.options["image"]] for row in rows]
+    if spec.options["classes"]:
+        class_names = _class_list(spec)
+        return Classification(FileImages(paths), _labels(names, class_names, spec), class_names)
+    class_names = sorted(set(names))  # labels are names here: one name, one class
+    index = {n: k for k, n in enumerate(class_names)}
     return Classification(FileImages(paths), [index[n] for n in names], class_names)
 
 
-def _class_folders(path: str) -> Classification:
-    root = _exists(path, "data folder")
+def _class_list(spec: Spec) -> list[str]:
+    """The class names `?classes=` gives: OpenAI's ImageNet 1000 (`imagenet`) or a file, one name a line."""
+    value = spec.options["classes"]
+    if value == "imagenet":
+        from .prompts import imagenet_class_names
+
+        return imagenet_class_names()
+    from .datasets.common import read_names
+
+    return read_names(_exists(value, "class-name file"), f"{spec.path}: ?classes={value}")
+
+
+def _labels(cells: list[str], class_names: list[str], spec: Spec) -> list[int]:
+    """Label cells as class indices: a cell of digits is an index into `class_names`, any other a name that
+    occurs there once."""
+    where: dict[str, list[int]] = {}
+    for k, n in enumerate(class_names):
+        where.setdefault(n, []).append(k)
+    labels = []
+    for cell in cells:
+        found = [int(cell)] if cell.isdigit() else where.get(cell, [])
+        if len(found) != 1 or found[0] >= len(class_names):
+            why = ("is out of range for" if cell.isdigit() else "is not among" if not found
+                   else f"names classes {found} of")  # fmt: skip
+            raise ValueError(f"{spec.path}: label {cell!r} {why} the {len(class_names)} classes of ?classes="
+                             f"{spec.options['classes']}; give a class index 0..{len(class_names) - 1}")  # fmt: skip
+        labels.append(found[0])
+    return labels
+
+
+def class_folders(what: str, root: Path) -> list[Path]:
+    """The class sub-folders of `root` (not hidden), sorted by name; `what` names the spec in errors."""
     if not root.is_dir():
-        raise ValueError(f"folder:{path}: not a directory")
+        raise ValueError(f"{what}: not a directory")
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
-        raise ValueError(f"folder:{path}: no class sub-folders (expected DIR/<class name>/<image>)")
-    paths, labels = [], []
-    for k, d in enumerate(folders):
+        raise ValueError(f"{what}: no class sub-folders (expected DIR/<class>/<image>)")
+    return folders
+
+
+def folder_images(what: str, folders: list[Path], labels: list[int]) -> tuple[list[Path], list[int]]:
+    """(image paths, their labels): every image under each folder (recursively), labelled `labels[k]`."""
+    paths, image_labels = [], []
+    for d, k in zip(folders, labels):
         files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not files:
-            raise ValueError(f"folder:{path}: class folder {d.name!r} holds no images "
+            raise ValueError(f"{what}: class folder {d.name!r} holds no images "
                              f"(extensions read: {', '.join(IMAGE_EXTENSIONS)})")  # fmt: skip
         paths += files
-        labels += [k] * len(files)
+        image_labels += [k] * len(files)
+    return paths, image_labels
+
+
+def _class_folders(path: str) -> Classification:
+    from .datasets.imagenet import from_wnid_folders, is_wnid_layout
+
+    folders = class_folders(f"folder:{path}", _exists(path, "data folder"))
+    if is_wnid_layout(folders):  # ImageNet-style: named like `imagenet:` names them, not "n01440764"
+        return from_wnid_folders(f"folder:{path}", folders)
+    paths, labels = folder_images(f"folder:{path}", folders, list(range(len(folders))))
     names = check_unique([d.name.replace("_", " ") for d in folders], f"folder:{path}")
     return Classification(FileImages(paths), labels, names)
 
 
 def load_captioned(text: str, images_dir: str | None = None) -> Captioned:
-    """Captioned images from `csv:`/`tsv:` (an image may repeat, one caption a row), `coco:` or synthetic."""
-    spec = parse_spec(text, ("csv", "tsv", "coco", "synthetic"))
+    """Captioned images from `csv:`/`tsv:` (an image may repeat, one caption a row), `coco:`, synthetic or
+    `wds-benchmark:` (a retrieval export)."""
+    spec = parse_spec(text, ("csv", "tsv", "coco", "synthetic", "wds-benchmark"))
     if spec.scheme == "coco":
         return _coco(spec, images_dir)
+    if spec.scheme == "wds-benchmark":
+        from .datasets.wds_benchmark import load_captioned as load_wds
+
+        return load_wds(spec)
     if spec.scheme == "synthetic":
         from ..data.synthetic import ShapesDataset
 

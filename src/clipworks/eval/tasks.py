@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 
 from .embed import Embedder
-from .linear_probe import DEFAULT_L2_GRID, linear_probe
-from .metrics import (classification_metrics, clip_score, compositional_accuracy, confusion_matrix, ranked,
+from .linear_probe import DEFAULT_L2_GRID, AdamWProtocol, linear_probe, linear_probe_adamw
+from .metrics import (classification_metrics, clip_score, compositional_accuracy, confusion_matrix,
                       retrieval_metrics)  # fmt: skip
+from .report import sample_queries
 from .sources import Captioned, Classification, WithNegatives
 
 
@@ -43,7 +44,7 @@ def _require(n: int, what: str) -> None:
         raise ValueError(f"{what}: no readable images")
 
 
-def retrieval(embedder: Embedder, data: Captioned, ks: Sequence[int] = (1, 5, 10), grid_rows: int = 8,
+def retrieval(embedder: Embedder, data: Captioned, ks: Sequence[int] = (1, 5, 10), grid_rows: int = 12,
               grid_k: int = 5) -> Evaluation:  # fmt: skip
     """Recall@k in both directions; images that cannot be read are dropped with their captions, and images
     without a caption (a COCO file may list some) are left out.
@@ -62,16 +63,25 @@ def retrieval(embedder: Embedder, data: Captioned, ks: Sequence[int] = (1, 5, 10
     _require(len(keep_img), "retrieval")
     image_f, text_f = feats.features[keep_img], text[keep_cap]
     metrics = retrieval_metrics(image_f, text_f, cap_img[keep_cap], ks)
-    rows = keep_cap.nonzero().squeeze(1)[:grid_rows]
-    top = ranked(text[rows] @ image_f.t(), grid_k)  # (rows, k) in kept-image numbering
-    grid = [(data.captions[j], keep_img[t].tolist(), data.caption_image[j]) for j, t in zip(rows.tolist(), top)]
+    scores = text_f @ image_f.t()  # (Q, N') the kept captions against the kept images
+    right = cap_img[keep_cap]
+    right_score = scores.gather(1, right[:, None]).squeeze(1)  # (Q,)
+    right_rank = (scores > right_score[:, None]).sum(1) + 1  # 1-based; ties count for the caption
+    rows = sample_queries(right_rank.tolist(), grid_rows, grid_k)  # misses first, then hits, evenly spaced
+    top = scores[rows].topk(min(grid_k, scores.shape[1]), dim=1)  # (rows, k) in kept-image numbering
+    captions = [c for c, kept in zip(data.captions, keep_cap.tolist()) if kept]
+    grid = [(captions[q], keep_img[t].tolist(), int(keep_img[right[q]]), s.tolist(), int(right_rank[q]),
+             float(right_score[q])) for q, t, s in zip(rows, top.indices, top.values)]  # fmt: skip
     metrics["captions"] = int(keep_cap.sum())
     return Evaluation(metrics, len(data.images), feats.skipped, {"grid": grid})
 
 
 def linear_probe_eval(embedder: Embedder, train: Classification, test: Classification,
-                      l2_grid: Sequence[float] = DEFAULT_L2_GRID, seed: int = 0) -> Evaluation:  # fmt: skip
+                      l2_grid: Sequence[float] = DEFAULT_L2_GRID, seed: int = 0,
+                      adamw: AdamWProtocol | None = None) -> Evaluation:  # fmt: skip
     """Logistic regression on training-set features, L2 chosen on a validation split, scored on the test set.
+    With `adamw`, CLIP_benchmark's protocol instead (`linear_probe_adamw`; its seed is `adamw.seed`), the weight
+    decay searched on a 20% validation split.
 
     Test classes are matched to training classes by name.
     """
@@ -79,10 +89,19 @@ def linear_probe_eval(embedder: Embedder, train: Classification, test: Classific
     if unknown:
         raise ValueError(f"linear probe: test classes {unknown[:5]} do not occur in the training data")
     tr, te = embedder.images(train.images), embedder.images(test.images)
-    to_train = torch.tensor([train.class_names.index(n) for n in test.class_names], dtype=torch.long)
+    same = test.class_names == train.class_names  # then by index: ImageNet's names repeat ("missile" twice)
+    to_train = torch.tensor([k if same else train.class_names.index(n) for k, n in enumerate(test.class_names)],
+                            dtype=torch.long)  # fmt: skip
     train_y = torch.tensor(train.labels)[tr.valid]
     test_y = to_train[torch.tensor(test.labels)][te.valid]
     _require(len(train_y) * len(test_y), "linear probe")
+    if adamw is not None:
+        r = linear_probe_adamw(tr.features[tr.valid], train_y, te.features[te.valid], test_y, len(train.class_names),
+                               val_fraction=0.2, protocol=adamw)  # fmt: skip
+        metrics = {"top1": r.top1, "top5": r.top5, "mean_per_class_recall": r.mean_per_class_recall,
+                   "weight_decay": r.weight_decay}  # fmt: skip
+        metrics.update({f"val_top1@wd={k:.4g}": v for k, v in r.validation.items()})
+        return Evaluation(metrics, len(train.labels) + len(test.labels), tr.skipped + te.skipped)
     result = linear_probe(tr.features[tr.valid], train_y, te.features[te.valid], test_y, len(train.class_names),
                           l2_grid, seed=seed)  # fmt: skip
     metrics = {"top1": result.top1, "mean_per_class_recall": result.mean_per_class_recall, "l2": result.l2}

@@ -12,27 +12,49 @@ from ..config import CLIPConfig, VisionConfig
 from .text import TextHidden
 
 
+def _logits(out) -> tuple[Tensor, Tensor]:
+    logits = out.logit_scale * out.image_features @ out.text_features.t()
+    if out.logit_bias is not None:
+        logits = logits + out.logit_bias
+    return logits, logits.t()
+
+
 class CLIPOutput(NamedTuple):
-    """Normalised features of both towers and the learned temperature (and bias, for sigmoid-loss models).
+    """What a model without a logit bias returns: normalised features of both towers and the learned temperature.
+    It unpacks as OpenCLIP's output does: `image_features, text_features, logit_scale = model(image, text)`.
 
     Attributes:
-        image_features: (B, E), unit norm.
-        text_features: (B', E), unit norm.
+        image_features: (B, E), unit norm; None when no image was given.
+        text_features: (B', E), unit norm; None when no text was given.
         logit_scale: exp of the learned log temperature, a scalar.
-        logit_bias: the learned bias (SigLIP), or None.
     """
 
-    image_features: Tensor
-    text_features: Tensor
+    image_features: Tensor | None
+    text_features: Tensor | None
     logit_scale: Tensor
-    logit_bias: Tensor | None
+
+    @property
+    def logit_bias(self) -> None:
+        """None: this model has no bias (see `SigLIPOutput`); lets code read `.logit_bias` of either output."""
+        return None
 
     def logits(self) -> tuple[Tensor, Tensor]:
         """(logits_per_image (B, B'), logits_per_text (B', B))."""
-        logits = self.logit_scale * self.image_features @ self.text_features.t()
-        if self.logit_bias is not None:
-            logits = logits + self.logit_bias
-        return logits, logits.t()
+        return _logits(self)
+
+
+class SigLIPOutput(NamedTuple):
+    """What a model with a logit bias (SigLIP, sigmoid-loss training) returns; four fields, as OpenCLIP's output:
+    `image_features, text_features, logit_scale, logit_bias = model(image, text)`."""
+
+    image_features: Tensor | None
+    text_features: Tensor | None
+    logit_scale: Tensor
+    logit_bias: Tensor
+
+    def logits(self) -> tuple[Tensor, Tensor]:
+        """(logits_per_image (B, B'), logits_per_text (B', B)), the bias added."""
+        return _logits(self)
 
 
 def build_image_tower(cfg: VisionConfig, embed_dim: int) -> nn.Module:
@@ -87,6 +109,7 @@ class CLIP(nn.Module):
         self.text = None if cfg.text is None else build_text_tower(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(cfg.init_logit_bias))
+        self.output_dict = False  # forward returns OpenCLIP's dict instead of a tuple (create_model(output_dict=))
         # CoCa's caption decoder (models/coca.py); None for every other model
         self.decoder = None
         if cfg.decoder is not None:
@@ -116,16 +139,16 @@ class CLIP(nn.Module):
             if tower is not None:
                 tower.set_grad_checkpointing(enable)
 
-    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
+    def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor:
         """Images (B, 3, H, W), preprocessed, to features (B, E)."""
         self._tower("vision")
-        x = self.visual(images)
+        x = self.visual(image)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
+    def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
         """Token ids (B, L) to features (B, E); padding past the longest sequence costs nothing."""
         self._tower("text")
-        x = self.text(tokens)
+        x = self.text(text)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text_hidden(self, tokens: Tensor) -> TextHidden:
@@ -151,10 +174,68 @@ class CLIP(nn.Module):
 
     # --- end of CoCa ---
 
-    def forward(self, images: Tensor, tokens: Tensor) -> CLIPOutput:
-        return CLIPOutput(
-            self.encode_image(images, normalize=True),
-            self.encode_text(tokens, normalize=True),
-            self.logit_scale.exp(),
-            self.logit_bias,
-        )
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """Freeze the image tower (LiT), OpenCLIP's way: `unlocked_groups` groups from the top stay trainable (a ViT's
+        groups: the embeddings, each block, the last block with the final norm, the projection).
+
+        Raises:
+            ValueError: unlocked groups on a tower other than a ViT, or BatchNorm statistics to freeze on a tower
+                without BatchNorm (`freeze_bn_stats` applies to ResNets: their BatchNorms stop updating).
+        """
+        self._tower("vision")
+        _lock(self.visual, unlocked_groups, "image")
+        if freeze_bn_stats:
+            norms = [m for m in self.visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if not norms:
+                raise ValueError("freeze_bn_stats=True: this image tower has no BatchNorm layers")
+            for m in norms:  # normalise with the loaded running statistics, never update them, even in train mode
+                m.register_forward_pre_hook(_frozen_batch_norm)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        """Freeze the text tower, OpenCLIP's way: `unlocked_layers` groups from the top stay trainable (the
+        embeddings, each block, the last block with the final norm, the projection).
+
+        Raises:
+            ValueError: freeze_layer_norm=False (OpenCLIP does not support it either), or unlocked layers on a
+                Hugging Face text tower.
+        """
+        if not freeze_layer_norm:
+            raise ValueError("freeze_layer_norm=False is not supported: layer norms lock with the rest, as in OpenCLIP")
+        self._tower("text")
+        _lock(self.text, unlocked_layers, "text")
+
+    def forward(self, image: Tensor | None = None, text: Tensor | None = None) -> CLIPOutput | SigLIPOutput | dict:
+        """Normalised features of `image` (B, 3, H, W) and `text` token ids (B', L), either may be None, with the
+        temperature (and bias): a `CLIPOutput` 3-tuple, a `SigLIPOutput` 4-tuple for a model with a logit bias, or
+        OpenCLIP's dict when `output_dict` is set (`create_model(..., output_dict=True)`)."""
+        image_features = None if image is None else self.encode_image(image, normalize=True)
+        text_features = None if text is None else self.encode_text(text, normalize=True)
+        scale = self.logit_scale.exp()
+        if self.output_dict:
+            out = {"image_features": image_features, "text_features": text_features, "logit_scale": scale}
+            if self.logit_bias is not None:
+                out["logit_bias"] = self.logit_bias
+            return out
+        if self.logit_bias is None:
+            return CLIPOutput(image_features, text_features, scale)
+        return SigLIPOutput(image_features, text_features, scale, self.logit_bias)
+
+
+def _frozen_batch_norm(module: nn.Module, args) -> None:
+    module.training = False
+
+
+def _lock(tower: nn.Module, unlocked: int, what: str) -> None:
+    """Freeze `tower`, then unfreeze its last `unlocked` groups (`tower.lock_groups()`: module or parameter lists,
+    input to output)."""
+    if unlocked < 0:
+        raise ValueError(f"unlocked groups must be 0 or more, got {unlocked}")
+    tower.requires_grad_(False)
+    if unlocked == 0:
+        return
+    if not hasattr(tower, "lock_groups"):
+        raise ValueError(f"this {what} tower ({type(tower).__name__}) can only be locked whole (unlocked groups 0)")
+    for group in tower.lock_groups()[-unlocked:]:
+        for part in group:  # a module or a parameter; None where the tower lacks that part
+            if part is not None:
+                part.requires_grad_(True)

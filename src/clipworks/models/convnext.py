@@ -74,6 +74,7 @@ class ConvNeXt(nn.Module):
             raise ValueError(f"ConvNeXt depths {cfg.depths} and dims {cfg.dims} must have the same length")
         self.cfg = cfg
         self.embed_dim = embed_dim
+        self.image_size = (cfg.image_size, cfg.image_size)  # (H, W), as OpenCLIP's (timm) ConvNeXt says it
         self.grad_checkpointing = False
         self.stem = nn.Sequential()  # 4x4 patches
         self.stem.add_module("conv", nn.Conv2d(3, cfg.dims[0], 4, stride=4))

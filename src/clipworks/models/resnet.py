@@ -114,6 +114,7 @@ class ModifiedResNet(nn.Module):
         super().__init__()
         if cfg.image_size % 32:
             raise ValueError(f"ResNet image_size must be a multiple of 32 (the tower's stride), got {cfg.image_size}")
+        self.image_size = cfg.image_size  # an int, as OpenCLIP's ModifiedResNet says it
         if len(cfg.layers) != 4 or min(cfg.layers) < 1:
             raise ValueError(f"ResNet layers must be 4 positive stage depths, got {cfg.layers}")
         self.cfg = cfg

@@ -63,6 +63,12 @@ class TextTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
+    def lock_groups(self) -> list[list]:
+        """OpenCLIP's groups for `lock_text_tower(unlocked_layers=N)`, input to output."""
+        blocks = list(self.transformer.blocks)
+        return [[self.token_embed, self.pos_embed, self.class_embed], *([b] for b in blocks[:-1]),
+                [blocks[-1], self.ln_final], [self.proj]]  # fmt: skip
+
     def pool_index(self, tokens: Tensor) -> Tensor:
         """The position whose feature represents each sequence, (B,)."""
         if self.config.pool == "argmax":

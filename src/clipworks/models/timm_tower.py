@@ -52,7 +52,7 @@ class TimmTower(nn.Module):
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"timm {timm.__version__} has no model {cfg.model_name!r}{hint}")
         self.config = cfg
-        self.image_size = cfg.image_size
+        self.image_size = (cfg.image_size, cfg.image_size)  # (H, W), as OpenCLIP's TimmModel says it
         kwargs = dict(cfg.model_kwargs)
         if cfg.drop_path is not None:
             kwargs["drop_path_rate"] = cfg.drop_path

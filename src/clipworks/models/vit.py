@@ -86,7 +86,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"projection=False needs embed_dim == width and a pool other than 'attentional', got "
                              f"{embed_dim}, {cfg.width} and {cfg.pool!r}")  # fmt: skip
         self.config = cfg
-        self.image_size = cfg.image_size
+        self.image_size = (cfg.image_size, cfg.image_size)  # (H, W), as OpenCLIP's towers say it
         D = cfg.width
         # The patch grid is floored: pixels past the last whole patch are not seen (the strided convolution
         # drops them), as OpenCLIP and timm do (SO400M/14 at 384px: a 27x27 grid).
@@ -123,10 +123,17 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
+    def lock_groups(self) -> list[list]:
+        """OpenCLIP's groups for `lock_image_tower(unlocked_groups=N)`, input to output."""
+        blocks = list(self.transformer.blocks)
+        top = [blocks[-1], self.attn_pool, self.attentional_pool, self.ln_post]
+        return [[self.patch_embed, self.class_token, self.pos_embed, self.ln_pre], *([b] for b in blocks[:-1]), top,
+                [self.proj]]  # fmt: skip
+
     def embed(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) to the token sequence the first block sees, (B, N, D)."""
         x = self.patch_embed(images)  # (B, D, h, w)
-        S, grid = self.image_size, self.image_size // self.config.patch_size
+        S, grid = self.config.image_size, self.config.image_size // self.config.patch_size
         if x.shape[-2:] != (grid, grid):
             raise ValueError(f"images of {images.shape[-2]}x{images.shape[-1]} pixels; this model takes {S}x{S} "
                              "(fixed-size square input: other resolutions and aspect ratios, such as Siglip2's "

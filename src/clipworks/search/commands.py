@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from ..cli import UsageError, add_device_flag, add_quiet_flag, add_seed_flag, default_device, examples
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
@@ -15,15 +16,15 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from .store import model_id
 
     refuse_random_weights(args)
-    local_rank = os.environ.get("LOCAL_RANK", "0")  # under torchrun: one GPU per process on a machine
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)  # under torchrun: LOCAL_RANK's GPU, one per process on a machine
+    torch.manual_seed(args.seed)  # a --random-init model is the same on every rank and every run
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
     prepare_for_inference(args, model)
     tokenizer = get_tokenizer(model) if args.text else None
     result = embed_collection(
         model, args.data, args.out, model_name=model_id(args.model, args.pretrained), transform=preprocess,
         tokenizer=tokenizer, text=args.text, batch_size=args.batch_size, dtype=args.dtype,
-        workers=default_workers(torch.device(device)) if args.workers is None else args.workers,
+        workers=default_workers(device) if args.workers is None else args.workers,
         shard_size=args.shard_size, fast_decode=args.fast_decode, progress=not args.quiet, update=args.update,
     )  # fmt: skip
     print(describe(result))
@@ -33,12 +34,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def refuse_random_weights(args: argparse.Namespace) -> None:
-    """Raise ValueError when --model/--pretrained name no weights and --random-init was not given: every command that
+    """Raise UsageError when --model/--pretrained name no weights and --random-init was not given: every command that
     prints or writes model outputs (embed, serve, classify, eval, demo) asks for the flag."""
     from ..factory import names_no_weights
 
     if names_no_weights(args.model, args.pretrained) and not args.random_init:
-        raise ValueError(f"--model {args.model} with no --pretrained is a random initialisation, new on every run: "
+        raise UsageError(f"--model {args.model} with no --pretrained is a random initialisation, new on every run: "
                          "its outputs mean nothing (and match nothing another run embeds); name weights "
                          "(--pretrained TAG or FILE, NAME:TAG, local-dir:DIR, hf-hub:ORG/REPO) or pass --random-init "
                          "(e.g. to time a model or try a pipeline)")  # fmt: skip
@@ -106,7 +107,11 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `embed`, `index` and `dedup` to the `clipworks` parser."""
-    p = sub.add_parser("embed", help="embed a collection of images (or captions, --text) into shards")
+    p = sub.add_parser("embed", help="embed a collection of images (or captions, --text) into shards",
+                       epilog=examples("clipworks embed --model ViT-B-32:openai --data folder:photos --out photos-emb",
+                                       "clipworks embed --model ViT-B-32:openai --data bank.txt --text --out caps-emb",
+                                       "clipworks embed --model ViT-L-14:openai --data 'wds:shards/{000..099}.tar' "
+                                       "--out emb --batch-size 256"))  # fmt: skip
     p.add_argument("--model", required=True, help="preset, NAME:TAG, local-dir:DIR or hf-hub:ORG/REPO")
     p.add_argument("--pretrained", default=None, help="registry tag, weights file or checkpoint directory")
     p.add_argument("--data", required=True,
@@ -125,12 +130,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--update", action="store_true",
                    help="bring a finished --out up to date with its changed source (folder, csv, tsv): embed new and "
                         "changed files, drop the rows of deleted ones; rebuild the index afterwards")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_flag(p)
+    add_quiet_flag(p, help="no progress bar")
+    add_seed_flag(p)
     add_random_init_flag(p)
     p.set_defaults(func=_cmd_embed)
 
-    p = sub.add_parser("index", help="build a FAISS index over an embeddings directory")
+    p = sub.add_parser("index", help="build a FAISS index over an embeddings directory",
+                       epilog=examples("clipworks index --embeddings photos-emb --out photos-index",
+                                       "clipworks index --embeddings emb --out index --memory-mb 2000"))  # fmt: skip
     p.add_argument("--embeddings", required=True, help="directory written by `clipworks embed`")
     p.add_argument("--out", required=True, help="index directory to write (an index there is replaced)")
     p.add_argument("--kind", choices=("auto", "flat", "ivf", "ivfpq", "hnsw"), default="auto",
@@ -139,7 +147,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recall", type=float, default=0.95, help="recall@10 target for approximate indexes")
     p.set_defaults(func=_cmd_index)
 
-    p = sub.add_parser("dedup", help="list pairs of near-duplicate images in an index")
+    p = sub.add_parser("dedup", help="list pairs of near-duplicate images in an index",
+                       epilog=examples("clipworks dedup --index photos-index --threshold 0.97 --out duplicates.csv"))
     p.add_argument("--index", required=True, help="index directory")
     p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity at or above which a pair is listed")
     p.add_argument("--neighbours", type=int, default=20,

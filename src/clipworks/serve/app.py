@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -18,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..models.quant import is_quantized
 from .files import open_image_file, read_tar_member
 from .limits import BodySizeLimit, ServeError, ServeSettings
-from .schemas import EmbedResponse, ErrorResponse, HealthResponse, SearchResponse, TextSearchRequest
+from .schemas import EmbedRequest, EmbedResponse, ErrorResponse, HealthResponse, SearchResponse, TextSearchRequest
 from .service import Encoder, ImageQuery, Service
 
 if TYPE_CHECKING:
@@ -27,10 +29,23 @@ if TYPE_CHECKING:
 __all__ = ["create_app", "STATIC_DIR"]
 
 STATIC_DIR = Path(__file__).parent / "static"
-ERRORS: dict = {code: {"model": ErrorResponse} for code in (400, 404, 408, 413, 422, 503, 504)}
+ERRORS: dict = {code: {"model": ErrorResponse} for code in (400, 404, 408, 413, 415, 422, 503, 504)}
 # The page loads only its own files: no CDN, no inline script, no framing.
 PAGE_POLICY = ("default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
                "frame-ancestors 'none'; form-action 'none'")  # fmt: skip
+# What each endpoint that takes form fields accepts, for the messages that refuse anything else.
+IMAGE_FIELDS = ("file", "key", "url", "k")
+IMAGE_ACCEPTS = "form fields file, key or url, and k (multipart/form-data to upload a file)"
+EMBED_FIELDS = ("text", "file", "url")
+EMBED_ACCEPTS = ('form fields text, file or url (multipart/form-data to upload a file), or a JSON object with '
+                 '"text" or "url"')  # fmt: skip
+# /api/embed also reads a JSON body; its schema joins the form's in /openapi.json.
+EMBED_JSON = {"requestBody": {"content": {"application/json": {"schema": EmbedRequest.model_json_schema()}}}}
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+JSON_BODIES = {"/api/search/text": TextSearchRequest}  # for the messages that refuse a body
+# `<_io.BytesIO object at 0x7f...>`: a Python repr, which no message the service sends may hold (issue 17).
+_OBJECT_REPR = re.compile(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>")
+_CLASS_REPR = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>")  # `<class 'str'>`: the name alone
 
 
 def create_app(
@@ -77,7 +92,55 @@ def create_app(
 
 async def _image_query(file: UploadFile | None, key: str | None, url: str | None) -> ImageQuery:
     data = None if file is None else await file.read()
-    return ImageQuery(data=data, key=key or None, url=url or None)
+    name = None if file is None else file.filename  # what messages call the upload
+    return ImageQuery(data=data, key=key or None, url=url or None, name=name or None)
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _is_json(request: Request) -> bool:
+    kind = _content_type(request)
+    return kind == "application/json" or kind.endswith("+json")
+
+
+async def _check_form(request: Request, accepted: tuple[str, ...], accepts: str) -> None:
+    """`ServeError` for a body an endpoint of form fields cannot read: another content type (415), or form fields
+    it does not know (422); `accepts` says what it takes."""
+    path = request.url.path
+    if _content_type(request) not in FORM_TYPES:
+        if await request.body():
+            what = "JSON" if _is_json(request) else f"a {_content_type(request) or 'untyped'} body"
+            raise ServeError(415, f"{path} takes {accepts}, not {what}")
+        return
+    unknown = [name for name in (await request.form()).keys() if name not in accepted]
+    if unknown:
+        names = ", ".join(json.dumps(n[:100]) for n in dict.fromkeys(unknown))
+        raise ServeError(422, f"unknown form field{'s' if len(unknown) > 1 else ''} {names}; {path} accepts {accepts}")
+
+
+async def _embed_json(request: Request) -> EmbedRequest:
+    """The JSON body of /api/embed, or `ServeError` naming what is wrong and the keys it accepts."""
+    from pydantic import ValidationError
+
+    try:
+        return EmbedRequest.model_validate_json(await request.body())
+    except ValidationError as e:
+        errors = e.errors()
+    accepts = f"/api/embed accepts {EMBED_ACCEPTS}"
+    invalid = next((err for err in errors if err["type"] == "json_invalid"), None)
+    if invalid is not None:
+        detail = invalid.get("ctx", {}).get("error", "")
+        raise ServeError(400, f"the request body is not valid JSON ({detail}); {accepts}")
+    unknown = [str(err["loc"][0]) for err in errors if err["type"] == "extra_forbidden" and err["loc"]]
+    if unknown:
+        names = ", ".join(json.dumps(n[:100]) for n in unknown[:10])
+        raise ServeError(422, f"unknown key{'s' if len(unknown) > 1 else ''} {names} in the JSON body; {accepts}")
+    if any(not err["loc"] for err in errors):  # the body is not an object
+        raise ServeError(422, f"the JSON body is not an object; {accepts}")
+    parts = [f"{json.dumps(str(err['loc'][0]))}: {err['msg']}" for err in errors[:5]]
+    raise ServeError(422, f"invalid JSON body: {'; '.join(parts)}; {accepts}")
 
 
 def _add_search_api(app: FastAPI, service: Service) -> None:
@@ -94,9 +157,10 @@ def _add_search_api(app: FastAPI, service: Service) -> None:
         return {"results": await service.limited(work)}
 
     @app.post("/api/search/image", response_model=SearchResponse, responses=ERRORS)
-    async def search_image(file: UploadFile | None = File(None), key: str | None = Form(None),
+    async def search_image(request: Request, file: UploadFile | None = File(None), key: str | None = Form(None),
                            url: str | None = Form(None), k: int | None = Form(None)) -> dict:  # fmt: skip
         """Images like the one given: an upload (`file`), an indexed image (`key`) or, if enabled, a `url`."""
+        await _check_form(request, IMAGE_FIELDS, IMAGE_ACCEPTS)
         k = service.check_k(k)
         query = await _image_query(file, key, url)
 
@@ -106,9 +170,11 @@ def _add_search_api(app: FastAPI, service: Service) -> None:
         return {"results": await service.limited(work)}
 
     @app.post("/api/search/image-to-text", response_model=SearchResponse, responses=ERRORS)
-    async def search_image_to_text(file: UploadFile | None = File(None), key: str | None = Form(None),
-                                   url: str | None = Form(None), k: int | None = Form(None)) -> dict:  # fmt: skip
+    async def search_image_to_text(request: Request, file: UploadFile | None = File(None),
+                                   key: str | None = Form(None), url: str | None = Form(None),
+                                   k: int | None = Form(None)) -> dict:  # fmt: skip
         """Captions from the caption bank that describe the image given (as for /api/search/image)."""
+        await _check_form(request, IMAGE_FIELDS, IMAGE_ACCEPTS)
         k, bank = service.check_k(k), service.caption_bank()
         query = await _image_query(file, key, url)
 
@@ -130,10 +196,18 @@ def _add_api(app: FastAPI, service: Service) -> None:
                 "max_k": settings.max_k, "max_body_bytes": settings.max_body_bytes,
                 "allow_urls": settings.allow_urls, "int8": int8}  # fmt: skip
 
-    @app.post("/api/embed", response_model=EmbedResponse, responses=ERRORS)
-    async def embed(text: str | None = Form(None), file: UploadFile | None = File(None),
+    @app.post("/api/embed", response_model=EmbedResponse, responses=ERRORS, openapi_extra=EMBED_JSON)
+    async def embed(request: Request, text: str | None = Form(None), file: UploadFile | None = File(None),
                     url: str | None = Form(None)) -> dict:  # fmt: skip
-        """The embedding of a `text`, or of an image (`file` upload or, if enabled, `url`)."""
+        """The embedding of a `text`, or of an image (`file` upload or, if enabled, `url`): form fields, or a JSON
+        object with "text" or "url"."""
+        if _is_json(request):
+            body = await _embed_json(request)
+            text, url = body.text, body.url
+        else:
+            await _check_form(request, EMBED_FIELDS, EMBED_ACCEPTS)
+        if text is None and file is None and not url:
+            raise ServeError(422, f"nothing to embed: /api/embed accepts {EMBED_ACCEPTS}")
         if text is not None:
             if file is not None or url:
                 raise ServeError(422, "give either text or an image (file or url), not both")
@@ -174,10 +248,12 @@ def _chunks(file, size: int = 1 << 16):
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    # a library's message may name a Python object (Pillow names the buffer it read): never shown to the user
+    message = _CLASS_REPR.sub(r"\1", _OBJECT_REPR.sub("", message))
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
+def _validation_message(exc: RequestValidationError, path: str) -> tuple[int, str]:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
@@ -185,7 +261,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     parts = []
     for e in errors[:5]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+        message = e.get("msg", "invalid")
+        if "Expected UploadFile" in message:  # a form part without a file name arrives as text
+            message = "expected an uploaded file (a multipart/form-data part with a file name)"
+        parts.append(f"{where}: {message}")
+    if path in JSON_BODIES:
+        parts.append(f"{path} accepts a JSON object with {', '.join(map(json.dumps, JSON_BODIES[path].model_fields))}")
     return 422, "invalid request: " + "; ".join(parts)
 
 
@@ -196,7 +277,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(*_validation_message(exc))
+        return _error(*_validation_message(exc, request.url.path))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import add_device_flag, add_seed_flag, examples, port_number
 from ..search.commands import add_int8_flag, add_random_init_flag, prepare_for_inference
 from .limits import MIB, ServeSettings
 
@@ -15,15 +16,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `serve` to the `clipworks` parser."""
     d = ServeSettings()
     p = sub.add_parser("serve", help="serve an index over HTTP: JSON search API and a web page",
-                       description="Text-to-image, image-to-image and image-to-text search over an index built by "
-                                   "`clipworks index`, with a web page at /. Binds to loopback by default.")  # fmt: skip
+                       description="Text-to-image, image-to-image and image-to-text search over an index built by\n"
+                                   "`clipworks index`, with a web page at /. Binds to loopback by default.",
+                       epilog=examples("clipworks serve --index photos-index --model ViT-B-32:openai",
+                                       "clipworks serve --index photos-index --model ViT-B-32:openai --captions "
+                                       "caps-index --host 0.0.0.0 --port 8080"))  # fmt: skip
     p.add_argument("--index", required=True, help="the image index directory (from `clipworks index`)")
     p.add_argument("--model", required=True, help="the model the index was embedded with (preset, NAME:TAG, local-dir:DIR)")
     p.add_argument("--pretrained", default=None, help="the weights the index was embedded with, if --model names none")
     add_random_init_flag(p)
+    add_seed_flag(p)
+    add_device_flag(p, default="cpu")
     p.add_argument("--captions", default=None, help="an index of caption embeddings for image-to-text search")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000; 0: a free one)")
     p.add_argument("--max-k", type=int, default=d.max_k, help=f"most results per search (default {d.max_k})")
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / MIB,
                    help=f"largest request body and URL download in MiB (default {d.max_body_bytes // MIB})")  # fmt: skip
@@ -69,21 +75,30 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
     from ..factory import create_model_and_transforms, get_tokenizer
     from ..search.commands import refuse_random_weights
     from ..search.index import load_index
     from ..search.store import model_id
     from .app import create_app
-    from .server import run_server
+    from .server import bind, run_server
 
     settings = settings_from_args(args)
     identity = model_id(args.model, args.pretrained)
     index = load_index(args.index, model=identity, verify=args.verify)
     captions = None if args.captions is None else load_index(args.captions, model=identity, verify=args.verify)
     refuse_random_weights(args)
-    model, _, preprocess = create_model_and_transforms(args.model, args.pretrained)
-    prepare_for_inference(args, model)
-    app = create_app(index, model, preprocess, get_tokenizer(model), settings, captions=captions)
-    print(f"clipworks serve: {len(index)} images ({identity}) on http://{args.host}:{args.port}/", file=sys.stderr)
-    run_server(app, args.host, args.port, settings)
+    sock = bind(args.host, args.port)  # a port in use fails here, before the model loads and before any announcement
+    try:
+        torch.manual_seed(args.seed)
+        model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=args.device)
+        prepare_for_inference(args, model)
+        app = create_app(index, model, preprocess, get_tokenizer(model), settings, captions=captions)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"clipworks serve: {len(index)} images ({identity}) on http://{host}:{sock.getsockname()[1]}/",
+              file=sys.stderr)  # fmt: skip
+        run_server(app, sock, settings)
+    finally:
+        sock.close()
     return 0

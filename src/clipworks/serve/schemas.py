@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["TextSearchRequest", "Result", "SearchResponse", "EmbedResponse", "HealthResponse", "ErrorResponse"]
+__all__ = ["TextSearchRequest", "EmbedRequest", "Result", "SearchResponse", "EmbedResponse", "HealthResponse",
+           "ErrorResponse"]
 
 
 class TextSearchRequest(BaseModel):
@@ -14,6 +15,15 @@ class TextSearchRequest(BaseModel):
 
     query: str = Field(description="what to look for, in words")
     k: int | None = Field(None, description="how many results: 1 to the server's max_k (default 10)")
+
+
+class EmbedRequest(BaseModel):
+    """An embedding request as JSON (an image upload goes as multipart/form-data, field `file`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: str | None = Field(None, description="a text to embed")
+    url: str | None = Field(None, description="an image to fetch and embed (servers started with --allow-urls)")
 
 
 class Result(BaseModel):

@@ -9,7 +9,9 @@ connections past `max_connections` at once. Bodies have their own deadline (`lim
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 from typing import Any
 
 try:
@@ -21,7 +23,7 @@ except ImportError as e:
 
 from .limits import ServeSettings
 
-__all__ = ["GuardedH11Protocol", "run_server", "server_config"]
+__all__ = ["GuardedH11Protocol", "bind", "run_server", "server_config"]
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -94,6 +96,29 @@ def server_config(app: Any, host: str, port: int, settings: ServeSettings) -> uv
                           timeout_keep_alive=settings.keep_alive_s)  # fmt: skip
 
 
-def run_server(app: Any, host: str, port: int, settings: ServeSettings) -> None:
-    """Serve `app` on `host:port` until interrupted."""
-    uvicorn.Server(server_config(app, host, port, settings)).run()
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host:port` (port 0: a free one), for `run_server`.
+
+    Binding before the model loads and before the address is announced makes a port in use an OSError with one
+    clear message at once, not uvicorn's log line and exit after the address was printed.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]  # fmt: skip
+    except socket.gaierror as e:
+        raise OSError(f"cannot serve on {host}:{port}: unknown host ({e.strerror})") from e
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart at once after a stop
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        hint = "; another process is using it, pick another --port" if e.errno == errno.EADDRINUSE else ""
+        raise OSError(f"cannot serve on {host}:{port}: {e.strerror}{hint}") from e
+    return sock
+
+
+def run_server(app: Any, sock: socket.socket, settings: ServeSettings) -> None:
+    """Serve `app` on a socket from `bind` until interrupted; the socket is closed at the end."""
+    host, port = sock.getsockname()[:2]
+    uvicorn.Server(server_config(app, host, port, settings)).run(sockets=[sock])

@@ -37,7 +37,7 @@ class Encoder:
         import torch
 
         with torch.inference_mode():
-            features = self.model.encode_text(self.tokenizer(texts), normalize=True)
+            features = self.model.encode_text(self.tokenizer(texts).to(self._device()), normalize=True)
         return features.float().cpu().numpy()
 
     def pixels(self, pixels: list) -> np.ndarray:
@@ -45,27 +45,40 @@ class Encoder:
         import torch
 
         with torch.inference_mode():
-            features = self.model.encode_image(torch.stack(pixels), normalize=True)  # (N, 3, H, W) in
+            batch = torch.stack(pixels).to(self._device())  # (N, 3, H, W)
+            features = self.model.encode_image(batch, normalize=True)
         return features.float().cpu().numpy()
 
     def image(self, images: list) -> np.ndarray:
         """(N, E) features of RGB PIL images."""
         return self.pixels([self.preprocess(im) for im in images])
 
+    def _device(self):
+        return next(self.model.parameters()).device  # `clipworks serve --device`: inputs go where the model is
+
 
 @dataclass(frozen=True)
 class ImageQuery:
-    """An image given one of three ways: uploaded bytes, the key of an indexed image, or a URL."""
+    """An image given one of three ways: uploaded bytes, the key of an indexed image, or a URL; `name` is the
+    upload's file name, for messages."""
 
     data: bytes | None = None
     key: str | None = None
     url: str | None = None
+    name: str | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in ("data", "key", "url") if getattr(self, name) is not None]
         if len(given) != 1:
             names = " and ".join(given) if given else "none"
             raise ServeError(422, f"give exactly one of file, key or url (got {names})")
+
+
+def _label(query: ImageQuery) -> str:
+    """What messages call the image of a query: the upload's file name, or the URL it came from."""
+    if query.url is not None:
+        return f"the image at {query.url[:200]!r}"
+    return "the uploaded file" + (f" {query.name[:200]!r}" if query.name else "")
 
 
 class Service:
@@ -114,7 +127,7 @@ class Service:
                                       "--allow-urls); upload the image instead")  # fmt: skip
             data = await fetch_url(query.url, max_bytes=self.settings.max_body_bytes,
                                    timeout_s=self.settings.url_timeout_s)  # fmt: skip
-        prepared = await run_in_threadpool(self._prepare_image, query.key, data)
+        prepared = await run_in_threadpool(self._prepare_image, query.key, data, _label(query))
         if isinstance(prepared, np.ndarray):
             return prepared
         return (await self.image_batcher.run(prepared))[None]
@@ -156,12 +169,18 @@ class Service:
         except (KeyError, ValueError) as e:
             raise ServeError(404, f"unknown key {key[:200]!r}") from e
 
-    def _prepare_image(self, key: str | None, data: bytes | None):
-        """A stored (1, E) vector for a key, else the image's bytes decoded and preprocessed (3, H, W)."""
+    def _prepare_image(self, key: str | None, data: bytes | None, label: str = "the uploaded file"):
+        """A stored (1, E) vector for a key, else the image's bytes decoded and preprocessed (3, H, W); messages
+        call the image `label`."""
         if key is not None:
             self.record(key)  # 404 for an unknown key
             return np.asarray(self.index.vector(key), dtype=np.float32).reshape(1, -1)
-        return preprocess_upload(data, self.settings.max_pixels, self.encoder.preprocess)
+        try:
+            return preprocess_upload(data, self.settings.max_pixels, self.encoder.preprocess)
+        except ServeError as e:  # the decoder names bytes by their count ("cannot read image <123 bytes>: ...")
+            size = f"<{len(data or b'')} bytes>"
+            message = e.message.replace(f"image {size}", label).replace(size, label)
+            raise ServeError(e.status, message, e.headers) from e
 
     def results(self, hits: list[Hit], images: bool = True) -> list[dict]:
         """JSON-ready results: key, score, caption, and (with `images`) the image URL when the item has a file

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +61,12 @@ class DataConfig:
         train: a data source string (`synthetic:shapes?...`, `csv:PATH`, `folder:DIR`, `wds:PATTERN`).
         batch_size: images per step on each process (the contrastive batch is batch_size x world size).
         workers: DataLoader worker processes (0 loads in the main process).
-        eval_size: held-out synthetic scenes used for zero-shot accuracy and retrieval recall (0 disables).
+        eval_size: held-out synthetic scenes for zero-shot accuracy and retrieval recall, evaluated when the training
+            data is synthetic or `run.synthetic_eval` is true (0 disables).
         augment: random resized crops for training images; false uses the deterministic evaluation transform.
+        val_size: training samples held out of training for a validation loss and image-text recall every
+            `run.eval_every` steps (0: none). The same ones in every run: the last N of a csv, tsv, folder or
+            synthetic source; of a `wds:` pattern the first N of its last shard, which training then skips whole.
     """
 
     train: str = "synthetic:shapes?size=200000&seed=0&image_size=64"
@@ -68,6 +74,7 @@ class DataConfig:
     workers: int = 1
     eval_size: int = 500
     augment: bool = True
+    val_size: int = 0
 
 
 @dataclass
@@ -127,7 +134,14 @@ class RunConfig:
         device: "auto" (CUDA when available), "cpu" or "cuda".
         out_dir: the run directory; None makes `runs/<timestamp>`.
         log_every: steps between metric rows in `metrics.csv`.
-        eval_every: steps between zero-shot evaluations (0: only at the end).
+        eval_every: steps between evaluations (0: only at the end).
+        eval_data: a labelled image set for zero-shot top-1 and top-5 accuracy every `run.eval_every` steps
+            (`folder:DIR` of class folders, `csv:FILE`, `imagenet:DIR`, `cifar10:DIR`: any set `clipworks eval`
+            classifies); None: none. The prompts are its class names in its own templates, else in OpenAI's ImageNet
+            templates (fewer for many classes).
+        eval_max_images: images of `run.eval_data` evaluated, at most (a fixed random subset of a larger set).
+        synthetic_eval: also evaluate on `data.eval_size` synthetic held-out scenes when the training data is not
+            synthetic (on synthetic data they are always evaluated).
         save_every: steps between run-state checkpoints (0: only at the end).
         resume: "latest" (the newest intact checkpoint in `out_dir`, if any: one whose files fail their checksums is
             passed over with a warning), a checkpoint path, or None. At the start of a run, temporary directories
@@ -146,7 +160,10 @@ class RunConfig:
     out_dir: str | None = None
     log_every: int = 10
     eval_every: int = 250
-    save_every: int = 500
+    eval_data: str | None = None
+    eval_max_images: int = 1000
+    synthetic_eval: bool = False
+    save_every: int = 250
     resume: str | None = None
     nonfinite: str = "stop"
     progress: bool = True
@@ -185,9 +202,57 @@ class TrainConfig:
         if not 1 <= self.optim.accum_steps <= self.data.batch_size or self.data.batch_size % self.optim.accum_steps:
             raise ValueError(f"optim.accum_steps={self.optim.accum_steps}: expected a divisor of data.batch_size="
                              f"{self.data.batch_size} (the micro-batch count; the contrastive batch stays whole)")
-        if min(self.run.eval_every, self.run.save_every, self.data.workers, self.data.eval_size) < 0:
-            raise ValueError("run.eval_every, run.save_every, data.workers and data.eval_size must not be negative")
+        if min(self.run.eval_every, self.run.save_every, self.data.workers, self.data.eval_size,
+               self.data.val_size) < 0:  # fmt: skip
+            raise ValueError("run.eval_every, run.save_every, data.workers, data.eval_size and data.val_size must not "
+                             "be negative")  # fmt: skip
+        if self.run.eval_max_images < 1:
+            raise ValueError(f"run.eval_max_images={self.run.eval_max_images}: expected at least 1")
         return self
+
+
+class ConfigKey(typing.NamedTuple):
+    """One key of the run config, for `clipworks train --help`."""
+
+    name: str  # section.key
+    default: str  # as typed on the command line
+    help: str  # the first sentence of the field's entry in its section's docstring
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The `Attributes:` entries of a config dataclass's docstring, by field name, each joined into one line."""
+    docs: dict[str, str] = {}
+    lines = inspect.cleandoc(cls.__doc__ or "").split("Attributes:", 1)[-1].splitlines()
+    for line in lines[1:]:
+        entry = re.match(r"    (\w+): (.*)", line)
+        if entry:
+            docs[entry[1]] = entry[2].strip()
+        elif line.startswith("        ") and docs:  # a continuation of the last entry
+            docs[next(reversed(docs))] += " " + line.strip()
+    return docs
+
+
+def _typed(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def config_keys() -> list[ConfigKey]:
+    """Every key of the run config with its default and a one-line help, from the section dataclasses' fields and
+    docstrings (so the command line's help cannot drift from the config)."""
+    defaults, keys = TrainConfig(), []
+    for name in SECTIONS:
+        section = getattr(defaults, name)
+        docs = _field_docs(type(section))
+        for f in dataclasses.fields(section):
+            first = re.split(r"(?<=\.)\s", docs.get(f.name, ""), maxsplit=1)[0].rstrip(".")
+            keys.append(ConfigKey(f"{name}.{f.name}", _typed(getattr(section, f.name)), first))
+    return keys
 
 
 def _section(cfg: TrainConfig, name: str):
@@ -270,13 +335,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """The run config: defaults, then the YAML file at `path`, then `--section.key value` overrides.
 
     Raises:
-        ValueError: an unknown section or key (named, with the valid keys), or a value of the wrong type.
+        ValueError: an unknown section or key (named, with the valid keys), a value of the wrong type, or a file
+            that is not YAML (naming file:line:column).
+        OSError: the file cannot be read.
     """
     import yaml
 
     cfg = TrainConfig()
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:  # one line: file:line:col and the problem (yaml's own message spans five)
+            mark, context, opened = (getattr(e, a, None) for a in ("problem_mark", "context", "context_mark"))
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(e, "problem", None) or str(e)
+            if context:
+                problem += f" ({context}" + (f" from line {opened.line + 1}" if opened is not None else "") + ")"
+            raise ValueError(f"{where}: YAML syntax error: {' '.join(problem.split())}") from e
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of sections {list(SECTIONS)}")
         for sec_name, values in data.items():

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import CLIPConfig, TextConfig, VisionTransformerConfig
 from .config import ModelConfig, TrainConfig, save_config
+from .console import StopRequest, TimeEstimate, TrainingInterrupted, missing_dirs, plan_lines, remove_created
 from .distributed import (
     Distributed,
     everywhere,
@@ -28,18 +29,20 @@ from .distributed import (
 from .optim import build_optimizer, build_scheduler, follow_config
 from .state import (
     DataPosition,
+    checkpoint_dir,
     latest_checkpoint,
     load_resume,
     remove_stale_temporaries,
     save_checkpoint,
     set_rng_state,
 )
-from .zeroshot import EvalResult, SyntheticEval
+from .evaluation import Evaluation, Evaluator, HeldOut, ValidationResult, ZeroShotResult, hold_out
+from .zeroshot import EvalResult
 
 # skipped: broken samples dropped by the data pipeline so far; skipped_steps: updates skipped for a non-finite loss.
-# zero_shot_top1: on held-out attribute combinations; zero_shot_seen_top1: on unseen scenes of seen combinations.
-METRIC_FIELDS = ("step", "loss", "lr", "logit_scale", "samples_per_s", "skipped", "skipped_steps", "zero_shot_top1",
-                 "zero_shot_seen_top1")  # fmt: skip
+# The evaluations' columns follow (`Evaluator.fields`): zero_shot_top1 on held-out synthetic attribute combinations,
+# zero_shot_seen_top1 on unseen scenes of seen ones; eval_top1/5 on run.eval_data; val_* on data.val_size samples.
+METRIC_FIELDS = ("step", "loss", "lr", "logit_scale", "samples_per_s", "skipped", "skipped_steps")
 # A run stops when its first batches (at least 2, and this many samples) hold no readable sample: the data source
 # is broken (issue 16: a csv of missing files trained to a NaN loss and wrote an untrained model).
 EMPTY_START_SAMPLES = 64
@@ -51,7 +54,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What a finished run produced."""
+    """What a finished run produced: `eval` on the synthetic held-out scenes, `eval_data` zero-shot on
+    `run.eval_data`, `val` on the held-out training samples (each None when not evaluated)."""
 
     run_dir: Path
     step: int
@@ -59,6 +63,8 @@ class TrainResult:
     eval: EvalResult | None
     wall_s: float
     samples_per_s: float
+    eval_data: ZeroShotResult | None = None
+    val: ValidationResult | None = None
 
 
 def tiny_clip_config(m: ModelConfig, loss: str = "clip") -> CLIPConfig:
@@ -82,7 +88,7 @@ def build_model(m: ModelConfig, loss: str = "clip"):
     if m.name == "tiny":
         model, tokenizer = create_model(tiny_clip_config(m, loss), m.pretrained), Tokenizer(m.context_length)
     else:
-        model = create_model(m.name, m.pretrained)
+        model = create_model(m.name, m.pretrained, load_weights=m.pretrained is not None or ":" in m.name)
         tokenizer = get_tokenizer(model)  # the one the weights came with (a checkpoint directory may name its own)
     for locked, tower in ((m.lock_image, model.visual), (m.lock_text, model.text)):
         if locked:
@@ -97,11 +103,13 @@ class MetricsLog:
     """Rows of `metrics.csv` in the run directory, appended (a resumed run continues the same file), and the same
     numbers as TensorBoard scalars when `tensorboard_dir` is given."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
-        self.path, self.tensorboard = path, None
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, fields: tuple[str, ...] = METRIC_FIELDS):
+        self.path, self.tensorboard, self.fields = path, None, fields
         if not path.exists():
             with path.open("w", newline="") as f:
-                csv.writer(f).writerow(METRIC_FIELDS)
+                csv.writer(f).writerow(fields)
+        else:
+            self._extend_header()
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -111,11 +119,22 @@ class MetricsLog:
             else:
                 self.tensorboard = SummaryWriter(str(tensorboard_dir))
 
+    def _extend_header(self) -> None:
+        """A resumed run that evaluates more than its start did: the file's columns become both runs' columns."""
+        with self.path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        header = rows[0] if rows else []
+        if header == list(self.fields):
+            return
+        self.fields = (*header, *(k for k in self.fields if k not in header))
+        with self.path.open("w", newline="") as f:  # earlier rows get empty cells in the new columns
+            csv.writer(f).writerows([self.fields, *(r + [""] * (len(self.fields) - len(r)) for r in rows[1:])])
+
     def write(self, **row) -> None:
         with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row.get(k)) for k in METRIC_FIELDS])
+            csv.writer(f).writerow([_fmt(row.get(k)) for k in self.fields])
         if self.tensorboard is not None:
-            for key in METRIC_FIELDS[1:]:
+            for key in self.fields[1:]:
                 if row.get(key) is not None:
                     self.tensorboard.add_scalar(f"train/{key}", row[key], row["step"])
             self.tensorboard.flush()
@@ -150,21 +169,35 @@ class Runner:
         self.loss_fn = build_loss(lc.kind, local_loss=lc.local_loss, gather_with_grad=lc.gather_with_grad,
                                   chunk_size=lc.chunk_size)  # fmt: skip
         self.train_transform = image_transform(self.preprocess, train=cfg.data.augment)
-        self.heldout = None
-        if (dist.main or dist.sharded) and cfg.data.eval_size > 0:  # a sharded model evaluates on every rank
-            self.heldout = SyntheticEval(cfg.data.eval_size, image_transform(self.preprocess), self.tokenizer)
         self.step, self.position, self.skipped, self.skipped_steps = 0, DataPosition(), 0, 0
         self.loss, self.last_eval, self.train_s, self.samples = math.nan, None, 0.0, 0
         self.updates, self._fed, self._empty_batches, self._empty_skipped = 0, False, 0, 0
+        self._saved_step, self._estimate = None, TimeEstimate(cfg.run.steps)
         if dist.main:
             remove_stale_temporaries(run_dir)
         self._resume()
         self._start_step = self.step
+        # A missing or broken source (training or evaluation) fails here, before the run directory exists.
+        self.loader = self._loader()
+        self.held_out: HeldOut | None = None
+        if cfg.data.val_size:  # on every rank: none trains on it
+            batch = cfg.data.batch_size * dist.world_size
+            self.held_out = hold_out(self.loader, cfg.data.train, cfg.data.val_size, batch)
+        self.evaluator, error = None, None
+        if dist.main or dist.sharded:  # a sharded model evaluates on every rank
+            try:
+                self.evaluator = Evaluator.create(cfg, image_transform(self.preprocess), self.tokenizer, self.held_out,
+                                                  dist.world_size)  # fmt: skip
+            except (ValueError, OSError) as e:
+                error = e
+        if not everywhere(error is None, dist.device):  # every rank stops, not only the one that evaluates
+            raise error or ValueError("the evaluation data could not be read (rank 0 says why)")
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
             tensorboard = run_dir / "tensorboard" if cfg.run.tensorboard else None
-            self.metrics = MetricsLog(run_dir / "metrics.csv", tensorboard)
+            fields = METRIC_FIELDS + (self.evaluator.fields if self.evaluator else ())
+            self.metrics = MetricsLog(run_dir / "metrics.csv", tensorboard, fields)
 
     def _resume(self) -> None:
         resumed = load_resume(self.cfg.run.resume, self.run_dir)
@@ -192,33 +225,68 @@ class Runner:
                            epoch=self.position.epoch, start_step=self.position.step_in_epoch)  # fmt: skip
 
     def fit(self) -> TrainResult:
-        """Train up to `run.steps`, evaluate, save the final model; returns the result."""
+        """Train up to `run.steps`, evaluate, save the final model; returns the result.
+
+        Raises:
+            TrainingInterrupted: Ctrl-C; the run stopped after the step it was in, and saved a checkpoint there.
+        """
         from tqdm import tqdm
 
         from ..data.datasets import set_epoch
 
-        steps, loader = self.cfg.run.steps, self._loader()
+        steps, loader = self.cfg.run.steps, self.loader
         show = self.cfg.run.progress and self.dist.main
+        if self.dist.main:
+            print("\n".join(self._plan()), flush=True)
         bar = tqdm(total=steps, initial=self.step, unit="step", mininterval=1.0, disable=not show)
         self._tick = self._window_start = time.perf_counter()
-        self._window_samples = 0
-        while self.step < steps:
-            seen = 0
-            for seen, batch in enumerate(loader, 1):
-                if not self._fed:
-                    self._check_fed(batch)
-                self.loss = self._train_step(batch)
-                self.step, self.position.step_in_epoch = self.step + 1, self.position.step_in_epoch + 1
-                self._after_step(batch, bar)
-                if self.step >= steps:
-                    break
-            else:
-                if seen == 0 and self.position.step_in_epoch == 0:
-                    raise ValueError(f"{self.cfg.data.train} gives no full batch of {self.cfg.data.batch_size}")
-                self.position = DataPosition(self.position.epoch + 1, 0)
-                set_epoch(loader, self.position.epoch, 0)
-        bar.close()
+        self._window_samples, stopped = 0, False
+        with StopRequest() as stop:  # installed before the loader forks its workers, which then ignore Ctrl-C
+            while self.step < steps and not stopped:
+                seen = 0
+                for seen, batch in enumerate(stop.batches(loader), 1):
+                    if not self._fed:
+                        self._check_fed(batch)
+                    self.loss = self._train_step(batch)
+                    self.step, self.position.step_in_epoch = self.step + 1, self.position.step_in_epoch + 1
+                    self._after_step(batch, bar)
+                    stopped = not everywhere(not stop.requested, self.dist.device)  # every rank stops at this step
+                    if stopped or self.step >= steps:
+                        break
+                else:
+                    stopped = not everywhere(not stop.requested, self.dist.device)
+                    if stopped:  # a worker that died of the same Ctrl-C ended the batches: between two steps
+                        break
+                    if seen == 0 and self.position.step_in_epoch == 0:
+                        raise ValueError(f"{self.cfg.data.train} gives no full batch of {self.cfg.data.batch_size}")
+                    self.position = DataPosition(self.position.epoch + 1, 0)
+                    set_epoch(loader, self.position.epoch, 0)
+            bar.close()
+            if stopped:
+                raise self._interrupted()
         return self._finish()
+
+    def _plan(self) -> list[str]:
+        params = list(self.model.parameters())
+        counts = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+        dataset, held = self.loader.dataset, self.held_out
+        samples = len(dataset) if hasattr(dataset, "__len__") else None
+        if held is not None:
+            samples = held.train_samples
+        evals = self.evaluator.describe(self.cfg, held) if self.evaluator else []
+        return plan_lines(self.cfg, self.run_dir, counts, samples, evals, self._start_step, str(self.dist.device),
+                          held.size if held is not None and held.shard is None else 0)  # fmt: skip
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """Save the state at this step (between two steps: consistent) unless saved already; the exception that
+        says where it went."""
+        if self.updates and self._saved_step != self.step:
+            self._save()
+        if self.dist.main:
+            self.metrics.close()
+        saved = self._saved_step == self.step
+        checkpoint = checkpoint_dir(self.run_dir, self.step) if saved else latest_checkpoint(self.run_dir)
+        return TrainingInterrupted(self.run_dir, self.step, checkpoint, saved, self.dist.world_size)
 
     def _check_fed(self, batch) -> None:
         """Stop a run whose first batches hold no readable sample on any process; checking ends at the first batch
@@ -318,20 +386,23 @@ class Runner:
         rate = self._window_samples / max(now - self._window_start, 1e-9)
         bar.set_postfix(loss=f"{self.loss:.4f}", samples_s=f"{rate:.0f}")
         bar.update(1)
+        estimate = self._estimate.update(self.step, self.train_s, self.samples)
+        if estimate and self.dist.main:
+            bar.write(estimate)
         last = self.step == run.steps
-        evaluate = self.heldout is not None and ((run.eval_every and self.step % run.eval_every == 0) or last)
-        result = self.heldout.evaluate(self.model, self.dist.device) if evaluate else None
+        evaluate = self.evaluator is not None and ((run.eval_every and self.step % run.eval_every == 0) or last)
+        result = self.evaluator.evaluate(self.model, self.dist.device) if evaluate else None
         if result is not None:
             self.last_eval = result
             if self.dist.main:
-                bar.write(f"step {self.step}: {result.format()}")
+                for line in result.lines():
+                    bar.write(f"step {self.step}: {line}")
         logged = self.dist.main and (self.step % run.log_every == 0 or result is not None or last)
         if logged:
             self.metrics.write(step=self.step, loss=self.loss, lr=self.scheduler.get_last_lr()[0],
                                logit_scale=self.model.logit_scale.exp().item(), samples_per_s=rate,
                                skipped=self.skipped, skipped_steps=self.skipped_steps,
-                               zero_shot_top1=result and result.top1,
-                               zero_shot_seen_top1=result and result.seen_top1)  # fmt: skip
+                               **(result.columns() if result else {}))  # fmt: skip
         if ((run.save_every and self.step % run.save_every == 0) or last) and self.updates:  # else nothing learnt
             self._save()
         self._tick = time.perf_counter()  # evaluation and saving count neither as training time nor in samples/s
@@ -347,6 +418,7 @@ class Runner:
         if self.dist.main:
             save_checkpoint(self.run_dir, self.step, model_state, optim_state, self.scheduler.state_dict(),
                             self.position)  # fmt: skip
+        self._saved_step = self.step
 
     def _final_model(self) -> nn.Module | None:
         """The trained model, whole, on rank 0 (None elsewhere); under FSDP gathered from every rank."""
@@ -369,22 +441,29 @@ class Runner:
             raise ValueError(f"none of the {self.step - self._start_step} steps of this run updated the model ("
                              f"{self.skipped} samples of {self.cfg.data.train} skipped as missing, unreadable or "
                              "uncaptioned, the other steps' losses not finite); no model written")  # fmt: skip
-        if self.heldout is not None and self.last_eval is None:
-            self.last_eval = self.heldout.evaluate(self.model, self.dist.device)
+        if self.evaluator is not None and self.last_eval is None:
+            self.last_eval = self.evaluator.evaluate(self.model, self.dist.device)
+        last = self.last_eval or Evaluation()
         final = self._final_model()
         if self.dist.main:
             save_pretrained(final, self.run_dir / "model", preprocess=self.preprocess)
             from .plot import plot_metrics
 
-            plot_metrics(self.metrics.path, self.run_dir / "curves.png")
+            chance, data = last.synthetic and last.synthetic.chance, last.data
+            plot_metrics(self.metrics.path, self.run_dir / "curves.png", chance, eval_name=data and data.name,
+                         eval_chance=data and data.chance)  # fmt: skip
             self.metrics.close()
         rate = self.samples / max(self.train_s, 1e-9)
-        result = TrainResult(self.run_dir, self.step, self.loss, self.last_eval, self.train_s, rate)
+        result = TrainResult(self.run_dir, self.step, self.loss, last.synthetic, self.train_s, rate, last.data,
+                             last.val)  # fmt: skip
         if self.dist.main:
             print(f"trained to step {self.step}: loss {self.loss:.4f}, {rate:.0f} samples/s, "
                   f"{self.train_s:.0f} s training")  # fmt: skip
-            if self.last_eval is not None:
-                print(f"held-out: {self.last_eval.format()}")
+            if last.synthetic is not None:
+                print(f"held-out: {last.synthetic.format()}")
+            for done in (last.data, last.val):
+                if done is not None:
+                    print(f"final: {done.format()}")
             print(f"model: {self.run_dir / 'model'} (clipworks.create_model('local-dir:{self.run_dir / 'model'}'))")
         return result
 
@@ -400,7 +479,8 @@ def _run_dir(cfg: TrainConfig, dist: Distributed) -> Path:
 def train(cfg: TrainConfig) -> TrainResult:
     """Train a CLIP model as `cfg` says; returns where the run went and how it ended.
 
-    Writes `config.yaml`, `metrics.csv`, `curves.png` (loss and zero-shot curves), `checkpoints/step_NNNNNNNN/`
+    Writes `config.yaml`, `metrics.csv`, `curves.png` and `curves.svg` (loss, learning rate and zero-shot curves;
+    with the `plots` extra), `checkpoints/step_NNNNNNNN/`
     and the final model (`model/`, loadable
     with `clipworks.create_model("local-dir:RUN/model")`) into the run directory.
 
@@ -408,11 +488,26 @@ def train(cfg: TrainConfig) -> TrainResult:
         NonFiniteLossError: a NaN or infinite loss with `run.nonfinite: stop` (on every rank, naming the step).
         ValueError: a bad config or data source; a source whose first batches hold no readable sample; a run in
             which no step updated the model (then no model is written); no intact checkpoint to resume from.
+        TrainingInterrupted: Ctrl-C (a KeyboardInterrupt): the run stopped after its current step and saved a
+            checkpoint there, which it names with the command that resumes it (a second Ctrl-C quits at once).
+
+    A run that fails or is interrupted before any step updated the model removes the run directory it created.
     """
     cfg.validate()
     dist = setup_distributed(cfg.run.device, cfg.run.parallel)
+    run_dir, runner = _run_dir(cfg, dist), None
+    created = missing_dirs(run_dir) if dist.main else []  # a run that fails before learning anything removes them
     try:
-        return Runner(cfg, dist, _run_dir(cfg, dist)).fit()
+        runner = Runner(cfg, dist, run_dir)
+        return runner.fit()
+    except BaseException as e:
+        if runner is None or runner.updates == 0:
+            remove_created(created)
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, TrainingInterrupted):  # before training, or a
+            latest = latest_checkpoint(run_dir) if run_dir.is_dir() else None  # second Ctrl-C: an older checkpoint
+            step = None if runner is None else runner.step
+            raise TrainingInterrupted(run_dir, step, latest, False, dist.world_size) from None
+        raise
     finally:
         if dist.world_size > 1:
             torch.distributed.destroy_process_group()

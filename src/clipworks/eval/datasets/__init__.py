@@ -1,0 +1,16 @@
+"""Adapters for published evaluation sets in the layouts they are distributed in, one module per format.
+
+Each adapter reads a parsed `sources.Spec` (the scheme's options filled in) into a `sources.Classification`
+or `sources.Captioned`; `sources.load_classification` / `load_captioned` dispatch to them by scheme.
+"""
+
+from . import cifar, imagenet, mnist, wds_benchmark
+
+CLASSIFICATION = {
+    "imagenet": imagenet.load_classification,
+    "cifar10": cifar.load_cifar10,
+    "cifar100": cifar.load_cifar100,
+    "mnist": mnist.load_classification,
+    "fashion-mnist": mnist.load_classification,
+    "wds-benchmark": wds_benchmark.load_classification,
+}
