@@ -20,10 +20,11 @@ OTHER_SPELLINGS = {"--no-progress", "--progress", "--silent", "--output", "--out
 # which commands have which shared flag
 SHARED = {
     "--quiet": {"embed", "train", "eval zeroshot", "eval retrieval", "eval linear-probe", "eval compositional",
-                "eval clipscore", "eval fit-score"},
-    "--batch-size": {"embed", "train", "eval zeroshot", "eval fit-score"},
-    "--out": {"convert", "train", "embed", "index", "dedup", "eval zeroshot", "eval fit-score"},
-    "--random-init": {"demo", "classify", "embed", "serve", "eval zeroshot"},
+                "eval clipscore", "eval fit-score", "benchmark"},
+    "--batch-size": {"embed", "train", "eval zeroshot", "eval fit-score", "benchmark"},
+    "--out": {"convert", "train", "embed", "index", "dedup", "eval zeroshot", "eval fit-score", "benchmark"},
+    "--random-init": {"demo", "classify", "embed", "serve", "eval zeroshot", "benchmark"},
+    "--device": {"benchmark"},
 }  # fmt: skip
 
 

@@ -77,8 +77,8 @@ print(f"{took:.3f}", file=sys.stderr)
 
 
 def test_help_answers_without_torch_at_once():
-    commands = ["models", "demo", "tokenize", "convert", "train", "classify", "score", "eval", "embed", "index",
-                "dedup", "serve"]  # fmt: skip
+    commands = ["models", "demo", "tokenize", "convert", "train", "classify", "score", "eval", "benchmark", "embed",
+                "index", "dedup", "serve"]  # fmt: skip
     out = subprocess.run([sys.executable, "-c", HELP_PROBE, *commands], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "usage: clipworks [-h] [--version] COMMAND" in out.stdout and "usage: clipworks serve" in out.stdout

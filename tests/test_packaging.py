@@ -163,7 +163,9 @@ COMMAND_RUNS = (
      ("convert", "--model", "{model}", "--to", "open_clip", "--out", "{t}/open_clip"),
      ("tokenize", "--model", "{model}", "a red thing")),
     (("index", "--embeddings", "{t}/emb", "--out", "{t}/index"),
-     ("score", "--head", "{t}/head.safetensors", "{t}/photos/red/1.jpg")),
+     ("score", "--head", "{t}/head.safetensors", "{t}/photos/red/1.jpg"),
+     ("benchmark", "--models", "{model},local-dir:{t}/open_clip", "--datasets", "folder:{t}/photos", "--out",
+      "{t}/bench", "--quiet", "--device", "cpu")),
     (("serve", "--index", "{t}/index", "--model", "{model}", "--port", "{port}", "--int8"),
      ("dedup", "--index", "{t}/index")),
 )  # fmt: skip

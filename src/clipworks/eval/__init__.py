@@ -7,4 +7,6 @@
 - `metrics`, `linear_probe`, `tasks`: the metrics (CLIP_benchmark's definitions) and the evaluations.
 - `scoring`: a linear or MLP scoring head on image embeddings (`clipworks eval fit-score`, `clipworks score`).
 - `report`: results.json, results.md and the PNG figures. `commands`: the `clipworks` subcommands.
+- `suite`, `suite_report`, `benchmark`: the resumable suite of models x datasets (CLIP_benchmark's collections),
+  its results.csv / results.md / plots, and `clipworks benchmark`.
 """

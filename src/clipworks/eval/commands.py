@@ -28,7 +28,9 @@ def _eval_args(p: argparse.ArgumentParser, out_help: str = "write results.json, 
     p.add_argument("--data", required=True,
                    help="evaluation data: folder:DIR, csv:FILE?..., coco:FILE, synthetic:shapes; published sets as "
                         "distributed: imagenet:DIR (also -V2, -Sketch, -R, -A), cifar10:DIR, cifar100:DIR, mnist:DIR, "
-                        "fashion-mnist:DIR, wds-benchmark:DIR (CLIP_benchmark's WebDataset export)")  # fmt: skip
+                        "fashion-mnist:DIR, stl10:DIR, wds-benchmark:DIR (CLIP_benchmark's WebDataset export), "
+                        "karpathy:FILE?images=DIR (Flickr8k/30k, COCO; retrieval), sugarcrepe:DIR?images=DIR, "
+                        "winoground:DIR (compositional)")  # fmt: skip
     p.add_argument("--out", default=None, help=out_help)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding images")
@@ -83,7 +85,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                          epilog=examples(m.format("retrieval", "coco:captions_val2017.json --images val2017"),
                                          m.format("retrieval", "csv:pairs.csv")))  # fmt: skip
     _eval_args(t)
-    t.add_argument("--images", default=None, help="image folder for coco: caption files")
+    t.add_argument("--images", default=None, help="image folder for coco: and karpathy: caption files")
     t = tasks.add_parser("linear-probe", help="logistic regression on features, L2 chosen on a validation split",
                          epilog=examples(m.format("linear-probe", "folder:train --test-data folder:test"),
                                          m.format("linear-probe", "folder:train --test-data folder:test --method "
@@ -104,7 +106,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t = tasks.add_parser("clipscore", help="CLIP score 100*max(cos, 0) of image-caption pairs",
                          epilog=examples(m.format("clipscore", "csv:generated.csv --out clipscore")))
     _eval_args(t)
-    t.add_argument("--images", default=None, help="image folder for coco: caption files")
+    t.add_argument("--images", default=None, help="image folder for coco: and karpathy: caption files")
     t = tasks.add_parser("fit-score", help="fit a scoring head on embeddings from csv:FILE?score=COL",
                          epilog=examples(m.format("fit-score", "'csv:rated.csv?score=rating' --out q.safetensors")))
     _eval_args(t, out_help="the head to write (.safetensors)")
@@ -222,7 +224,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     elif args.task in ("retrieval", "clipscore"):
         data = (sources.load_captioned(args.data, args.images),)
     elif args.task == "compositional":
-        data = (sources.load_with_negatives(args.data),)
+        paired = args.data.partition(":")[0] == "winoground"  # two images, two captions: scored both ways
+        data = (sources.load_paired(args.data) if paired else sources.load_with_negatives(args.data),)
     else:
         if not args.out:
             raise UsageError("fit-score needs --out HEAD.safetensors")
@@ -300,8 +303,11 @@ def _run_linear_probe(args, embedder, train, test, adamw) -> int:
 
 
 def _run_compositional(args, embedder, data) -> int:
-    from .tasks import compositional
+    from .sources import Paired
+    from .tasks import compositional, paired
 
+    if isinstance(data, Paired):
+        return _report(args, embedder, paired(embedder, data))
     return _report(args, embedder, compositional(embedder, data), negative_kinds=", ".join(data.kinds))
 
 

@@ -59,16 +59,26 @@ def model_identity(name: str, pretrained: str | None) -> str | None:
     return f"{name}|{pretrained}|{path.resolve()}|" + ",".join(stats)
 
 
-def progress(items: Iterable, total: int, desc: str, enabled: bool, scale: int = 1, unit: str = "it") -> Iterable:
-    """`items` with a tqdm progress bar on stderr when enabled and tqdm is installed; `scale` items (of `unit`) per
-    item counted, so that a bar over batches shows images and images/s."""
+def progress(items: Iterable, total: int, desc: str, enabled: bool, count: Callable | None = None,
+             unit: str = "it") -> Iterable:  # fmt: skip
+    """`items` with a tqdm progress bar on stderr when enabled and tqdm is installed. With `count`, the bar counts
+    `count(item)` of `unit` per item (images in a batch) out of `total` of them, and shows their rate."""
     if not enabled:
         return items
     try:
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False, unit=unit, unit_scale=scale)
+    if count is None:
+        return tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False)
+    return _counted(items, tqdm(total=total, desc=desc, file=sys.stderr, leave=False, unit=unit), count)
+
+
+def _counted(items: Iterable, bar, count: Callable) -> Iterable:
+    with bar:
+        for item in items:
+            yield item
+            bar.update(count(item))  # once the caller has processed it
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -157,8 +167,9 @@ class Embedder:
                                              num_workers=self.workers, collate_fn=_collate)  # fmt: skip
         dim = self.model.config.embed_dim
         idx, feats, oks = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dim)], [torch.zeros(0, dtype=torch.bool)]
-        desc = f"{self.progress_prefix}images"
-        for indices, batch, ok in progress(loader, len(loader), desc, self.show_progress, self.batch_size, "img"):
+        bar = progress(loader, len(mine), f"{self.progress_prefix}images", self.show_progress, lambda b: len(b[0]),
+                       unit="img")  # fmt: skip
+        for indices, batch, ok in bar:
             f = torch.zeros(len(indices), dim)
             if batch is not None:
                 f[ok] = self.model.encode_image(batch.to(self.device), normalize=True).float().cpu()

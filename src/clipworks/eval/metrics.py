@@ -124,3 +124,19 @@ def clip_score(image_features: Tensor, text_features: Tensor) -> Tensor:
     is the mean of these)."""
     cos = (image_features * text_features).sum(-1) / (image_features.norm(dim=-1) * text_features.norm(dim=-1))
     return 100 * cos.clamp(min=0)
+
+
+def winoground_scores(scores: Tensor) -> dict[str, float]:
+    """Winoground's text, image and group scores (Thrush et al. 2022): the fraction of examples where each image
+    scores its own caption above the other caption (text), each caption scores its own image above the other
+    image (image), and both (group). Ties count as wrong. Random scores reach 25%, 25% and 16.7%.
+
+    Args:
+        scores: (N, 2, 2), `scores[n, c, i]` caption c of example n against its image i (caption c describes
+            image c).
+    """
+    s = scores
+    text = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])  # (N,)
+    image = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])  # (N,)
+    return {"text_score": text.double().mean().item(), "image_score": image.double().mean().item(),
+            "group_score": (text & image).double().mean().item()}  # fmt: skip

@@ -17,7 +17,10 @@ A spec is `SCHEME:PATH[?key=value&...]`:
 Published sets in their distributed layouts (adapters in `eval/datasets/`, one module per format):
 `imagenet:DIR[?split=val]` (ImageNet-1k, -V2, -Sketch, -R, -A), `cifar10:DIR` / `cifar100:DIR[?labels=coarse]`
 (the binary versions), `mnist:DIR` / `fashion-mnist:DIR` (idx files), each with `?split=test|train`, and
-`wds-benchmark:DIR[?split=test]` (CLIP_benchmark's WebDataset export, as on the hub's clip-benchmark/wds_*).
+`wds-benchmark:DIR[?split=test]` (CLIP_benchmark's WebDataset export, as on the hub's clip-benchmark/wds_*),
+`stl10:DIR[?split=test|train]` (the binary version); for retrieval `karpathy:FILE[?images=DIR&split=test]`
+(Karpathy's Flickr8k, Flickr30k and COCO splits); for compositional probes `sugarcrepe:PATH[?images=DIR]` and
+`winoground:DIR[?images=DIR]` (a `Paired` set: text, image and group scores).
 """
 
 from __future__ import annotations
@@ -46,9 +49,13 @@ OPTIONS: dict[str, dict[str, str]] = {
     "mnist": {"split": "test"},
     "fashion-mnist": {"split": "test"},
     "wds-benchmark": {"split": "test"},
+    "stl10": {"split": "test"},
+    "karpathy": {"images": "", "split": "test"},
+    "sugarcrepe": {"images": ""},
+    "winoground": {"images": ""},
 }
 # Schemes read by an adapter in eval/datasets/ (the rest are read here).
-ADAPTED = ("imagenet", "cifar10", "cifar100", "mnist", "fashion-mnist", "wds-benchmark")
+ADAPTED = ("imagenet", "cifar10", "cifar100", "mnist", "fashion-mnist", "wds-benchmark", "stl10")
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,16 @@ class WithNegatives:
     captions: list[str]
     negatives: list[list[str]]
     kinds: list[str]
+
+
+@dataclass
+class Paired:
+    """Winoground-style examples of two images and two captions: images 2n and 2n+1 are example n's, described
+    by captions 2n and 2n+1 respectively; `tags` names each example's kind ("" when untagged)."""
+
+    images: ImageSet
+    captions: list[str]
+    tags: list[str]
 
 
 @dataclass
@@ -243,11 +260,15 @@ def _class_folders(path: str) -> Classification:
 
 
 def load_captioned(text: str, images_dir: str | None = None) -> Captioned:
-    """Captioned images from `csv:`/`tsv:` (an image may repeat, one caption a row), `coco:`, synthetic or
-    `wds-benchmark:` (a retrieval export)."""
-    spec = parse_spec(text, ("csv", "tsv", "coco", "synthetic", "wds-benchmark"))
+    """Captioned images from `csv:`/`tsv:` (an image may repeat, one caption a row), `coco:`, synthetic,
+    `wds-benchmark:` (a retrieval export) or `karpathy:` (Flickr8k, Flickr30k, COCO in Karpathy's splits)."""
+    spec = parse_spec(text, ("csv", "tsv", "coco", "synthetic", "wds-benchmark", "karpathy"))
     if spec.scheme == "coco":
         return _coco(spec, images_dir)
+    if spec.scheme == "karpathy":
+        from .datasets.karpathy import load_captioned as load_karpathy
+
+        return load_karpathy(spec, images_dir)
     if spec.scheme == "wds-benchmark":
         from .datasets.wds_benchmark import load_captioned as load_wds
 
@@ -302,8 +323,12 @@ def _synthetic_args(spec: Spec) -> dict:
 
 def load_with_negatives(text: str) -> WithNegatives:
     """Images with a true caption and hard negatives: `synthetic:shapes` (colour and relation swaps of
-    two-object scenes) or `csv:FILE?negatives=COL1,COL2` (empty negative cells are ignored)."""
-    spec = parse_spec(text, ("csv", "tsv", "synthetic"))
+    two-object scenes), `csv:FILE?negatives=COL1,COL2` (empty negative cells are ignored) or `sugarcrepe:`."""
+    spec = parse_spec(text, ("csv", "tsv", "synthetic", "sugarcrepe"))
+    if spec.scheme == "sugarcrepe":
+        from .datasets.sugarcrepe import load_with_negatives as load_sugarcrepe
+
+        return load_sugarcrepe(spec)
     if spec.scheme == "synthetic":
         from ..data.synthetic import compositional_task
 
@@ -329,6 +354,13 @@ def load_with_negatives(text: str) -> WithNegatives:
         raise ValueError(f"{spec.path}: every row needs a caption and at least one negative in {neg_cols}")
     return WithNegatives(FileImages([root / r[image_key] for r in rows]), [r[caption_key].strip() for r in rows],
                          negatives, neg_cols)  # fmt: skip
+
+
+def load_paired(text: str) -> Paired:
+    """Pairs of images with a pair of captions each: `winoground:DIR`."""
+    from .datasets.winoground import load_paired as load_winoground
+
+    return load_winoground(parse_spec(text, ("winoground",)))
 
 
 def load_scored(text: str) -> Scored:

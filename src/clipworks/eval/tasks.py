@@ -11,9 +11,9 @@ from torch import Tensor
 from .embed import Embedder
 from .linear_probe import DEFAULT_L2_GRID, AdamWProtocol, linear_probe, linear_probe_adamw
 from .metrics import (classification_metrics, clip_score, compositional_accuracy, confusion_matrix,
-                      retrieval_metrics)  # fmt: skip
+                      retrieval_metrics, winoground_scores)  # fmt: skip
 from .report import sample_queries
-from .sources import Captioned, Classification, WithNegatives
+from .sources import Captioned, Classification, Paired, WithNegatives
 
 
 @dataclass
@@ -126,6 +126,25 @@ def compositional(embedder: Embedder, data: WithNegatives) -> Evaluation:
                                      data.kinds)  # fmt: skip
     metrics["chance"] = _chance(mask[valid])
     return Evaluation(metrics, len(data.captions), feats.skipped)
+
+
+def paired(embedder: Embedder, data: Paired) -> Evaluation:
+    """Winoground's text, image and group scores, overall and per tag (`text_score_<tag>`, ...); an example with
+    an unreadable image is left out."""
+    feats = embedder.images(data.images)
+    text = embedder.texts(data.captions)
+    keep = feats.valid.view(-1, 2).all(dim=1)  # (N,) both images readable
+    _require(int(keep.sum()), "paired probe")
+    image_f = feats.features.view(len(keep), 2, -1)[keep]  # (N', 2, E)
+    text_f = text.view(len(keep), 2, -1)[keep]  # (N', 2, E)
+    scores = torch.einsum("nce,nie->nci", text_f, image_f)  # (N', 2 captions, 2 images)
+    metrics: dict = winoground_scores(scores)
+    tags = [tag for tag, k in zip(data.tags, keep.tolist()) if k]
+    for tag in sorted(set(tags) - {""}):
+        rows = torch.tensor([t == tag for t in tags])
+        metrics.update({f"{name}_{tag}": v for name, v in winoground_scores(scores[rows]).items()})
+    metrics["examples"] = int(keep.sum())
+    return Evaluation(metrics, len(data.images), feats.skipped)
 
 
 def _chance(mask: Tensor) -> float:
