@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference import tiny_config
 
-import clipworks
 from clipworks.cli import main
 from clipworks.eval.prompts import imagenet_class_names
 from clipworks.eval.sources import load_captioned, load_classification
@@ -33,14 +31,6 @@ def _class_folders(root, folders, per_class=2, name="ILSVRC2012_val_{:08d}.JPEG"
     for k, folder in enumerate(folders):
         for i in range(per_class):
             _image(root / folder / name.format(k * per_class + i + 1), (40 * k % 256, 90, 200 - 30 * i))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    clipworks.save_pretrained(clipworks.create_model(tiny_config(clipworks.get_preset("ViT-B-32"))), root / "m")
-    return root / "m"
 
 
 def _zeroshot(model_dir, data, out, *argv):

@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference import tiny_config
 
-import clipworks
 from clipworks.cli import main
 from clipworks.eval.sources import load_captioned, load_classification, load_paired, load_with_negatives
 
@@ -19,14 +17,6 @@ from clipworks.eval.sources import load_captioned, load_classification, load_pai
 def _image(path, rgb, size=24):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (size, size), rgb).save(path)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    clipworks.save_pretrained(clipworks.create_model(tiny_config(clipworks.get_preset("ViT-B-32"))), root / "m")
-    return root / "m"
 
 
 # --- Karpathy's splits ------------------------------------------------------------------------------------------
