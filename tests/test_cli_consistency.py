@@ -21,10 +21,10 @@ OTHER_SPELLINGS = {"--no-progress", "--progress", "--silent", "--output", "--out
 SHARED = {
     "--quiet": {"embed", "train", "eval zeroshot", "eval retrieval", "eval linear-probe", "eval compositional",
                 "eval clipscore", "eval fit-score", "benchmark"},
-    "--batch-size": {"embed", "train", "eval zeroshot", "eval fit-score", "benchmark"},
+    "--batch-size": {"embed", "train", "eval zeroshot", "eval fit-score", "benchmark", "caption"},
     "--out": {"convert", "train", "embed", "index", "dedup", "eval zeroshot", "eval fit-score", "benchmark"},
-    "--random-init": {"demo", "classify", "embed", "serve", "eval zeroshot", "benchmark"},
-    "--device": {"benchmark"},
+    "--random-init": {"demo", "classify", "embed", "serve", "eval zeroshot", "benchmark", "caption"},
+    "--device": {"benchmark", "caption"},
 }  # fmt: skip
 
 

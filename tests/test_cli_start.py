@@ -77,7 +77,7 @@ print(f"{took:.3f}", file=sys.stderr)
 
 
 def test_help_answers_without_torch_at_once():
-    commands = ["models", "demo", "tokenize", "convert", "train", "classify", "score", "eval", "benchmark", "embed",
+    commands = ["models", "demo", "tokenize", "convert", "train", "classify", "score", "eval", "benchmark", "caption", "embed",
                 "index", "dedup", "serve"]  # fmt: skip
     out = subprocess.run([sys.executable, "-c", HELP_PROBE, *commands], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

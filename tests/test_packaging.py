@@ -167,7 +167,9 @@ COMMAND_RUNS = (
      ("benchmark", "--models", "{model},local-dir:{t}/open_clip", "--datasets", "folder:{t}/photos", "--out",
       "{t}/bench", "--quiet", "--device", "cpu")),
     (("serve", "--index", "{t}/index", "--model", "{model}", "--port", "{port}", "--int8"),
-     ("dedup", "--index", "{t}/index")),
+     ("dedup", "--index", "{t}/index"),
+     ("caption", "--model", "coca_ViT-B-32", "--random-init", "--generation", "top_k", "--max-length", "6",
+      "{t}/photos/red/1.jpg")),
 )  # fmt: skip
 
 

@@ -18,8 +18,8 @@ import warnings
 # clipworks.checkpoints.export.FORMATS, spelled out so that building the parser does not import torch.
 CHECKPOINT_FORMATS = ("clipworks", "open_clip", "transformers")
 # Subsystems that own their subcommands: each module has `add_commands(subparsers)`.
-COMMAND_MODULES = ("clipworks.eval.commands", "clipworks.eval.benchmark", "clipworks.search.commands",
-                   "clipworks.serve.commands")
+COMMAND_MODULES = ("clipworks.eval.commands", "clipworks.eval.benchmark", "clipworks.caption_commands",
+                   "clipworks.search.commands", "clipworks.serve.commands")
 
 
 class UsageError(ValueError):
@@ -345,6 +345,7 @@ COMMAND_EXTRAS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "score": ((), _MODEL_EXTRAS),
     "eval": ((), {**_MODEL_EXTRAS, "plots": "the figures written with --out"}),
     "benchmark": ((), {**_MODEL_EXTRAS, "plots": "a plot per collection (OUT/plots/NAME.png, .svg)"}),
+    "caption": ((), _MODEL_EXTRAS),
     "embed": (("search",), _MODEL_EXTRAS),
     "index": (("search",), {}),
     "dedup": (("search",), {}),

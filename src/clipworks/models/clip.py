@@ -172,6 +172,17 @@ class CLIP(nn.Module):
         text_states = self.text.forward_hidden(tokens).hidden_states[-1]  # (B, L, D), before ln_final
         return self.decoder(image_tokens, text_states)
 
+    def generate(self, images: Tensor, **kwargs) -> Tensor:
+        """CoCa's caption token ids for `images`, as OpenCLIP's `CoCa.generate` makes them: `models.coca.generate`,
+        whose keyword arguments (generation_type, seq_len, top_k, top_p, ...) it takes.
+
+        Raises:
+            ValueError: the model has no caption decoder, or a setting is out of range.
+        """
+        from .coca import generate
+
+        return generate(self, images, **kwargs)
+
     # --- end of CoCa ---
 
     def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
