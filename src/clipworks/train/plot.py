@@ -193,7 +193,7 @@ def _zero_shot_panel(mpl, ax, steps: np.ndarray, m: dict[str, np.ndarray], chanc
     _percent_axis(mpl, ax, top)
     _label_last_points(ax, series)
     if series or chance is not None or eval_chance is not None:
-        ax.legend(fontsize=10, loc="upper left")
+        ax.legend(fontsize=10, loc="best")  # where it hides the fewest points (runs near 100% fill the top)
 
 
 def _recall_panel(mpl, ax, steps: np.ndarray, m: dict[str, np.ndarray]) -> None:
@@ -209,12 +209,13 @@ def _recall_panel(mpl, ax, steps: np.ndarray, m: dict[str, np.ndarray]) -> None:
             series[label] = (color, x, 100 * y)
     _percent_axis(mpl, ax, max(y.max() for _, _, y in series.values()))
     _label_last_points(ax, series)
-    ax.legend(fontsize=10, loc="upper left")
+    ax.legend(fontsize=10, loc="best")
 
 
 def _percent_axis(mpl, ax, top: float) -> None:
-    """A y axis from 0 to 100% when values pass 60%, else to just above the largest, in round steps."""
-    ax.set_ylim(0, 100 if top > 60 else max(10, 10 * math.ceil(top * 1.25 / 10)))
+    """A y axis from 0 to 100% (and a margin, so that points near 100% and their labels stay inside the frame) when
+    values pass 60%, else to just above the largest, in round steps."""
+    ax.set_ylim(0, 106 if top > 60 else max(10, 10 * math.ceil(top * 1.25 / 10)))
     ax.yaxis.set_major_locator(mpl.ticker.MaxNLocator(nbins=6, steps=[1, 2, 5, 10], integer=True))
 
 
