@@ -19,6 +19,14 @@ def _image(path, rgb, size=24):
     Image.new("RGB", (size, size), rgb).save(path)
 
 
+def _assert_one_line_errors(load, cases) -> None:
+    """Each (spec, error class, message pattern) of `cases` raises that error from `load`, in one line."""
+    for spec, error, message in cases:
+        with pytest.raises(error, match=message) as info:
+            load(spec)
+        assert "\n" not in str(info.value)
+
+
 # --- Karpathy's splits ------------------------------------------------------------------------------------------
 
 
@@ -195,10 +203,7 @@ def test_sugarcrepe_errors_are_one_line(tmp_path):
         (f"sugarcrepe:{tmp_path / 'data'}?images={tmp_path / 'v'}", FileNotFoundError, "image folder not found"),
         (f"sugarcrepe:{tmp_path / 'other.json'}", ValueError, "other.json is not a SugarCrepe file .*negative_caption"),
     ]  # fmt: skip
-    for spec, error, message in cases:
-        with pytest.raises(error, match=message) as info:
-            load_with_negatives(spec)
-        assert "\n" not in str(info.value)
+    _assert_one_line_errors(load_with_negatives, cases)
 
 
 def test_compositional_end_to_end_on_sugarcrepe_layout(tmp_path, model_dir, capsys):
@@ -254,10 +259,7 @@ def test_winoground_layout_and_errors(tmp_path):
         (f"winoground:{tmp_path}?images={tmp_path / 'bad' / 'images'}", FileNotFoundError, r"no image ex_0_img_0\.png"),
         (f"winoground:{tmp_path / 'bad'}", ValueError, "examples.jsonl line 1: not a Winoground example .*KeyError"),
     ]  # fmt: skip
-    for spec, error, message in cases:
-        with pytest.raises(error, match=message) as info:
-            load_paired(spec)
-        assert "\n" not in str(info.value)
+    _assert_one_line_errors(load_paired, cases)
 
 
 def test_compositional_end_to_end_on_winoground_layout(tmp_path, model_dir, capsys):

@@ -162,9 +162,10 @@ def preprocess_overrides(cfg: PreprocessConfig, overrides: dict[str, Any] | None
 
 
 def preprocess_dict(cfg: PreprocessConfig) -> dict[str, Any]:
-    """OpenCLIP's `model.visual.preprocess_cfg` for `cfg`."""
-    return {"size": (cfg.image_size, cfg.image_size), "mode": "RGB", "mean": cfg.mean, "std": cfg.std,
-            "interpolation": cfg.interpolation, "resize_mode": cfg.resize_mode, "fill_color": cfg.fill_color}  # fmt: skip
+    """OpenCLIP's `model.visual.preprocess_cfg` for `cfg`: its config file's keys, the size as (H, W)."""
+    from .checkpoints.open_clip_dir import preprocess_to_open_clip
+
+    return {**preprocess_to_open_clip(cfg), "size": (cfg.image_size, cfg.image_size)}
 
 
 def augment_config(aug_cfg):
