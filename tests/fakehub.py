@@ -1,8 +1,8 @@
 """A fake Hugging Face hub on 127.0.0.1 for tests: the HTTP endpoints huggingface_hub 2.x calls to fetch files.
 
-Served: `HEAD`/`GET /{repo}/resolve/{revision}/{file}` (with `X-Repo-Commit`, `ETag`, and for LFS files the
+Served: `HEAD`/`GET /{repo}/resolve/{revision}/{file}` (`/datasets/{repo}/...` for a dataset repository) (with `X-Repo-Commit`, `ETag`, and for LFS files the
 `X-Linked-Etag` SHA-256 and `X-Linked-Size`; `Range` requests answered with 206), `GET /api/models/{repo}[/revision/
-{revision}]` (model info with `siblings`; `?blobs=true` adds sizes and LFS hashes) and `GET /api/models/{repo}/tree/
+{revision}]` (`/api/datasets/...` for a dataset) (model info with `siblings`; `?blobs=true` adds sizes and LFS hashes) and `GET /api/models/{repo}/tree/
 {revision}[/{path}]` (the file listing). Errors carry the `X-Error-Code` the real hub sends, so huggingface_hub
 raises its usual exceptions. Every request is recorded, and faults can be queued per file: a transfer cut mid-body,
 a response with headers and no body, a close-delimited body shorter than the file, or content that does not match
@@ -45,6 +45,7 @@ class FakeRepo:
     repo_id: str
     commit: str
     files: dict[str, FakeFile]
+    repo_type: str = "model"
 
 
 @dataclass
@@ -82,12 +83,15 @@ class FakeHub:
         self._server.shutdown()
         self._server.server_close()
 
-    def add_repo(self, repo_id: str, files: dict[str, bytes], lfs: set[str] | None = None) -> FakeRepo:
-        """A repository at a fresh commit. `lfs` names the LFS files; by default the weights files are."""
-        lfs = lfs if lfs is not None else {n for n in files if n.endswith((".safetensors", ".bin", ".pt"))}
+    def add_repo(self, repo_id: str, files: dict[str, bytes], lfs: set[str] | None = None,
+                 repo_type: str = "model") -> FakeRepo:  # fmt: skip
+        """A repository at a fresh commit. `lfs` names the LFS files; by default the weights files and tar shards
+        are. A dataset repository is served under /datasets/ and /api/datasets/."""
+        lfs = lfs if lfs is not None else {n for n in files if n.endswith((".safetensors", ".bin", ".pt", ".tar"))}
         commit = hashlib.sha1(repr((repo_id, sorted(files.items()), len(self.repos))).encode()).hexdigest()
-        self.repos[repo_id] = FakeRepo(repo_id, commit, {n: FakeFile(c, n in lfs) for n, c in files.items()})
-        return self.repos[repo_id]
+        key = repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
+        self.repos[key] = FakeRepo(repo_id, commit, {n: FakeFile(c, n in lfs) for n, c in files.items()}, repo_type)
+        return self.repos[key]
 
     def corrupt(self, repo_id: str, filename: str) -> None:
         """Serve other bytes of the same length under the file's advertised SHA-256."""
@@ -125,12 +129,14 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path, query = unquote(parts.path), parse_qs(parts.query)
         self.hub.requests.append(Request(self.command, path, query, self.headers.get("Range")))
-        api = path.startswith("/api/models/")
-        rest = path[len("/api/models/") :] if api else path[1:]
-        repo = next((r for rid, r in self.hub.repos.items() if rest == rid or rest.startswith(rid + "/")), None)
-        if repo is None:
+        api = path.startswith(("/api/models/", "/api/datasets/"))
+        rest = path[len("/api/") :] if api else path[1:]
+        if api and rest.startswith("models/"):
+            rest = rest[len("models/") :]
+        key = next((k for k in self.hub.repos if rest == k or rest.startswith(k + "/")), None)
+        if key is None:
             return self._error(404, "RepoNotFound")
-        tail = rest[len(repo.repo_id) :]
+        repo, tail = self.hub.repos[key], rest[len(key) :]
         if api:
             return self._api(repo, tail, query)
         if not tail.startswith("/resolve/"):

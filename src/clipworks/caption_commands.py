@@ -1,15 +1,26 @@
-"""The `clipworks caption` subcommand: captions for image files from a CoCa model, one `path<TAB>caption` line each."""
+"""The `clipworks caption` subcommand: a caption for each image file, one `path<TAB>caption` line each.
+
+A CoCa model generates its captions (as OpenCLIP's CoCa.generate). Any other model, or a CoCa model given
+--phrases, captions by matching (clipworks.eval.phrase_caption, CLIP Interrogator's approach): the subject phrase
+closest to the image, then ", " + modifiers chained while the whole caption's similarity to the image improves.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .cli import CommandFailed, UsageError, add_device_flag, add_seed_flag, default_device, examples
 
 GENERATIONS = ("beam_search", "top_k", "top_p")  # models.coca.GENERATION_TYPES (not imported: it imports torch)
 _MIN_SEQ_LEN = 5  # OpenCLIP's min_seq_len: no end of text before it
+# The flags of each way to caption, with their defaults: they default to None so that a flag given to the other way
+# can be refused (filled in by `_fill_defaults`). cache_dir: eval.phrase_caption.DEFAULT_CACHE_DIR (it imports torch)
+_GENERATION_FLAGS = {"generation": "beam_search", "num_beams": 6, "num_beam_groups": 3, "top_k": 1, "top_p": 0.9,
+                     "temperature": 1.0, "max_length": 30}  # fmt: skip
+_MATCHING_FLAGS = {"modifiers": [], "max_modifiers": 4, "top": 0, "cache_dir": "~/.cache/clipworks/phrases",
+                   "no_cache": False}  # fmt: skip
 
 
 def captions_text(tokenizer, ids) -> list[str]:
@@ -37,12 +48,20 @@ def _load(paths: Iterable[str], preprocess) -> tuple[list[str], list, int]:
     return kept, tensors, skipped
 
 
-def _cmd_caption(args: argparse.Namespace) -> int:
-    import torch
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
-    from .factory import create_model_and_transforms, get_tokenizer
-    from .search.commands import refuse_random_weights
 
+def _given(args: argparse.Namespace, flags: dict) -> list[str]:
+    """The flags among `flags` given on the command line (those still at None / False were not)."""
+    return [_flag(dest) for dest in flags if getattr(args, dest) is not None and getattr(args, dest) is not False]
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    """Give every flag not given its default, and check the values."""
+    for dest, default in {**_GENERATION_FLAGS, **_MATCHING_FLAGS}.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
     if args.max_length <= _MIN_SEQ_LEN:
         raise UsageError(f"--max-length must be more than {_MIN_SEQ_LEN} tokens, got {args.max_length}")
     if args.top_k < 1 or not 0 <= args.top_p <= 1 or args.temperature <= 0:
@@ -50,26 +69,103 @@ def _cmd_caption(args: argparse.Namespace) -> int:
     if args.num_beams < 2 or args.num_beam_groups < 1 or args.num_beams % args.num_beam_groups:
         raise UsageError(f"--num-beams ({args.num_beams}) must be at least 2 and a multiple of --num-beam-groups "
                          f"({args.num_beam_groups})")  # fmt: skip
-    refuse_random_weights(args)
-    device = default_device(args.device)
-    torch.manual_seed(args.seed)  # the random weights (--random-init) and the draws (top_p, top_k > 1)
-    model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
-    if model.decoder is None:
-        raise UsageError(f"--model {args.model} has no caption decoder: captions need a CoCa model "
-                         "(coca_ViT-B-32, coca_ViT-L-14, coca_base, ...)")  # fmt: skip
-    tokenizer = get_tokenizer(model)
+    if args.max_modifiers < 0 or args.top < 0 or args.batch_size < 1:
+        raise UsageError(f"--max-modifiers ({args.max_modifiers}) and --top ({args.top}) must be at least 0 and "
+                         f"--batch-size ({args.batch_size}) at least 1")  # fmt: skip
+
+
+def _check_way(given: dict[str, list[str]], matching: bool, args: argparse.Namespace) -> None:
+    """Refuse the flags of the way of captioning not taken (`given`: the flags given, by way)."""
+    flags = given["generation"] if matching else given["matching"]
+    if not flags:
+        return
+    apply, them = ("apply", "them") if len(flags) > 1 else ("applies", "it")
+    if matching:
+        why = ("--phrases captions by matching" if args.phrases is not None else
+               f"--model {args.model} has no caption decoder: it captions by matching phrases")  # fmt: skip
+        raise UsageError(f"{', '.join(flags)} only {apply} to generated captions, and {why}; drop {them}")
+    raise UsageError(f"{', '.join(flags)} only {apply} to captions by matching, and --model {args.model} generates "
+                     "its captions; add --phrases FILE to caption by matching")  # fmt: skip
+
+
+def _generator(args: argparse.Namespace, model, tokenizer, device) -> Callable[[list[str], object], list[str]]:
+    """Output lines for a batch of images (B, 3, H, W), captions generated by the CoCa model."""
     settings = dict(generation_type=args.generation, seq_len=args.max_length, top_k=args.top_k, top_p=args.top_p,
                     temperature=args.temperature, num_beams=args.num_beams, num_beam_groups=args.num_beam_groups,
                     min_seq_len=_MIN_SEQ_LEN)  # fmt: skip
+
+    def lines(paths: list[str], images) -> list[str]:
+        ids = model.generate(images.to(device), **settings)  # (B, T)
+        return [f"{path}\t{text}" for path, text in zip(paths, captions_text(tokenizer, ids))]
+
+    return lines
+
+
+def _matcher(args: argparse.Namespace, banks, model, tokenizer, device) -> Callable[[list[str], object], list[str]]:
+    """Output lines for a batch of images (B, 3, H, W), captions by matching `banks` (subject, modifiers)."""
+    import torch
+
+    from .eval.embed import model_identity
+    from .eval.phrase_caption import TextEncoder, caption_by_matching, embed_bank
+
+    identity = model_identity(args.model, args.pretrained)  # None for random weights: never cached
+    encoder = TextEncoder(model, tokenizer, identity=identity, device=device)
+    cache = None if args.no_cache else args.cache_dir
+    subject, *modifiers = [embed_bank(bank, encoder, cache) for bank in banks]
+
+    def lines(paths: list[str], images) -> list[str]:
+        with torch.no_grad():
+            features = model.encode_image(images.to(device), normalize=True)  # (B, E)
+        out = []
+        for path, f in zip(paths, features):
+            found = caption_by_matching(f, subject, modifiers, encoder, max_modifiers=args.max_modifiers,
+                                        top=max(args.top, 1))  # fmt: skip
+            out.append(f"{path}\t{found.caption}")
+            out += [f"  {score:+.4f}  {phrase}" for phrase, score in found.subjects[: args.top]]
+        return out
+
+    return lines
+
+
+def _banks(args: argparse.Namespace) -> list:
+    """[subject bank, *modifier banks]: the files given, else the shipped defaults (ValueError for a bad file)."""
+    from .eval.phrase_caption import PhraseBank, default_modifier_bank, default_subject_bank
+
+    subject = PhraseBank.from_file(args.phrases) if args.phrases else default_subject_bank()
+    modifiers = [PhraseBank.from_file(m) for m in args.modifiers] if args.modifiers else [default_modifier_bank()]
+    return [subject, *modifiers]
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    import torch
+
+    from .factory import create_model_and_transforms, get_tokenizer
+    from .search.commands import refuse_random_weights
+
+    given = {"generation": _given(args, _GENERATION_FLAGS), "matching": _given(args, _MATCHING_FLAGS)}
+    if args.phrases is not None:
+        _check_way(given, True, args)
+    _fill_defaults(args)
+    refuse_random_weights(args)
+    banks = _banks(args) if args.phrases is not None else None  # a bad bank file fails before the model loads
+    device = default_device(args.device)
+    torch.manual_seed(args.seed)  # the random weights (--random-init) and the draws (top_p, top_k > 1)
+    model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
+    matching = args.phrases is not None or model.decoder is None
+    _check_way(given, matching, args)
+    tokenizer = get_tokenizer(model)
+    if matching:
+        caption = _matcher(args, banks or _banks(args), model, tokenizer, device)
+    else:
+        caption = _generator(args, model, tokenizer, device)
     captioned = skipped = 0
     for paths in _batches(args.images, args.batch_size):
         kept, tensors, missed = _load(paths, preprocess)
         skipped += missed
         if not kept:
             continue
-        ids = model.generate(torch.stack(tensors).to(device), **settings)  # (B, T)
-        for path, text in zip(kept, captions_text(tokenizer, ids)):
-            print(f"{path}\t{text}", flush=True)
+        for line in caption(kept, torch.stack(tensors)):
+            print(line, flush=True)
         captioned += len(kept)
     if skipped:
         print(f"{skipped} unreadable image{'s' * (skipped != 1)} skipped", file=sys.stderr)
@@ -82,30 +178,54 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `caption` to the `clipworks` parser."""
     from .search.commands import add_random_init_flag
 
-    p = sub.add_parser("caption", help="caption images with a CoCa model",
-                       description="Print `path<TAB>caption` for each image, generated as OpenCLIP's CoCa.generate "
-                                   "does (the same tokens for the same weights and seed).",
-                       epilog=examples("clipworks caption --model coca_ViT-B-32:laion2b_s13b_b90k photo.jpg",
-                                       "clipworks caption --model coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k "
-                                       "--generation top_p --top-p 0.9 --seed 1 photos/*.jpg",
-                                       "clipworks caption --model coca_ViT-B-32:laion2b_s13b_b90k --generation top_k "
-                                       "--device cpu cat.png dog.png"))  # fmt: skip
+    p = sub.add_parser("caption", help="caption images: generated by a CoCa model, or by matching phrases with any",
+                       description="Print `path<TAB>caption` for each image. A CoCa model generates it as OpenCLIP's "
+                                   "CoCa.generate does (the same tokens for the same weights and seed). Any other "
+                                   "model, or a CoCa model given --phrases, captions by matching, as CLIP "
+                                   "Interrogator does: the subject phrase closest to the image, then \", \" + "
+                                   "modifiers appended one at a time while the whole caption's cosine similarity to "
+                                   "the image improves. A phrase file holds one phrase a line (blank lines and lines "
+                                   "starting with # ignored). Each bank's text embeddings are computed once per model "
+                                   "and cached (--cache-dir; not for random weights). With --top K each caption line "
+                                   "is followed by K lines `  SCORE  PHRASE`: the subject phrases closest to the "
+                                   "image and their cosine similarities, best first.",
+                       epilog=examples("clipworks caption --model coca_ViT-B-32:laion2b_s13b_b90k --generation top_k "
+                                       "photo.jpg",
+                                       "clipworks caption --model ViT-B-32:openai --top 3 photos/*.jpg",
+                                       "clipworks caption --model ViT-L-14:openai --phrases subjects.txt --modifiers "
+                                       "styles.txt --modifiers lighting.txt --max-modifiers 2 cat.png"))  # fmt: skip
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files; unreadable ones are skipped and counted")
-    p.add_argument("--model", required=True, help="a CoCa preset, NAME:TAG, local-dir:DIR or hf-hub:ORG/REPO")
+    p.add_argument("--model", required=True, help="a preset, NAME:TAG, local-dir:DIR or hf-hub:ORG/REPO")
     p.add_argument("--pretrained", default=None, help="registry tag, weights file or checkpoint directory")
-    p.add_argument("--generation", choices=GENERATIONS, default="beam_search",
+    p.add_argument("--batch-size", type=int, default=8, help="images captioned together (default: 8)")
+    g = p.add_argument_group("generated captions (CoCa models)")
+    g.add_argument("--generation", choices=GENERATIONS, default=None,
                    help="beam_search (OpenCLIP's default); top_k: sample from the K likeliest tokens (K=1: greedy, "
                         "the fastest); top_p: nucleus sampling (default: beam_search)")
-    p.add_argument("--num-beams", type=int, default=6, help="beam_search: beams per image (default: 6)")
-    p.add_argument("--num-beam-groups", type=int, default=3,
+    g.add_argument("--num-beams", type=int, default=None, help="beam_search: beams per image (default: 6)")
+    g.add_argument("--num-beam-groups", type=int, default=None,
                    help="beam_search: groups the beams are split into, dividing --num-beams (default: 3)")
-    p.add_argument("--top-k", type=int, default=1, metavar="K", help="tokens top_k samples from (default: 1, greedy)")
-    p.add_argument("--top-p", type=float, default=0.9, metavar="P",
+    g.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="tokens top_k samples from (default: 1, greedy)")
+    g.add_argument("--top-p", type=float, default=None, metavar="P",
                    help="top_p keeps the likeliest tokens whose probabilities sum past P (default: 0.9)")
-    p.add_argument("--temperature", type=float, default=1.0, help="divides the logits before sampling (default: 1)")
-    p.add_argument("--max-length", type=int, default=30, metavar="N",
+    g.add_argument("--temperature", type=float, default=None, help="divides the logits before sampling (default: 1)")
+    g.add_argument("--max-length", type=int, default=None, metavar="N",
                    help="longest caption in tokens, start and end included (default: 30)")
-    p.add_argument("--batch-size", type=int, default=8, help="images captioned together (default: 8)")
+    m = p.add_argument_group("captions by matching (any model)")
+    m.add_argument("--phrases", default=None, metavar="FILE",
+                   help="the subject bank, one phrase a line; with a CoCa model, caption by matching instead of "
+                        "generating (default: 'a photo of a NAME' over ImageNet's 1000 class names)")
+    m.add_argument("--modifiers", action="append", default=None, metavar="FILE",
+                   help="a modifier bank, one phrase a line; repeat for several (default: the shipped bank of "
+                        "photographic, medium and style terms)")
+    m.add_argument("--max-modifiers", type=int, default=None, metavar="N",
+                   help="most modifiers appended to the subject phrase; 0: the best subject phrase alone (default: 4)")
+    m.add_argument("--top", type=int, default=None, metavar="K",
+                   help="also print the K subject phrases closest to each image, with their scores (default: 0)")
+    m.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where the banks' text embeddings are cached (default: ~/.cache/clipworks/phrases)")
+    m.add_argument("--no-cache", action="store_true", help="neither read nor write cached text embeddings")
     add_device_flag(p)
     add_seed_flag(p, help="seed for random initialisation (with --random-init) and for sampling (default: 0)")
     add_random_init_flag(p)

@@ -185,6 +185,7 @@ def download_file(
     revision: str | None = None,
     sha256: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    repo_type: str = "model",
 ) -> Path:
     """A file of a hub repository, from the local cache or downloaded into it, checked against its SHA-256.
 
@@ -194,6 +195,7 @@ def download_file(
         revision: a branch, tag or commit; default "main".
         sha256: the expected SHA-256 (hex); without it, the hub's LFS SHA-256 of the file when it has one.
         cache_dir: the hub cache folder; default `huggingface_hub`'s (`HF_HUB_CACHE`, under `HF_HOME`).
+        repo_type: "model" or "dataset".
 
     Returns:
         The file's path in the cache (a snapshot entry: do not modify it).
@@ -211,7 +213,7 @@ def download_file(
     hf = _hub()
     offline = _offline(hf)
     try:  # unreachable: the cache only, at once (see `_reachable`)
-        path = hf.hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+        path = hf.hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, repo_type=repo_type,
                                   local_files_only=offline or not _reachable(hf), library_name="clipworks")  # fmt: skip
     except hf.errors.LocalEntryNotFoundError as e:
         raise _unavailable(repo_id, repr(filename), revision, offline) from e
@@ -256,10 +258,12 @@ def _shards(index: Path) -> list[str]:
     return shards
 
 
-def _cached_files(hf, repo_id: str, revision: str | None, cache_dir) -> tuple[str | None, set[str]]:
-    """(commit, top-level file names) of the cached snapshot of `revision`, or (None, empty) if none."""
+def _cached_files(hf, repo_id: str, revision: str | None, cache_dir, repo_type: str = "model"
+                  ) -> tuple[str | None, set[str]]:  # fmt: skip
+    """(commit, file paths) of the cached snapshot of `revision`, or (None, empty) if none: the top-level files of
+    a model repository, every file of a dataset's."""
     cache = Path(cache_dir if cache_dir is not None else hf.constants.HF_HUB_CACHE).expanduser()
-    storage = cache / hf.file_download.repo_folder_name(repo_id=repo_id, repo_type="model")
+    storage = cache / hf.file_download.repo_folder_name(repo_id=repo_id, repo_type=repo_type)
     commit = revision if revision and _COMMIT.fullmatch(revision) else None
     ref = storage / "refs" / (revision or "main")
     if commit is None and ref.is_file():
@@ -267,16 +271,17 @@ def _cached_files(hf, repo_id: str, revision: str | None, cache_dir) -> tuple[st
     snapshot = storage / "snapshots" / commit if commit else None
     if snapshot is None or not snapshot.is_dir():
         return None, set()
-    return commit, {p.name for p in snapshot.iterdir() if p.is_file()}  # is_file: skips broken links
+    entries = snapshot.iterdir() if repo_type == "model" else snapshot.rglob("*")
+    return commit, {p.relative_to(snapshot).as_posix() for p in entries if p.is_file()}  # is_file: skips broken links
 
 
-def _remember_commit(hf, repo_id: str, revision: str | None, commit: str, cache_dir) -> None:
+def _remember_commit(hf, repo_id: str, revision: str | None, commit: str, cache_dir, repo_type: str = "model") -> None:
     """Record in the cache which commit `revision` resolved to, as hf_hub_download does for a branch: files fetched
     pinned to the commit are then found offline by branch name too."""
     if revision is not None and _COMMIT.fullmatch(revision):
         return
     cache = Path(cache_dir if cache_dir is not None else hf.constants.HF_HUB_CACHE).expanduser()
-    ref = cache / hf.file_download.repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / (revision or "main")
+    ref = cache / hf.file_download.repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "refs" / (revision or "main")
     try:  # best effort, as huggingface_hub's own: a read-only cache still works online
         ref.parent.mkdir(parents=True, exist_ok=True)
         if not ref.is_file() or ref.read_text().strip() != commit:
@@ -285,17 +290,51 @@ def _remember_commit(hf, repo_id: str, revision: str | None, commit: str, cache_
         pass
 
 
-def _list_files(hf, repo_id: str, revision: str | None, cache_dir, offline: bool) -> tuple[str | None, set[str], bool]:
-    """(commit, top-level file names, from the cache): the hub's listing, else (offline or unreachable) the cached
-    snapshot's; (None, empty, True) when neither is there."""
+def _list_files(hf, repo_id: str, revision: str | None, cache_dir, offline: bool, repo_type: str = "model"
+                ) -> tuple[str | None, set[str], bool]:  # fmt: skip
+    """(commit, file paths, from the cache): the hub's listing, else (offline or unreachable) the cached snapshot's
+    (`_cached_files`); (None, empty, True) when neither is there."""
     if not offline and _reachable(hf):
         try:
-            info = hf.HfApi().model_info(repo_id, revision=revision)
+            info = hf.HfApi().repo_info(repo_id, revision=revision, repo_type=repo_type)
             return info.sha, {s.rfilename for s in info.siblings or ()}, False
         except (hf.errors.OfflineModeIsEnabled, *_network_errors()):
             pass  # no connection: fall back to the cache, as hf_hub_download does
-    commit, files = _cached_files(hf, repo_id, revision, cache_dir)
+    commit, files = _cached_files(hf, repo_id, revision, cache_dir, repo_type)
     return commit, files, True
+
+
+def download_dataset(repo_id: str, files: list[str], *, revision: str | None = None,
+                     cache_dir: str | os.PathLike | None = None) -> Path:  # fmt: skip
+    """Files of a hub dataset repository, in one cached snapshot folder, each checked as `download_file` checks it.
+
+    Args:
+        files: paths in the repository; one ending in "/*" stands for every file in that folder (and below). Paths
+            the repository lacks are skipped: the caller checks what it needs.
+
+    Returns:
+        The snapshot folder, which also holds the requested files cached earlier. Offline (or unreachable), the
+        cached snapshot of the revision, as complete as it was left.
+
+    Raises:
+        HubUnavailableError: offline or unreachable, and nothing of the dataset is cached.
+        FileNotFoundError: the repository has none of `files` (the message lists some of its files).
+        ChecksumError, DownloadError, huggingface_hub.errors.HfHubHTTPError: as `download_file`.
+    """
+    hf = _hub()
+    offline = _offline(hf)
+    commit, present, from_cache = _list_files(hf, repo_id, revision, cache_dir, offline, "dataset")
+    folders = tuple(f[:-1] for f in files if f.endswith("/*"))
+    names = sorted(f for f in present if f in files or f.startswith(folders))
+    if commit is None or (not names and from_cache):
+        raise _unavailable(repo_id, "the dataset", revision, offline)
+    if not names:
+        raise FileNotFoundError(f"hub dataset {repo_id!r} (revision {revision or 'main'}) has none of {files}; its "
+                                f"files include {sorted(present)[:8] or 'none'}")  # fmt: skip
+    paths = [download_file(repo_id, n, revision=commit, cache_dir=cache_dir, repo_type="dataset") for n in names]
+    if not from_cache:
+        _remember_commit(hf, repo_id, revision, commit, cache_dir, "dataset")
+    return paths[0].parents[len(Path(names[0]).parts) - 1]
 
 
 def download_config(repo_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:

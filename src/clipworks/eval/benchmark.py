@@ -21,21 +21,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Evaluate every (model, dataset, task) cell once: a rerun (after a kill, or with more models) "
                     "computes only the cells without a result under OUT/cells. Writes OUT/results.csv, "
                     "OUT/results.md and a plot per collection (OUT/plots).",
-        epilog=examples("clipworks benchmark --list",
-                        "clipworks benchmark --models ViT-B-32:openai,ViT-B-16:openai --datasets vtab,retrieval "
+        epilog=examples("clipworks benchmark --models ViT-B-32:openai,ViT-B-16:openai --datasets vtab,retrieval "
                         "--dataset-root ~/clip_benchmark_datasets --out bench",
                         "clipworks benchmark --models local-dir:runs/mine/model --datasets "
-                        "cifar10=cifar10:/data/cifar-10-batches-bin,pets=folder:/data/pets --out bench"))  # fmt: skip
+                        "cifar10=cifar10:/data/cifar-10-batches-bin,pets=folder:/data/pets --task auto,linear_probe "
+                        "--out bench",
+                        "clipworks benchmark --models coca_ViT-B-32:mscoco_finetuned_laion2b_s13b_b90k --datasets "
+                        "mscoco_captions --task captioning --download --out bench"))  # fmt: skip
     p.add_argument("--models", default=None,
                    help="comma-separated models: NAME:TAG, NAME:WEIGHTS_FILE, local-dir:DIR, hf-hub:ORG/REPO")
     p.add_argument("--datasets", default=None,
                    help=f"comma-separated: a collection of CLIP_benchmark's ({COLLECTIONS}), a dataset by "
                         "CLIP_benchmark's name (vtab/caltech101, mscoco_captions, ...: its WebDataset export under "
-                        "--dataset-root), or a data spec as `clipworks eval` takes (NAME=SPEC names it in the "
+                        "--dataset-root, or from the hub with --download), or a data spec as `clipworks eval` takes (NAME=SPEC names it in the "
                         "tables); the task follows the dataset (captions: retrieval, labels: zero-shot)")  # fmt: skip
+    p.add_argument("--task", default="auto",
+                   help="comma-separated tasks: auto (each dataset's own: zero-shot classification, retrieval or "
+                        "image_caption_selection), linear_probe (a classification set's train split: CLIP_benchmark's "
+                        "protocol), captioning (a captioned set, CoCa models: BLEU, ROUGE-L, CIDEr), "
+                        "zeroshot_classification, zeroshot_retrieval, image_caption_selection")  # fmt: skip
     p.add_argument("--dataset-root", default=None, metavar="DIR",
                    help="where CLIP_benchmark's WebDataset exports are: DIR/wds_NAME, '/' in NAME written '-' "
                         "(DIR/wds_vtab-caltech101), as the hub's clip-benchmark/wds_NAME")  # fmt: skip
+    p.add_argument("--download", action="store_true",
+                   help="fetch the exports not under --dataset-root from the hub (hf-hub:clip-benchmark/wds_NAME, "
+                        "the test split) into the Hugging Face cache, each when its first cell runs")  # fmt: skip
     p.add_argument("--out", default=None, help="the suite's folder: cells/, cache/, results.csv, results.md, plots/")
     p.add_argument("--list", action="store_true", help="list the collections and the datasets known by name")
     p.add_argument("--skip-missing", action="store_true",
@@ -62,7 +72,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     models = [suite.SuiteModel(m) for m in dict.fromkeys(m.strip() for m in args.models.split(",")) if m]
     for model in models:  # before any data is read: presets without weights need --random-init
         refuse_random_weights(argparse.Namespace(model=model.spec, pretrained=None, random_init=args.random_init))
-    plan = suite.plan_datasets([d for d in args.datasets.split(",") if d.strip()], args.dataset_root)
+    plan = suite.plan_datasets([d for d in args.datasets.split(",") if d.strip()], args.dataset_root,
+                               args.download)
     for line in plan.unsupported:
         print(f"clipworks benchmark: skipped {line}", file=sys.stderr)
     if plan.missing and not args.skip_missing:
@@ -72,10 +83,18 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         print(f"clipworks benchmark: skipped: {suite.missing_data([missing], args.dataset_root)}", file=sys.stderr)
     if not models or not plan.datasets:
         raise CommandFailed("nothing to run: " + ("no models" if not models else "no dataset has its data"))
+    try:
+        cells, skipped = suite.plan_cells(models, plan.datasets, [t.strip() for t in args.task.split(",") if t.strip()])
+    except ValueError as e:
+        raise UsageError(f"--task {args.task}: {e}") from e
+    for line in skipped:
+        print(f"clipworks benchmark: skipped {line}", file=sys.stderr)
+    if not cells:
+        raise CommandFailed(f"nothing to run: no dataset runs --task {args.task}")
     out = Path(args.out).expanduser()
-    cells = [suite.Cell(m, d) for m in models for d in plan.datasets]
-    print(f"clipworks benchmark: {len(models)} model(s) x {len(plan.datasets)} dataset(s) = {len(cells)} cells "
-          f"in {out}")  # fmt: skip
+    tasks = len({c.task for c in cells})
+    print(f"clipworks benchmark: {len(models)} model(s) x {len(plan.datasets)} dataset(s)"
+          f"{f' x {tasks} tasks' if tasks > 1 else ''} = {len(cells)} cells in {out}")  # fmt: skip
     try:
         run = suite.run_suite(cells, out / "cells", lambda m: _embedder(args, m, out / "cache"))
     except KeyboardInterrupt:
@@ -83,7 +102,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
               "again to compute the rest", file=sys.stderr)  # fmt: skip
         return 130
     _write_reports(out, cells, plan)
-    print(f"clipworks benchmark: {run.computed} cell(s) computed, {run.done_before} done before, "
+    na = f", {run.not_applicable} not applicable to their model" if run.not_applicable else ""
+    print(f"clipworks benchmark: {run.computed} cell(s) computed, {run.done_before} done before{na}, "
           f"{len(run.failed)} failed; wrote {out / 'results.csv'} and results.md")  # fmt: skip
     if run.failed:
         raise CommandFailed(f"{len(run.failed)} of {len(cells)} cells failed (their lines above say why); a rerun "
@@ -113,8 +133,8 @@ def _write_reports(out: Path, cells: list, plan) -> None:
 
     records = [r for r in (read_cell(out / "cells" / c.file_name()) for c in cells) if r is not None]
     write_results_csv(out / "results.csv", records)
-    write_results_md(out / "results.md", records, plan.datasets)
-    plots = plot_groups(out / "plots", records, plan.datasets, plan.groups)
+    write_results_md(out / "results.md", records, cells)
+    plots = plot_groups(out / "plots", records, cells, plan.groups)
     if plots:
         print(f"clipworks benchmark: plots: {', '.join(str(p) for p in plots if p.suffix == '.png')}")
 

@@ -215,8 +215,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # Read the data first: a bad path or spec fails before a model is built.
     if args.task == "zeroshot":
         from .prompts import load_templates
+        from .suite_tasks import is_multilabel
 
-        labelled = sources.load_classification(args.data)
+        multi = is_multilabel(args.data)  # voc2007-multilabel, a multilabel export: mean average precision
+        labelled = sources.load_multilabel(args.data) if multi else sources.load_classification(args.data)
         own = None if args.templates else labelled.templates
         data = (labelled, own or load_templates(args.templates or "imagenet"))
     elif args.task == "linear-probe":
@@ -256,8 +258,12 @@ def _report(args: argparse.Namespace, embedder, evaluation, figure=None, **info)
 
 def _run_zeroshot(args, embedder, data, templates) -> int:
     from .report import confusion_png
-    from .tasks import zeroshot
+    from .sources import MultiLabel
+    from .tasks import zeroshot, zeroshot_multilabel
 
+    if isinstance(data, MultiLabel):
+        ev = zeroshot_multilabel(embedder, data, templates)
+        return _report(args, embedder, ev, None, classes=len(data.class_names), templates=len(templates))
     ev = zeroshot(embedder, data, templates)
 
     def figure(out):

@@ -116,3 +116,31 @@ class ArrayImages(ImageSet):
     def fingerprint(self) -> str:
         key = f"{files_fingerprint(self.files)}\0{self.label}\0{self.pixels.shape}"
         return hashlib.sha256(key.encode()).hexdigest()
+
+
+class CroppedImages(ImageSet):
+    """Boxes cut out of image files: image i is `paths[i]` cropped to `boxes[i]`, Pillow's (left, top, right,
+    bottom) in pixels, right and bottom exclusive (a box past the edge is filled with black, as Pillow crops).
+
+    Args:
+        paths: the image file of each crop (a file may repeat, one crop each).
+        boxes: one box per path.
+        label: what the set is called in image names, e.g. "voc2007/test".
+    """
+
+    def __init__(self, paths: list[Path], boxes: list[tuple[int, int, int, int]], label: str):
+        assert len(paths) == len(boxes), (len(paths), len(boxes))
+        self.paths, self.boxes, self.label = paths, boxes, label
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> Image.Image:
+        return load_image(self.paths[i]).crop(self.boxes[i])
+
+    def name(self, i: int) -> str:
+        return f"{self.paths[i]}@{','.join(map(str, self.boxes[i]))}"
+
+    def fingerprint(self) -> str:
+        key = f"{files_fingerprint(self.paths)}\0{self.label}\0{self.boxes}"
+        return hashlib.sha256(key.encode()).hexdigest()

@@ -4,7 +4,8 @@ Definitions follow CLIP_benchmark's (and the CLIP paper's): top-k accuracy count
 among the k highest logits; mean per-class recall is scikit-learn's balanced accuracy (the mean, over the
 classes present among the labels, of the fraction of each class predicted right); retrieval recall@k counts
 a caption when its image is among the k images it scores highest (text to image) and an image when any of
-its captions is among the k captions it scores highest (image to text).
+its captions is among the k captions it scores highest (image to text); multi-label mean average precision is
+torchnet's per-class average precision, averaged over every class.
 
 Where scores tie exactly, "the k highest" is what `torch.topk(k)` returns, called once per k as CLIP_benchmark
 does: its tie order depends on k, so the top 5 is not always the first 5 of the top 10 (issue 18). On the same
@@ -39,6 +40,39 @@ def classification_metrics(logits: Tensor, labels: Tensor, ks: Sequence[int] = (
         out[f"top{k}"] = hits[:, :k].any(dim=1).double().mean().item() if k <= c else None
     out["mean_per_class_recall"] = per_class_recall(logits.argmax(dim=1), labels, c).nanmean().item()
     return out
+
+
+def multilabel_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
+    """`mean_average_precision`: the mean over all classes of `average_precision`, CLIP_benchmark's zero-shot
+    multi-label metric (not interpolated, unlike VOC 2007's own 11-point AP).
+
+    Args:
+        logits: (N, C) scores.
+        targets: (N, C) bool or 0/1, True where image n shows class c.
+    """
+    if logits.shape != targets.shape or logits.ndim != 2:
+        raise ValueError(f"multi-label: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both "
+                         "be (N, C)")  # fmt: skip
+    return {"mean_average_precision": average_precision(logits, targets).mean().item()}
+
+
+def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
+    """(C,) float32 average precision of each class: the mean, over its positives, of the precision among the
+    images ranked down to that positive; 0 for a class with no positives (which still counts in a mean).
+
+    CLIP_benchmark's `average_precision_per_class` (from torchnet's APMeter), computed as it does: ranked by one
+    `torch.sort(descending=True)` per class, whose order among tied scores decides what the ties count, in
+    float32.
+    """
+    n, c = scores.shape
+    ap = torch.zeros(c)
+    rank = torch.arange(1, n + 1).float()  # (N,)
+    for k in range(c):
+        _, order = torch.sort(scores[:, k], 0, True)
+        truth = targets[:, k][order]  # (N,) in ranked order
+        precision = truth.float().cumsum(0).div(rank)
+        ap[k] = precision[truth.bool()].sum() / max(float(truth.sum()), 1)
+    return ap
 
 
 def _check_ks(ks: Sequence[int]) -> None:

@@ -20,7 +20,9 @@ Published sets in their distributed layouts (adapters in `eval/datasets/`, one m
 `wds-benchmark:DIR[?split=test]` (CLIP_benchmark's WebDataset export, as on the hub's clip-benchmark/wds_*),
 `stl10:DIR[?split=test|train]` (the binary version); for retrieval `karpathy:FILE[?images=DIR&split=test]`
 (Karpathy's Flickr8k, Flickr30k and COCO splits); for compositional probes `sugarcrepe:PATH[?images=DIR]` and
-`winoground:DIR[?images=DIR]` (a `Paired` set: text, image and group scores).
+`winoground:DIR[?images=DIR]` (a `Paired` set: text, image and group scores); as CLIP_benchmark reads them,
+`objectnet:DIR` (its 113 classes that map to ImageNet-1k), `voc2007:DIR[?split=test|train]` (VOC 2007's objects
+cropped out) and `voc2007-multilabel:DIR[?split=test|train]` (a `MultiLabel` set: whole images, multi-hot).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from ..data.datasets import parse_data_spec
 from .images import FileImages, ImageSet, SyntheticImages  # noqa: F401 (ImageSet: re-exported)
@@ -53,9 +57,13 @@ OPTIONS: dict[str, dict[str, str]] = {
     "karpathy": {"images": "", "split": "test"},
     "sugarcrepe": {"images": ""},
     "winoground": {"images": ""},
+    "objectnet": {},
+    "voc2007": {"split": "test"},
+    "voc2007-multilabel": {"split": "test"},
 }
 # Schemes read by an adapter in eval/datasets/ (the rest are read here).
-ADAPTED = ("imagenet", "cifar10", "cifar100", "mnist", "fashion-mnist", "wds-benchmark", "stl10")
+ADAPTED = ("imagenet", "cifar10", "cifar100", "mnist", "fashion-mnist", "wds-benchmark", "stl10", "objectnet",
+           "voc2007")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,17 @@ class Classification:
 
     images: ImageSet
     labels: list[int]
+    class_names: list[str]
+    templates: list[str] | None = None
+
+
+@dataclass
+class MultiLabel:
+    """Images with any number of classes each: `labels` (N, C) bool, True where image i shows class c;
+    `templates` as `Classification`'s."""
+
+    images: ImageSet
+    labels: torch.Tensor
     class_names: list[str]
     templates: list[str] | None = None
 
@@ -354,6 +373,14 @@ def load_with_negatives(text: str) -> WithNegatives:
         raise ValueError(f"{spec.path}: every row needs a caption and at least one negative in {neg_cols}")
     return WithNegatives(FileImages([root / r[image_key] for r in rows]), [r[caption_key].strip() for r in rows],
                          negatives, neg_cols)  # fmt: skip
+
+
+def load_multilabel(text: str) -> MultiLabel:
+    """A multi-label image set from a published set's adapter: `voc2007-multilabel:DIR[?split=test|train]`."""
+    from .datasets import MULTILABEL
+
+    spec = parse_spec(text, tuple(MULTILABEL))
+    return MULTILABEL[spec.scheme](spec)
 
 
 def load_paired(text: str) -> Paired:

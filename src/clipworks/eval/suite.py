@@ -2,7 +2,8 @@
 
 A dataset is named by a data spec (`cifar10:/data/cifar-10-batches-bin`, optionally `NAME=SPEC` to name it in the
 tables) or by CLIP_benchmark's name (`vtab/caltech101`, `mscoco_captions`, ...), found under a dataset root as
-CLIP_benchmark's WebDataset export `ROOT/wds_NAME` (`/` written `-`, as the hub's clip-benchmark/wds_NAME), or by a
+CLIP_benchmark's WebDataset export `ROOT/wds_NAME` (`/` written `-`, as the hub's clip-benchmark/wds_NAME) or, with
+`download`, fetched from the hub into its cache when the cell is computed, or by a
 collection of such names (`vtab`, `vtab+`, `retrieval`, `imagenet_robustness`). The collections, tasks and titles
 are data: assets/benchmark/datasets.json.
 
@@ -25,19 +26,14 @@ from functools import lru_cache
 from pathlib import Path
 
 from .sources import OPTIONS, parse_spec
+from .suite_tasks import (CLASSIFICATION, OTHER_TASKS, RETRIEVAL, SCORE_HELP, SCORE_NAMES, SELECTION, TASKS,  # noqa: F401
+                          NotApplicable, main_score)  # fmt: skip
 
-CLASSIFICATION, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"
 TABLE = Path(__file__).resolve().parent.parent / "assets" / "benchmark" / "datasets.json"
 HUB_ORG = "clip-benchmark"  # the hub organisation that publishes CLIP_benchmark's exports, as wds_NAME datasets
 LANGUAGE = "en"
 RETRIEVAL_SCHEMES = ("coco", "karpathy")  # the data specs of captioned sets only
 PAIRED_SCHEMES = ("sugarcrepe", "winoground")  # CLIP_benchmark's image_caption_selection task
-# CLIP_benchmark's metric names for ours
-METRIC_NAMES = {"top1": "acc1", "top5": "acc5", "mean_per_class_recall": "mean_per_class_recall",
-                **{f"text_to_image@{k}": f"image_retrieval_recall@{k}" for k in (1, 5, 10)},
-                **{f"image_to_text@{k}": f"text_retrieval_recall@{k}" for k in (1, 5, 10)}}  # fmt: skip
-SCORE_NAMES = {CLASSIFICATION: "acc1", RETRIEVAL: "mean recall@5"}
-SCORE_HELP = "zero-shot classification: top-1 accuracy (acc1); retrieval: the mean of image and text recall@5"
 
 
 @lru_cache(maxsize=1)
@@ -68,7 +64,8 @@ class SuiteDataset:
     Attributes:
         name: the results' "dataset" (CLIP_benchmark's name, the NAME of NAME=SPEC, or the spec itself).
         spec: what `sources.load_classification` / `load_captioned` read.
-        task: CLASSIFICATION or RETRIEVAL.
+        task: its default task (CLIP_benchmark's get_dataset_default_task): CLASSIFICATION, RETRIEVAL or
+            SELECTION; `OTHER_TASKS` names those it can also run.
         title: its column head in results.md and the plots.
         given: named by a spec, which is then part of its cells' identity.
     """
@@ -92,8 +89,9 @@ class Plan:
     unsupported: list[str] = field(default_factory=list)
 
 
-def plan_datasets(items: list[str], root: str | os.PathLike | None) -> Plan:
-    """Resolve `--datasets` items: collections, CLIP_benchmark names (under `root`) and specs, in order, each once.
+def plan_datasets(items: list[str], root: str | os.PathLike | None, download: bool = False) -> Plan:
+    """Resolve `--datasets` items: collections, CLIP_benchmark names (under `root`, else from the hub with
+    `download`) and specs, in order, each once.
 
     Raises:
         ValueError: an item that is neither a spec, a collection nor a dataset name.
@@ -105,7 +103,7 @@ def plan_datasets(items: list[str], root: str | os.PathLike | None) -> Plan:
         group = item if names is not None else "datasets"
         for name in names if names is not None else [item]:
             if name not in resolved:
-                dataset = resolved[name] = _resolve(name, root, plan)
+                dataset = resolved[name] = _resolve(name, root, plan, download)
                 if dataset is not None:
                     if any(d.name == dataset.name for d in plan.datasets):
                         raise ValueError(f"two datasets are named {dataset.name!r} in --datasets; name one otherwise "
@@ -117,7 +115,7 @@ def plan_datasets(items: list[str], root: str | os.PathLike | None) -> Plan:
     return plan
 
 
-def _resolve(item: str, root, plan: Plan) -> SuiteDataset | None:
+def _resolve(item: str, root, plan: Plan, download: bool) -> SuiteDataset | None:
     alias, eq, rest = item.partition("=")
     if eq and ":" not in alias and "?" not in alias:  # NAME=SPEC (a spec's own "=" follows its ":" or "?")
         return _from_spec(rest, alias.strip())
@@ -136,8 +134,10 @@ def _resolve(item: str, root, plan: Plan) -> SuiteDataset | None:
         plan.unsupported.append(f"{item}: {entry['unsupported']}")
         return None
     if found is None or not (found / "test" / "nshards.txt").is_file():
-        plan.missing.append((item, folder))
-        return None
+        if entry is None or not download:
+            plan.missing.append((item, folder))
+            return None
+        return SuiteDataset(item, f"wds-benchmark:hf-hub:{HUB_ORG}/{folder}", entry["task"], entry["title"])
     spec = f"wds-benchmark:{found}"
     task = entry["task"] if entry is not None else spec_task(spec)
     return SuiteDataset(item, spec, task, entry["title"] if entry is not None else item)
@@ -145,25 +145,28 @@ def _resolve(item: str, root, plan: Plan) -> SuiteDataset | None:
 
 def missing_data(missing: list[tuple[str, str]], root: str | os.PathLike | None) -> str:
     """One line saying which datasets have no data and what to fetch (hf-hub:clip-benchmark/wds_NAME) into where."""
+    from .datasets.wds_benchmark import fetch_command
+
     name, folder = missing[0]
     where = str(Path(root).expanduser()) if root is not None else "DIR"
-    fetch = (f"huggingface-cli download {HUB_ORG}/{folder} --repo-type dataset --include '*.txt' 'test/*' "
-             f"--local-dir {where}/{folder}")  # fmt: skip
+    fetch = fetch_command(f"{HUB_ORG}/{folder}", "test", f"{where}/{folder}")
+    hub = "; or pass --download to fetch from the hub into its cache"
     if len(missing) > 1:
         names = ", ".join(n for n, _ in missing)
         give = "" if root is not None else "give --dataset-root DIR and "
         return (f"no data for {len(missing)} datasets ({names}): {give}fetch each hf-hub:{HUB_ORG}/wds_NAME into "
-                f"{where}/wds_NAME ('/' in NAME written '-'), e.g. {fetch}")  # fmt: skip
+                f"{where}/wds_NAME ('/' in NAME written '-'), e.g. {fetch}{hub}")  # fmt: skip
     if root is None:
         return (f"{name} is read from CLIP_benchmark's export: give --dataset-root DIR and fetch hf-hub:{HUB_ORG}/"
-                f"{folder} into DIR/{folder} ({fetch})")  # fmt: skip
+                f"{folder} into DIR/{folder} ({fetch}){hub}")  # fmt: skip
     return (f"no data for {name}: {where}/{folder}/test/nshards.txt is missing; fetch hf-hub:{HUB_ORG}/{folder} "
-            f"into {where}/{folder} ({fetch})")  # fmt: skip
+            f"into {where}/{folder} ({fetch}){hub}")  # fmt: skip
 
 
 def _from_spec(spec: str, name: str) -> SuiteDataset:
     parsed = parse_spec(spec)
-    if parsed.scheme != "synthetic" and not Path(parsed.path).expanduser().exists():
+    hub = parsed.scheme == "wds-benchmark" and parsed.path.startswith("hf-hub:")
+    if parsed.scheme != "synthetic" and not hub and not Path(parsed.path).expanduser().exists():
         raise FileNotFoundError(f"{spec}: no such file or folder {parsed.path!r}")  # before any model is loaded
     entry = known_datasets().get(name, {})
     return SuiteDataset(name, spec, spec_task(spec), entry.get("title", name), given=True)
@@ -171,16 +174,15 @@ def _from_spec(spec: str, name: str) -> SuiteDataset:
 
 def spec_task(text: str) -> str:
     """The task a data spec's set is for: retrieval for captions (`coco:`, `karpathy:`, a csv/tsv with a caption
-    column and no label column, a wds-benchmark export whose dataset_type.txt says so), else zero-shot
-    classification.
+    column and no label column, a wds-benchmark export whose dataset_type.txt says so), image-caption selection for
+    `sugarcrepe:` and `winoground:`, else zero-shot classification.
 
     Raises:
         ValueError: a bad spec.
     """
     spec = parse_spec(text)
     if spec.scheme in PAIRED_SCHEMES:
-        raise ValueError(f"{text}: a caption-selection set ({spec.scheme}:), which the suite does not run (yet); "
-                         "it runs zero-shot classification and retrieval sets")  # fmt: skip
+        return SELECTION
     if spec.scheme in RETRIEVAL_SCHEMES:
         return RETRIEVAL
     if spec.scheme in ("csv", "tsv"):
@@ -190,6 +192,15 @@ def spec_task(text: str) -> str:
         if spec.options["label"] not in header and spec.options["caption"] in header:
             return RETRIEVAL
         return CLASSIFICATION
+    if spec.scheme == "wds-benchmark" and spec.path.startswith("hf-hub:"):  # the task its name has, else fetch it
+        folder = spec.path.removeprefix("hf-hub:").partition("@")[0].rpartition("/")[2]
+        known = [e["task"] for n, e in known_datasets().items() if export_dir_name(n) == folder and "task" in e]
+        if known:
+            return known[0]
+        from .datasets.wds_benchmark import fetch_export
+
+        kind = fetch_export(spec.path.removeprefix("hf-hub:"), spec.options["split"]) / "dataset_type.txt"
+        return RETRIEVAL if kind.is_file() and kind.read_text().strip().lower() == "retrieval" else CLASSIFICATION
     if spec.scheme == "wds-benchmark":
         kind = Path(spec.path).expanduser() / "dataset_type.txt"
         return RETRIEVAL if kind.is_file() and kind.read_text().strip().lower() == "retrieval" else CLASSIFICATION
@@ -218,10 +229,7 @@ class Cell:
 
     model: SuiteModel
     dataset: SuiteDataset
-
-    @property
-    def task(self) -> str:
-        return self.dataset.task
+    task: str
 
     def file_name(self) -> str:
         """A readable, unique file name: the slugs, then a hash of what identifies the cell."""
@@ -255,28 +263,49 @@ def write_cell(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
+def plan_cells(models: list[SuiteModel], datasets: list[SuiteDataset], tasks: list[str]) -> tuple[list[Cell], list[str]]:
+    """The cells of models x datasets x `tasks` ("auto": each dataset's default task), and a line for each
+    (dataset, task) that cannot run (a task the dataset's kind does not have).
+
+    Raises:
+        ValueError: an unknown task.
+    """
+    bad = [t for t in tasks if t not in ("auto", *TASKS)]
+    if bad:
+        raise ValueError(f"unknown task {bad[0]!r}: choose from auto, {', '.join(TASKS)}")
+    from .suite_tasks import LINEAR_PROBE, train_spec
+
+    pairs, skipped = [], []
+    for d in datasets:
+        for task in dict.fromkeys(d.task if t == "auto" else t for t in tasks):
+            if task != d.task and task not in OTHER_TASKS[d.task]:
+                can = ", ".join((d.task, *OTHER_TASKS[d.task]))
+                skipped.append(f"{d.name}: not a {task} set (it runs {can})")
+                continue
+            try:
+                if task == LINEAR_PROBE:
+                    train_spec(d.spec)
+            except ValueError as e:
+                skipped.append(f"{d.name} ({task}): {e}")
+                continue
+            pairs.append((d, task))
+    return [Cell(m, d, t) for m in models for d, t in pairs], skipped
+
+
 def cell_record(cell: Cell, metrics: dict) -> dict:
-    """CLIP_benchmark's result layout for a cell, its metrics under their CLIP_benchmark names."""
+    """CLIP_benchmark's result layout for a cell (its metrics already under CLIP_benchmark's names)."""
     return {"dataset": cell.dataset.name, "model": cell.model.model, "pretrained": cell.model.pretrained,
-            "task": cell.task, "metrics": {METRIC_NAMES[k]: v for k, v in metrics.items() if k in METRIC_NAMES},
-            "language": LANGUAGE}  # fmt: skip
-
-
-def main_score(record: dict) -> float | None:
-    """The one number results.md shows for a cell (`SCORE_HELP`); None when the set was too small for it."""
-    m = record["metrics"]
-    if record["task"] == RETRIEVAL:
-        pair = (m.get("image_retrieval_recall@5"), m.get("text_retrieval_recall@5"))
-        return None if None in pair else (pair[0] + pair[1]) / 2
-    return m.get("acc1")
+            "task": cell.task, "metrics": metrics, "language": LANGUAGE}  # fmt: skip
 
 
 @dataclass
 class SuiteRun:
-    """What a run did: cells found finished, computed now, and failed (with why)."""
+    """What a run did: cells found finished, computed now, not applicable (the model cannot run the task: no
+    file, so a rerun asks again) and failed (with why)."""
 
     done_before: int = 0
     computed: int = 0
+    not_applicable: int = 0
     failed: list[tuple[Cell, str]] = field(default_factory=list)
 
 
@@ -306,7 +335,11 @@ def run_suite(cells: list[Cell], cells_dir: Path, load_embedder: Callable, log: 
             embedder.progress_prefix = f"cell {k}/{len(cells)}: "  # the bars say which cell they belong to
             start, before = time.perf_counter(), embedder.embedded["images"]
             try:
-                metrics = _evaluate(embedder, cell.dataset, data)
+                metrics = _evaluate(embedder, cell, data)
+            except NotApplicable as e:
+                run.not_applicable += 1
+                log(f"cell {k}/{len(cells)}: {cell.label()}: skipped: {e}")
+                continue
             except failures as e:
                 run.failed.append((cell, str(e)))
                 log(f"cell {k}/{len(cells)}: {cell.label()}: failed: {e}")
@@ -322,23 +355,17 @@ def run_suite(cells: list[Cell], cells_dir: Path, load_embedder: Callable, log: 
     return run
 
 
-def _evaluate(embedder, dataset: SuiteDataset, data: dict) -> dict:
-    """The metrics of one cell; each dataset is read once per run (or fails once: the error is kept)."""
-    from . import sources, tasks
-    from .prompts import load_templates
+def _evaluate(embedder, cell: Cell, data: dict) -> dict:
+    """The metrics of one cell; each (dataset, task)'s data is read once per run (or fails once: the error is kept)."""
+    from . import suite_tasks
 
-    if dataset.name not in data:
+    key = (cell.dataset.name, cell.task)
+    if key not in data:
         try:
-            if dataset.task == RETRIEVAL:
-                data[dataset.name] = sources.load_captioned(dataset.spec)
-            else:
-                labelled = sources.load_classification(dataset.spec)
-                data[dataset.name] = (labelled, labelled.templates or load_templates("imagenet"))
+            data[key] = suite_tasks.load(cell.dataset.spec, cell.task)
         except Exception as e:
-            data[dataset.name] = e
-    loaded = data[dataset.name]
+            data[key] = e
+    loaded = data[key]
     if isinstance(loaded, Exception):
         raise loaded
-    if dataset.task == RETRIEVAL:
-        return tasks.retrieval(embedder, loaded).metrics
-    return tasks.zeroshot(embedder, *loaded).metrics
+    return suite_tasks.evaluate(embedder, cell.task, loaded)

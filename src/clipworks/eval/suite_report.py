@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..train.plot import load_matplotlib, new_figure, save_figure
-from .suite import SCORE_HELP, SuiteDataset, main_score
+from .suite_tasks import AVERAGED, CAPTIONING, SCORE_HELP, main_score
 
 FIRST, LAST = ("dataset", "model", "pretrained", "task"), ("language", "model_fullname")
 MARKERS = "oDs^vP*X<>"
@@ -39,36 +39,53 @@ def write_results_csv(path: str | os.PathLike, records: Sequence[dict]) -> Path:
     return path
 
 
-def _scores(records: Sequence[dict]) -> dict[tuple[str, str], dict[str, float | None]]:
-    """(model, pretrained) -> dataset name -> main score, models in order of appearance."""
-    table: dict[tuple[str, str], dict[str, float | None]] = {}
+Column = tuple[str, str]  # (dataset name, task)
+
+
+def columns(cells: Sequence) -> dict[Column, str]:
+    """The (dataset, task) columns of the suite's cells, in order, with their titles: the dataset's title, followed
+    by the task where it is not the dataset's own."""
+    out: dict[Column, str] = {}
+    for c in cells:
+        key = (c.dataset.name, c.task)
+        if key not in out:
+            out[key] = c.dataset.title + ("" if c.task == c.dataset.task else f" ({c.task.replace('_', ' ')})")
+    return out
+
+
+def _scores(records: Sequence[dict]) -> dict[tuple[str, str], dict[Column, float | None]]:
+    """(model, pretrained) -> (dataset, task) -> main score, models in order of appearance."""
+    table: dict[tuple[str, str], dict[Column, float | None]] = {}
     for r in records:
-        table.setdefault((r["model"], r["pretrained"]), {})[r["dataset"]] = main_score(r)
+        table.setdefault((r["model"], r["pretrained"]), {})[r["dataset"], r["task"]] = main_score(r)
     return table
 
 
-def _average(scores: dict[str, float | None], names: Sequence[str]) -> tuple[float | None, int]:
-    """(mean of the scores a model has among `names`, how many it has)."""
-    have = [scores[n] for n in names if scores.get(n) is not None]
+def _average(scores: dict[Column, float | None], keys: Sequence[Column]) -> tuple[float | None, int]:
+    """(mean of the scores a model has among `keys`, how many it has)."""
+    have = [scores[k] for k in keys if scores.get(k) is not None]
     return (sum(have) / len(have) if have else None), len(have)
 
 
-def markdown_table(records: Sequence[dict], datasets: Sequence[SuiteDataset]) -> str:
+def markdown_table(records: Sequence[dict], cells: Sequence) -> str:
     """results.md: a row per model, best average first, with its name, its pretrained tag, the average over the
-    datasets and a column per dataset; fractions with 4 decimals, as OpenCLIP's docs/openclip_results.csv."""
-    names = [d.name for d in datasets]
+    zero-shot columns (classification and retrieval, as OpenCLIP's) and a column per (dataset, task); scores with 4
+    decimals, as OpenCLIP's docs/openclip_results.csv."""
+    titles = columns(cells)
+    averaged = [k for k in titles if k[1] in AVERAGED]
     table = _scores(records)
     rows = []
     for (model, pretrained), scores in table.items():
-        avg, count = _average(scores, names)
-        cells = ["n/a" if scores.get(n) is None else f"{scores[n]:.4f}" for n in names]
-        mean = "n/a" if avg is None else f"{avg:.4f}" + ("" if count == len(names) else f" ({count} of {len(names)})")
-        rows.append((-1.0 if avg is None else avg, [_md(model), _md(pretrained), mean, *cells]))
+        avg, count = _average(scores, averaged)
+        row = ["n/a" if scores.get(k) is None else f"{scores[k]:.4f}" for k in titles]
+        full = count == len(averaged)
+        mean = "n/a" if avg is None else f"{avg:.4f}" + ("" if full else f" ({count} of {len(averaged)})")
+        rows.append((-1.0 if avg is None else avg, [_md(model), _md(pretrained), mean, *row]))
     rows.sort(key=lambda row: -row[0])
-    head = ["name", "pretrained", f"Average perf. on {len(names)} datasets", *(_md(d.title) for d in datasets)]
+    head = ["name", "pretrained", f"Average perf. on {len(averaged)} datasets", *(_md(t) for t in titles.values())]
     lines = ["# Benchmark results", "",
-             f"Score per dataset: {SCORE_HELP}; each model's average over the datasets it has. Every metric of "
-             "every cell is in results.csv.", "",
+             f"Score per column: {SCORE_HELP}. Each model's average is over the zero-shot classification and "
+             "retrieval columns it has. Every metric of every cell is in results.csv.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]  # fmt: skip
     lines += ["| " + " | ".join(cells) + " |" for _, cells in rows]
     return "\n".join(lines) + "\n"
@@ -78,30 +95,31 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|") or " "
 
 
-def write_results_md(path: str | os.PathLike, records: Sequence[dict], datasets: Sequence[SuiteDataset]) -> Path:
+def write_results_md(path: str | os.PathLike, records: Sequence[dict], cells: Sequence) -> Path:
     path = Path(path)
-    path.write_text(markdown_table(records, datasets), encoding="utf-8")
+    path.write_text(markdown_table(records, cells), encoding="utf-8")
     return path
 
 
-def plot_groups(out_dir: str | os.PathLike, records: Sequence[dict], datasets: Sequence[SuiteDataset],
+def plot_groups(out_dir: str | os.PathLike, records: Sequence[dict], cells: Sequence,
                 groups: dict[str, list[str]]) -> list[Path]:  # fmt: skip
-    """A dot plot per group (collection) comparing the models: a row per dataset and one for the average, a marker
-    per model. Written to out_dir/NAME.png and .svg; none (after one line on stderr) without matplotlib."""
+    """A dot plot per group (collection) comparing the models: a row per (dataset, task) whose score is a fraction
+    (captioning's CIDEr is not: it stays in the tables) and one for the average, a marker per model. Written to
+    out_dir/NAME.png and .svg; none (after one line on stderr) without matplotlib."""
     table = _scores(records)
     if not table:
         return []
     mpl = load_matplotlib()
     if mpl is None:
         return []
-    titles = {d.name: d.title for d in datasets}
+    titles = {k: t for k, t in columns(cells).items() if k[1] != CAPTIONING}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     for group, names in groups.items():
-        names = [n for n in dict.fromkeys(names) if n in titles]
-        if names:
-            files += _dot_plot(mpl, table, names, titles, group, out / f"{_file_name(group)}.png")
+        keys = [k for n in dict.fromkeys(names) for k in titles if k[0] == n]
+        if keys:
+            files += _dot_plot(mpl, table, keys, titles, group, out / f"{_file_name(group)}.png")
     return files
 
 
@@ -109,14 +127,15 @@ def _file_name(group: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", group)
 
 
-def _dot_plot(mpl, table: dict, names: list[str], titles: dict[str, str], group: str, path: Path) -> list[Path]:
-    labels = ["Average", *(_shorten(titles[n], 36) for n in names)]
+def _dot_plot(mpl, table: dict, keys: list[Column], titles: dict[Column, str], group: str, path: Path) -> list[Path]:
+    labels = ["Average", *(_shorten(titles[k], 36) for k in keys)]
+    averaged = [k for k in keys if k[1] in AVERAGED]
     m = len(table)
     fig = new_figure(mpl, 8.5, 1.9 + 0.34 * len(labels) + 0.22 * ((m + 1) // 2))
     ax = fig.subplots()
     for j, ((model, pretrained), scores) in enumerate(table.items()):
-        avg, _ = _average(scores, names)
-        values = [avg, *(scores.get(n) for n in names)]
+        avg, _ = _average(scores, averaged)
+        values = [avg, *(scores.get(k) for k in keys)]
         offset = (j - (m - 1) / 2) * min(0.5 / max(m, 1), 0.15)  # side by side within a row, not on top
         points = [(v, i + offset) for i, v in enumerate(values) if v is not None]
         ax.scatter([v for v, _ in points], [y for _, y in points], s=42, marker=MARKERS[j % len(MARKERS)],
@@ -127,8 +146,10 @@ def _dot_plot(mpl, table: dict, names: list[str], titles: dict[str, str], group:
     ax.set_xlim(-0.02, 1.02)
     ax.xaxis.set_major_formatter(mpl.ticker.PercentFormatter(1.0))
     ax.grid(axis="x", alpha=0.35)
-    ax.set_xlabel("classification: top-1 accuracy; retrieval: mean of image and text recall@5", fontsize=10)
-    ax.set_title(f"{group}: {m} model(s) on {len(names)} dataset(s)", fontsize=13)
+    tasks = {k[1] for k in keys}
+    ax.set_xlabel("classification: top-1 accuracy; retrieval: mean of image and text recall@5"
+                  if tasks <= set(AVERAGED) else "score (results.md says which, per task)", fontsize=10)  # fmt: skip
+    ax.set_title(f"{group}: {m} model(s) on {len(keys)} dataset(s)", fontsize=13)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1 - 0.3 / len(labels)), ncol=min(2, m), fontsize=9,
               frameon=False)  # fmt: skip
     return save_figure(mpl, fig, path)

@@ -10,10 +10,10 @@ from torch import Tensor
 
 from .embed import Embedder
 from .linear_probe import DEFAULT_L2_GRID, AdamWProtocol, linear_probe, linear_probe_adamw
-from .metrics import (classification_metrics, clip_score, compositional_accuracy, confusion_matrix,
-                      retrieval_metrics, winoground_scores)  # fmt: skip
+from .metrics import (average_precision, classification_metrics, clip_score, compositional_accuracy,
+                      confusion_matrix, multilabel_metrics, retrieval_metrics, winoground_scores)  # fmt: skip
 from .report import sample_queries
-from .sources import Captioned, Classification, Paired, WithNegatives
+from .sources import Captioned, Classification, MultiLabel, Paired, WithNegatives
 
 
 @dataclass
@@ -37,6 +37,20 @@ def zeroshot(embedder: Embedder, data: Classification, templates: Sequence[str])
     metrics = classification_metrics(logits, labels)
     confusion = confusion_matrix(logits.argmax(1), labels, len(data.class_names))
     return Evaluation(metrics, len(data.labels), feats.skipped, {"confusion": confusion})
+
+
+def zeroshot_multilabel(embedder: Embedder, data: MultiLabel, templates: Sequence[str]) -> Evaluation:
+    """Mean average precision of zero-shot multi-label classification (each class's prompts scored against every
+    image, as CLIP_benchmark does); `extra["average_precision"]` (C,) per class, in `data.class_names` order."""
+    feats = embedder.images(data.images)
+    weights = embedder.text_weights(data.class_names, templates)  # (C, E)
+    valid = feats.valid
+    logits = 100.0 * feats.features[valid] @ weights.t()  # (N, C)
+    targets = data.labels[valid]
+    _require(len(targets), "zero-shot multi-label classification")
+    metrics = multilabel_metrics(logits, targets)
+    extra = {"average_precision": average_precision(logits, targets)}
+    return Evaluation(metrics, len(data.labels), feats.skipped, extra)
 
 
 def _require(n: int, what: str) -> None:

@@ -5,23 +5,30 @@
     DIR/dataset_type.txt                        "retrieval" or "multilabel" (absent: classification)
     DIR/SPLIT/nshards.txt                       the number of shards, n
     DIR/SPLIT/0.tar ... DIR/SPLIT/{n-1}.tar     samples `{key}.webp|png|jpg|jpeg` with `{key}.cls` (the label
-                                                as decimal text) or `{key}.txt` (captions, one a line)
+                                                as decimal text), `{key}.npy` (multilabel: a multi-hot vector
+                                                as a NumPy file, read without unpickling) or `{key}.txt`
+                                                (captions, one a line)
 
 The shards (uncompressed tar) are indexed once; an image is read by seeking to its member's data.
+
+DIR may be `hf-hub:ORG/NAME[@REVISION]` (CLIP_benchmark's are clip-benchmark/wds_NAME): the metadata files and the
+split's shards are fetched into the Hugging Face hub cache once, checked against the hub's SHA-256, and read there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import tarfile
 from pathlib import Path
 
 from PIL import Image
 
 from ...data.decode import load_image
+from ...hub import HubUnavailableError
 from ...transforms import preprocess_file
 from ..images import ImageSet, files_fingerprint
-from ..sources import Captioned, Classification, Spec
+from ..sources import Captioned, Classification, MultiLabel, Spec
 from .common import read_names, spec_root
 
 IMAGE_TYPES = ("webp", "png", "jpg", "jpeg")  # CLIP_benchmark's order of preference
@@ -65,12 +72,12 @@ def load_classification(spec: Spec) -> Classification:
     root, shards, kind = _layout(spec)
     what = f"wds-benchmark:{spec.path}"
     if kind != "classification":
-        use = "`clipworks eval retrieval`" if kind == "retrieval" else "a single-label set"
-        raise ValueError(f"{what}: a {kind} set (dataset_type.txt); zero-shot classification needs {use}")
+        use = "`clipworks eval retrieval`" if kind == "retrieval" else "`clipworks benchmark` (mean average precision)"
+        raise ValueError(f"{what}: a {kind} set (dataset_type.txt); evaluate it with {use}")
     names = read_names(root / "classnames.txt", what)
     images, targets = _index(what, shards, "cls")
     try:
-        labels = [int(t) for t in targets]
+        labels = [int(t.decode("utf-8")) for t in targets]
     except ValueError as e:
         raise ValueError(f"{what}: a .cls member is not an integer label: {e}") from e
     bad = next((k for k in labels if not 0 <= k < len(names)), None)
@@ -89,7 +96,7 @@ def load_captioned(spec: Spec) -> Captioned:
     images, targets = _index(what, shards, "txt")
     captions, caption_image = [], []
     for i, text in enumerate(targets):
-        for line in filter(None, (c.strip() for c in text.splitlines())):
+        for line in filter(None, (c.strip() for c in text.decode("utf-8").splitlines())):
             captions.append(line)
             caption_image.append(i)
     if not captions:
@@ -97,9 +104,71 @@ def load_captioned(spec: Spec) -> Captioned:
     return Captioned(images, captions, caption_image)
 
 
+def load_multilabel(spec: Spec) -> MultiLabel:
+    """`wds-benchmark:DIR[?split=test]`, a multilabel export (voc2007_multilabel): each image's `.npy` holds a
+    multi-hot vector over classnames.txt."""
+    import numpy as np
+    import torch
+
+    root, shards, kind = _layout(spec)
+    what = f"wds-benchmark:{spec.path}"
+    if kind != "multilabel":
+        raise ValueError(f"{what}: a {kind} set (dataset_type.txt does not say multilabel)")
+    names = read_names(root / "classnames.txt", what)
+    images, targets = _index(what, shards, "npy")
+    rows = []
+    for k, data in enumerate(targets):
+        try:
+            row = np.load(io.BytesIO(data), allow_pickle=False)  # arrays only: never unpickle
+        except ValueError as e:
+            raise ValueError(f"{what}: {images.name(k)}.npy is not a NumPy array file: {e}") from e
+        if row.shape != (len(names),) or not np.isin(row, (0, 1)).all():
+            raise ValueError(f"{what}: {images.name(k)}.npy holds {row.dtype}{list(row.shape)}; expected a multi-hot "
+                             f"vector of the {len(names)} classes in classnames.txt")  # fmt: skip
+        rows.append(torch.from_numpy(row.astype(bool)))
+    return MultiLabel(images, torch.stack(rows), names, _templates(root / "zeroshot_classification_templates.txt", what))
+
+
+def dataset_type(spec: Spec) -> str:
+    """The export's dataset_type.txt: classification, retrieval or multilabel."""
+    return _layout(spec)[2]
+
+
+HUB_PREFIX = "hf-hub:"
+METADATA = ("classnames.txt", "zeroshot_classification_templates.txt", "dataset_type.txt")
+
+
+def fetch_command(repo_id: str, split: str, local_dir: str = "DIR") -> str:
+    """The command that fetches an export's split by hand (what to run where this machine cannot reach the hub)."""
+    include = " ".join(f"'{f}'" for f in (*METADATA, f"{split}/*"))
+    return f"huggingface-cli download {repo_id} --repo-type dataset --include {include} --local-dir {local_dir}"
+
+
+def fetch_export(repo: str, split: str = "test") -> Path:
+    """The cached snapshot of a hub export (`ORG/NAME[@REVISION]`): its metadata files and one split's shards.
+
+    Raises:
+        HubUnavailableError: offline or unreachable and not (all) cached; the message says what to fetch.
+    """
+    from ...hub import download_dataset
+
+    repo_id, _, revision = repo.partition("@")
+    try:
+        return download_dataset(repo_id, [*METADATA, f"{split}/*"], revision=revision or None)
+    except HubUnavailableError as e:
+        raise HubUnavailableError(f"{e}; elsewhere, fetch it with `{fetch_command(repo_id, split)}` and read "
+                                  "wds-benchmark:DIR") from e  # fmt: skip
+
+
+def _root(spec: Spec) -> Path:
+    if spec.path.startswith(HUB_PREFIX):
+        return fetch_export(spec.path[len(HUB_PREFIX) :], spec.options["split"])
+    return spec_root(spec)
+
+
 def _layout(spec: Spec) -> tuple[Path, list[Path], str]:
     """(DIR, the split's shards, the dataset type)."""
-    root, split = spec_root(spec), spec.options["split"]
+    root, split = _root(spec), spec.options["split"]
     what = f"wds-benchmark:{spec.path}"
     count_file = root / split / "nshards.txt"
     if not count_file.is_file():
@@ -120,8 +189,8 @@ def _layout(spec: Spec) -> tuple[Path, list[Path], str]:
     return root, shards, kind or "classification"
 
 
-def _index(what: str, shards: list[Path], target: str) -> tuple[TarImages, list[str]]:
-    """The shards' images and, per image, the text of its `target` member (`cls` or `txt`)."""
+def _index(what: str, shards: list[Path], target: str) -> tuple[TarImages, list[bytes]]:
+    """The shards' images and, per image, the content of its `target` member (`cls`, `npy` or `txt`)."""
     members, targets = [], []
     for j, shard in enumerate(shards):
         try:
@@ -136,10 +205,10 @@ def _index(what: str, shards: list[Path], target: str) -> tuple[TarImages, list[
                     image = next((files[e] for e in IMAGE_TYPES if e in files), None)
                     if image is None or target not in files:
                         missing = f"a .{'/.'.join(IMAGE_TYPES)} image" if image is None else f"a .{target} member"
-                        extra = " (.npy: a multilabel set, not supported)" if "npy" in files else ""
+                        extra = " (it has a .npy: a multilabel set without dataset_type.txt?)" if "npy" in files else ""
                         raise ValueError(f"{what}: {shard.name}: sample {key!r} has no {missing}{extra}")
                     members.append((j, image.offset_data, image.size, key))
-                    targets.append(tar.extractfile(files[target]).read().decode("utf-8"))
+                    targets.append(tar.extractfile(files[target]).read())
         except (tarfile.TarError, EOFError) as e:
             raise ValueError(f"{what}: {shard} is not a readable uncompressed tar: {type(e).__name__}: {e}") from e
     return TarImages(shards, members), targets
