@@ -22,7 +22,19 @@ class ModelConfig:
             by the fields below (the default run's model).
         pretrained: weights for a preset (tag, file or directory); None trains from scratch.
         lock_image: freeze the image tower (LiT-style fine-tuning of the text tower).
+        lock_image_unlocked_groups: with `lock_image`, this many layer groups from the top stay trainable
+            (OpenCLIP's --lock-image-unlocked-groups: a ViT's groups are the embeddings, each block, the last block
+            with the final norm, the projection).
+        lock_image_freeze_bn_stats: with `lock_image`, BatchNorm layers (ResNet towers) stop updating their
+            running statistics too (OpenCLIP's --lock-image-freeze-bn-stats).
         lock_text: freeze the text tower.
+        lock_text_unlocked_layers: with `lock_text`, this many transformer blocks from the top stay trainable
+            (OpenCLIP's --lock-text-unlocked-layers).
+        lock_text_freeze_layer_norm: with `lock_text`, the layer norms of the unlocked blocks stay frozen
+            (OpenCLIP's --lock-text-freeze-layer-norm).
+        patch_dropout: fraction of a ViT's patch tokens dropped at random in each training forward pass (FLIP,
+            Li et al. 2023; OpenCLIP's --force-patch-dropout); the class token is kept; evaluation sees every
+            patch. 0 disables.
         grad_checkpointing: recompute activations in the backward pass to save memory.
         embed_dim: "tiny" only: size of the shared embedding space.
         image_size: "tiny" only: input side in pixels.
@@ -39,7 +51,12 @@ class ModelConfig:
     name: str = "tiny"
     pretrained: str | None = None
     lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = False
     lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    lock_text_freeze_layer_norm: bool = True
+    patch_dropout: float = 0.0
     grad_checkpointing: bool = False
     embed_dim: int = 128
     image_size: int = 64
@@ -58,22 +75,52 @@ class DataConfig:
     """Where the image-caption pairs come from.
 
     Attributes:
-        train: a data source string (`synthetic:shapes?...`, `csv:PATH`, `folder:DIR`, `wds:PATTERN`).
+        train: a data source string (`synthetic:shapes?...`, `csv:PATH`, `folder:DIR`, `wds:PATTERN`). A `wds:`
+            pattern expands braces (`shards/{000..099}.tar`) and may name local files or streamed ones
+            (`s3://`, `gs://`, `https://`, `hf://` through fsspec; `pipe:COMMAND` reads a command's output);
+            several sources are joined with `::` (`wds:a/{000..099}.tar::b/{000..009}.tar`).
         batch_size: images per step on each process (the contrastive batch is batch_size x world size).
         workers: DataLoader worker processes (0 loads in the main process).
         eval_size: held-out synthetic scenes for zero-shot accuracy and retrieval recall, evaluated when the training
             data is synthetic or `run.synthetic_eval` is true (0 disables).
+        upsampling_factors: with several `::`-joined `wds:` sources, how often each is sampled relative to the
+            others, `::`-joined (`1::2`: the second source twice as often per shard as its size alone gives;
+            OpenCLIP's --train-data-upsampling-factors); needs `resampled`.
+        resampled: draw shards with replacement, forever (OpenCLIP's --dataset-resampled); an epoch is then
+            `train_num_samples` samples.
+        train_num_samples: samples in one epoch of a `wds:` source (OpenCLIP's --train-num-samples); None: one
+            pass over the shards.
+        shard_retries: attempts to open or read a streamed shard after a transient error (with exponential
+            backoff) before it is skipped and counted.
+        max_failed_shards: the run stops, naming them, once more shards than this were skipped.
         augment: random resized crops for training images; false uses the deterministic evaluation transform.
+        aug_scale: the random crop's area as a fraction of the image's, a range (OpenCLIP's AugmentationCfg
+            scale).
+        aug_ratio: the random crop's aspect ratio (width / height) range, sampled log-uniformly.
+        aug_interpolation: "bicubic", "bilinear" or "nearest", resizing the crop.
+        aug_hflip: probability of a horizontal flip.
+        aug_color_jitter: strength s of brightness, contrast and saturation jitter, each factor drawn from
+            [1 - s, 1 + s]; 0 disables it.
         val_size: training samples held out of training for a validation loss and image-text recall every
             `run.eval_every` steps (0: none). The same ones in every run: the last N of a csv, tsv, folder or
             synthetic source; of a `wds:` pattern the first N of its last shard, which training then skips whole.
     """
 
     train: str = "synthetic:shapes?size=200000&seed=0&image_size=64"
+    upsampling_factors: str | None = None
+    resampled: bool = False
+    train_num_samples: int | None = None
+    shard_retries: int = 3
+    max_failed_shards: int = 10
     batch_size: int = 128
     workers: int = 1
     eval_size: int = 500
     augment: bool = True
+    aug_scale: tuple[float, float] = (0.9, 1.0)
+    aug_ratio: tuple[float, float] = (0.75, 4 / 3)
+    aug_interpolation: str = "bicubic"
+    aug_hflip: float = 0.0
+    aug_color_jitter: float = 0.0
     val_size: int = 0
 
 
@@ -111,13 +158,19 @@ class LossConfig:
     """The contrastive loss.
 
     Attributes:
-        kind: "clip" (softmax, symmetric cross-entropy) or "siglip" (pairwise sigmoid).
+        kind: "clip" (softmax, symmetric cross-entropy) or "siglip" (pairwise sigmoid). SigLIP on a model without
+            a logit bias adds one, initialised as SigLIP does (bias -10, logit scale log 10).
+        distill_model: a teacher model (`NAME:TAG`, `local-dir:DIR`, ...) whose image-text logits the student
+            also learns to match (OpenCLIP's --distill-model/--distill-pretrained, its DistillClipLoss: the
+            contrastive loss plus the cross-entropy between the teacher's and the student's softmax); None: no
+            distillation. Needs kind "clip".
         local_loss: with several processes, compute only this process's rows of the logits.
         gather_with_grad: gather other processes' features with gradients (exact global-batch gradients).
         chunk_size: compute the logits in blocks of this many rows to save memory; None computes them at once.
     """
 
     kind: str = "clip"
+    distill_model: str | None = None
     local_loss: bool = False
     gather_with_grad: bool = True
     chunk_size: int | None = None
@@ -130,7 +183,9 @@ class RunConfig:
     Attributes:
         steps: optimiser steps in total (a resumed run continues up to this count).
         seed: seeds model initialisation, data order and augmentation.
-        precision: "fp32", or "bf16" autocast.
+        precision: "fp32", "bf16" autocast, or "auto": bf16 autocast where the device computes bf16 natively (a
+            CUDA GPU with bf16; a CPU with AVX-512 BF16 or AMX), fp32 elsewhere.
+        compile: run the model through `torch.compile`.
         device: "auto" (CUDA when available), "cpu" or "cuda".
         out_dir: the run directory; None makes `runs/<timestamp>`.
         log_every: steps between metric rows in `metrics.csv`.
@@ -143,12 +198,19 @@ class RunConfig:
         synthetic_eval: also evaluate on `data.eval_size` synthetic held-out scenes when the training data is not
             synthetic (on synthetic data they are always evaluated).
         save_every: steps between run-state checkpoints (0: only at the end).
+        keep_checkpoints: keep only the newest N checkpoints, removing older ones once a newer one is complete
+            (0 keeps all).
+        keep_every: also keep, whatever `keep_checkpoints` says, the checkpoints of steps that are multiples of this
+            (milestones; 0: none).
         resume: "latest" (the newest intact checkpoint in `out_dir`, if any: one whose files fail their checksums is
             passed over with a warning), a checkpoint path, or None. At the start of a run, temporary directories
             of saves that were killed are removed.
         nonfinite: on a NaN/inf loss, "stop" the run naming the step, or "skip" the step's update.
         progress: show a progress bar.
         tensorboard: also write the metrics as TensorBoard scalars to `<run>/tensorboard` (needs `tensorboard`).
+        wandb: also log the metrics and the config to Weights & Biases (needs `wandb`; its own settings, such as
+            WANDB_MODE=offline, apply).
+        wandb_project: the Weights & Biases project.
         parallel: with several processes, "ddp" (a full model copy per process) or "fsdp" (parameters, gradients
             and optimiser state sharded across processes, for models that do not fit one device).
     """
@@ -156,6 +218,7 @@ class RunConfig:
     steps: int = 2000
     seed: int = 0
     precision: str = "fp32"
+    compile: bool = False
     device: str = "auto"
     out_dir: str | None = None
     log_every: int = 10
@@ -164,10 +227,14 @@ class RunConfig:
     eval_max_images: int = 1000
     synthetic_eval: bool = False
     save_every: int = 250
+    keep_checkpoints: int = 0
+    keep_every: int = 0
     resume: str | None = None
     nonfinite: str = "stop"
     progress: bool = True
     tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "clipworks"
     parallel: str = "ddp"
 
 
@@ -190,7 +257,8 @@ class TrainConfig:
         """Check the choice-valued fields; returns self. Raises ValueError naming the valid choices."""
         checks = [("loss.kind", self.loss.kind, ("clip", "siglip")),
                   ("optim.schedule", self.optim.schedule, ("cosine", "constant")),
-                  ("run.precision", self.run.precision, ("fp32", "bf16")),
+                  ("run.precision", self.run.precision, ("fp32", "bf16", "auto")),
+                  ("data.aug_interpolation", self.data.aug_interpolation, ("bicubic", "bilinear", "nearest")),
                   ("run.device", self.run.device, ("auto", "cpu", "cuda")),
                   ("run.nonfinite", self.run.nonfinite, ("stop", "skip")),
                   ("run.parallel", self.run.parallel, ("ddp", "fsdp"))]  # fmt: skip
@@ -208,6 +276,12 @@ class TrainConfig:
                              "be negative")  # fmt: skip
         if self.run.eval_max_images < 1:
             raise ValueError(f"run.eval_max_images={self.run.eval_max_images}: expected at least 1")
+        if not 0 <= self.model.patch_dropout < 1:
+            raise ValueError(f"model.patch_dropout={self.model.patch_dropout}: expected 0 <= fraction < 1")
+        if min(self.run.keep_checkpoints, self.run.keep_every, self.data.shard_retries, self.data.max_failed_shards,
+               self.model.lock_image_unlocked_groups, self.model.lock_text_unlocked_layers) < 0:  # fmt: skip
+            raise ValueError("run.keep_checkpoints, run.keep_every, data.shard_retries, data.max_failed_shards and "
+                             "the model's lock_* counts must not be negative")  # fmt: skip
         return self
 
 

@@ -309,7 +309,10 @@ class Runner:
         self.skipped_steps += 1
 
     def _autocast(self):
-        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.cfg.run.precision == "bf16")
+        from ..hardware import resolve_precision
+
+        bf16 = resolve_precision(self.cfg.run.precision, self.dist.device.type) == "bf16"
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def _train_step(self, batch) -> float:
         dev = self.dist.device
