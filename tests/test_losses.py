@@ -15,6 +15,7 @@ from torch import nn
 from clipworks.train.losses import (
     MAX_LOGIT_SCALE,
     ClipLoss,
+    DistillClipLoss,
     SigLipLoss,
     build_loss,
     clamp_logit_scale_,
@@ -124,6 +125,29 @@ def test_build_loss_rejects_unknown_kind():
         build_loss("infonce")
     with pytest.raises(ValueError, match="clip, siglip"):
         init_logit_scale("infonce")
+
+
+def test_distill_matches_open_clip_single_process():
+    """OpenCLIP's DistillClipLoss on the same inputs: both parts, and the gradients of their sum, within 1e-6."""
+    image, text, scale, _ = _inputs(seed=1)
+    teacher_image, teacher_text, teacher_scale, _ = (t.detach() for t in _inputs(seed=2))
+    ours = DistillClipLoss()(image, text, scale, teacher_image, teacher_text, teacher_scale * 2)
+    theirs = oc_loss.DistillClipLoss()(image, text, scale, teacher_image, teacher_text, teacher_scale * 2)
+    assert ours.distill > 0 and ours.contrastive > 0
+    for a, b in zip(ours, theirs):
+        assert abs(a.item() - b.item()) <= 1e-6
+    grads = torch.autograd.grad(ours.total, (image, text, scale))
+    expected = torch.autograd.grad(theirs[0] + theirs[1], (image, text, scale))
+    for g, e in zip(grads, expected):
+        assert (g - e).abs().max().item() <= 1e-6
+
+
+def test_distill_loss_is_for_the_softmax_loss_whole():
+    assert isinstance(build_loss("clip", distill=True), DistillClipLoss)
+    with pytest.raises(ValueError, match="'clip'.*'siglip'"):
+        build_loss("siglip", distill=True)
+    with pytest.raises(ValueError, match="chunk_size None"):
+        build_loss("clip", distill=True, chunk_size=4)
 
 
 def test_siglip_requires_bias():

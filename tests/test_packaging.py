@@ -29,6 +29,9 @@ CORE_PATHS = ("train/", "data/", "eval/", "models/clip.py", "models/vit.py", "mo
               "tokenizer.py", "transforms.py", "factory.py", "demo.py", "cli.py", "config.py", "presets.py")  # fmt: skip
 # Optional accelerators a core module uses only once a guarded probe found them: (file, module).
 PROBED = {("data/jpeg.py", "simplejpeg")}  # `_available()` imports it under try/except; `_decode` runs after it
+# Distributions a dependency imports whenever they are installed (a guarded import of its own), by dependency:
+# timm.utils.summary tries `import wandb` (which loads pydantic).
+DEPENDENCY_PROBES = {"timm": {"wandb"}}
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +294,7 @@ def test_each_command_imports_only_the_core_and_the_extras_its_help_names(metada
                 problems.append(f"clipworks {key}: {path}:{line} imports {module} ({dist}, in {where}); "
                                 f"its --help names {names}")  # fmt: skip
         closure = _requirement_closure(allowed)
+        closure |= _requirement_closure({p for dep, probed in DEPENDENCY_PROBES.items() if dep in closure for p in probed})
         for top in result["loaded"]:
             for dist in map(_normal, _packages().get(top, ()) if top not in probed else ()):
                 if dist in of_extra and dist not in closure:

@@ -34,7 +34,7 @@ def test_the_start_prints_the_run_model_data_and_steps_then_a_measured_estimate(
         f"model: tiny, {params / 1e6:.1f}M parameters, random init",
         "data: synthetic:shapes?size=256&seed=0&image_size=32 (256 samples); 8 held-out scenes for zero-shot "
         "evaluation",
-        "steps: 6 steps of 16 samples, 0.38 epochs on cpu; a checkpoint every 250 steps, evaluation every 250",
+        "steps: 6 steps of 16 samples, 0.38 epochs on cpu in fp32; a checkpoint every 250 steps, evaluation every 250",
     ]
     # timed over steps 2-5 (the first includes start-up), then the step left at that speed
     estimate = [line for line in out if line.startswith("time:")]

@@ -324,7 +324,10 @@ EXTRA_OF_MODULE = {
     **dict.fromkeys(("onnx", "onnxruntime", "onnxscript"), "onnx"),
     "timm": "timm",
     "tensorboard": "train",
+    "wandb": "wandb",
     "matplotlib": "plots",
+    **dict.fromkeys(("fsspec", "aiohttp"), "http"),
+    "s3fs": "s3",
 }  # fmt: skip
 
 # What each command needs beyond the core install: (extras it cannot run without, {extra: what needs it}). Each
@@ -334,19 +337,25 @@ _MODEL_EXTRAS = {
     "hub": "weights from the hub (NAME:TAG, hf-hub:ORG/REPO); SigLIP, MetaCLIP 2 and multilingual tokenizers",
     "timm": "EVA-CLIP, PE-Core, ViTamin and MobileCLIP image towers",
 }  # fmt: skip
+_STREAM_EXTRAS = {
+    "s3": "wds: shards on S3 or an S3-compatible store (s3://)",
+    "gcs": "wds: shards on Google Cloud Storage (gs://)",
+    "http": "wds: shards over http:// and https://",
+}  # fmt: skip
 COMMAND_EXTRAS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "models": ((), {"timm": "the parameter counts of the EVA-CLIP, PE-Core, ViTamin and MobileCLIP presets"}),
     "demo": ((), _MODEL_EXTRAS),
     "tokenize": ((), {"hub": "hf-hub:ORG/REPO models; SigLIP, MetaCLIP 2 and multilingual tokenizers"}),
     "convert": ((), {**_MODEL_EXTRAS, "onnx": "--to onnx"}),
     "train": ((), {**_MODEL_EXTRAS, "train": "TensorBoard scalars (--run.tensorboard)",
-                   "plots": "the training curves (curves.png, curves.svg)"}),
+                   "plots": "the training curves (curves.png, curves.svg)",
+                   "wandb": "Weights & Biases logging (--run.wandb)", **_STREAM_EXTRAS}),
     "classify": ((), _MODEL_EXTRAS),
     "score": ((), _MODEL_EXTRAS),
     "eval": ((), {**_MODEL_EXTRAS, "plots": "the figures written with --out"}),
     "benchmark": ((), {**_MODEL_EXTRAS, "plots": "a plot per collection (OUT/plots/NAME.png, .svg)"}),
     "caption": ((), _MODEL_EXTRAS),
-    "embed": (("search",), _MODEL_EXTRAS),
+    "embed": (("search",), {**_MODEL_EXTRAS, **_STREAM_EXTRAS}),
     "index": (("search",), {}),
     "dedup": (("search",), {}),
     "serve": (("search",), _MODEL_EXTRAS),

@@ -77,11 +77,9 @@ def _square(size, what: str) -> int:
     return size
 
 
-def architecture_overrides(force_quick_gelu: bool = False, force_image_size=None, force_context_length=None,
-                           force_patch_dropout=None):  # fmt: skip
-    """A function that applies OpenCLIP's `force_*` options to a config, or None when none is set."""
-    if force_patch_dropout:
-        raise ValueError(f"force_patch_dropout={force_patch_dropout}: patch dropout is not implemented in clipworks")
+def architecture_overrides(force_quick_gelu: bool = False, force_image_size=None, force_context_length=None):
+    """A function that applies OpenCLIP's `force_*` options to a config, or None when none is set (patch dropout is
+    a training setting of the built model: `apply_patch_dropout`)."""
     size = None if force_image_size is None else _square(force_image_size, "force_image_size")
     if force_context_length is not None and (not isinstance(force_context_length, int) or force_context_length < 2):
         raise ValueError(f"force_context_length={force_context_length!r}: expected an int of at least 2")
@@ -98,6 +96,17 @@ def architecture_overrides(force_quick_gelu: bool = False, force_image_size=None
         return cfg
 
     return adapt
+
+
+def apply_patch_dropout(model, force_patch_dropout: float | None) -> None:
+    """OpenCLIP's `force_patch_dropout` on a built model: the fraction of a ViT's patch tokens dropped at random in
+    training mode (`CLIP.set_patch_dropout`); None leaves the model as built.
+
+    Raises:
+        ValueError: a fraction outside [0, 1), or a non-zero one for an image tower without patches.
+    """
+    if force_patch_dropout is not None:
+        model.set_patch_dropout(float(force_patch_dropout))
 
 
 def with_quick_gelu(cfg: CLIPConfig) -> CLIPConfig:

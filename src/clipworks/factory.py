@@ -279,7 +279,8 @@ def create_model(
         dtype: parameter dtype (e.g. torch.bfloat16 on GPUs); default float32.
         force_quick_gelu, force_image_size, force_context_length: change the architecture before it is built;
             loaded position tables are interpolated to new sizes as OpenCLIP does.
-        force_patch_dropout: only 0 or None (patch dropout is not implemented).
+        force_patch_dropout: the fraction of a ViT's patch tokens dropped at random in training mode (FLIP;
+            `CLIP.set_patch_dropout`); a non-zero one on a tower without patches is a ValueError.
         force_preprocess_cfg: OpenCLIP's preprocessing keys to override (`size`, `mean`, `std`, `interpolation`,
             `resize_mode`, `fill_color`).
         cache_dir: the Hugging Face hub cache to download into.
@@ -297,8 +298,7 @@ def create_model(
 
     compat.check_options("create_model", open_clip_options)
     dtype = compat.precision_dtype(precision, dtype)
-    adapt = compat.architecture_overrides(force_quick_gelu, force_image_size, force_context_length,
-                                          force_patch_dropout)  # fmt: skip
+    adapt = compat.architecture_overrides(force_quick_gelu, force_image_size, force_context_length)
     random_init = isinstance(model_name, str) and names_no_weights(model_name, pretrained)
     if random_init and require_pretrained:
         raise ValueError(f"{model_name!r} names no weights and require_pretrained=True: pass pretrained=")
@@ -313,6 +313,7 @@ def create_model(
     model.preprocess_config = preprocess
     model.tokenizer_config = tokenizer
     model.output_dict = bool(output_dict)
+    compat.apply_patch_dropout(model, force_patch_dropout)
     model.to(device=device, dtype=dtype)
     return model.eval()
 

@@ -6,9 +6,12 @@ A spec is `SCHEME:PATH[?key=value&...]`:
   paths are relative to the file's directory.
 - `folder:DIR`: every image under DIR (recursively) with a same-stem `.txt` caption beside it. Images with
   no caption file are left out of the dataset and counted (`FolderDataset.uncaptioned`, and a warning).
-- `wds:PATTERN`: local WebDataset tar shards, with brace patterns (`shard-{000000..000009}.tar`, `{a,b}`),
-  read as streams with the stdlib `tarfile`. A sample is the files sharing a key: `{key}.jpg|jpeg|png|webp`
-  with `{key}.txt`, or `{key}.json` holding a "caption".
+- `wds:PATTERN`: WebDataset tar shards, with brace patterns (`shard-{000000..000009}.tar`, `{a,b}`), read as
+  streams with the stdlib `tarfile`. Shards are local paths, URLs read through fsspec (`s3://`, `gs://`,
+  `https://`, `hf://`) or `pipe:COMMAND` (see `shards`); several sources are joined with `::`
+  (`wds:a/{000..099}.tar::s3://b/{000..009}.tar`), weighted by `StreamOptions.upsampling_factors` when resampled.
+  A URL or `pipe:` pattern keeps any `?` in it (wds takes no options). A sample is the files sharing a key:
+  `{key}.jpg|jpeg|png|webp` with `{key}.txt`, or `{key}.json` holding a "caption".
 - `synthetic:shapes[?size=N&seed=S&image_size=64&split=train]`: the built-in generator.
 
 Every dataset yields `(image_tensor, caption)`, or `None` for a broken image or an empty caption; `collate`
@@ -28,11 +31,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .decode import Sample, Transform, load_sample
-from .wds import ShardError, WebDataset, expand_braces, mix_seed
+from .wds import ShardError, StreamOptions, WebDataset, expand_braces, expand_sources, mix_seed, shard_weights
 
 __all__ = [
-    "SCHEMES", "Batch", "Collate", "DataSpec", "EpochSampler", "FolderDataset", "SeededSamples", "ShardError", "TableDataset",
-    "WebDataset", "build_dataset", "collate", "expand_braces", "make_loader", "parse_data_spec", "set_epoch",
+    "SCHEMES", "Batch", "Collate", "DataSpec", "EpochSampler", "FolderDataset", "SeededSamples", "ShardError",
+    "StreamOptions", "TableDataset", "WebDataset", "build_dataset", "collate", "expand_braces", "make_loader",
+    "parse_data_spec", "set_epoch", "shard_weights",
 ]  # fmt: skip
 
 
@@ -88,6 +92,8 @@ def parse_data_spec(spec: str, schemes: dict[str, dict[str, str]] = SCHEMES) -> 
     if not sep or scheme not in schemes:
         raise ValueError(f"bad data spec {spec!r}: expected SCHEME:PATH with SCHEME one of {', '.join(schemes)}")
     path, _, query = rest.partition("?")
+    if scheme == "wds" and ("://" in rest or rest.startswith("pipe:")):
+        path, query = rest, ""  # a URL's query (a signed URL) or a command's "?" belongs to the shard names
     if not path:
         raise ValueError(f"bad data spec {spec!r}: no path after {scheme!r}")
     options = dict(schemes[scheme])
@@ -111,24 +117,33 @@ def build_dataset(
     seed: int = 0,
     shuffle_buffer: int = 1000,
     shuffle: bool = True,
+    stream: StreamOptions | None = None,
 ) -> Dataset:
     """The dataset `spec` names, yielding `(transform(image), caption)` or `None` for a broken sample.
 
     csv, tsv, folder and synthetic give map-style datasets (ranks are split by the sampler, see
-    `make_loader`); wds gives an iterable `WebDataset` that splits shards across `rank`s and workers itself.
+    `make_loader`); wds gives an iterable `WebDataset` that splits shards across `rank`s and workers itself, drawn
+    and read as `stream` says (which only wds takes).
 
     Raises:
-        ValueError: a bad spec, or a table without the requested columns.
-        FileNotFoundError: the file, folder or a shard does not exist.
+        ValueError: a bad spec, a table without the requested columns, or `stream` options that do not fit.
+        FileNotFoundError: the file, folder or a local shard does not exist.
     """
     spec = parse_data_spec(spec) if isinstance(spec, str) else spec
+    stream = stream or StreamOptions()
+    if spec.scheme != "wds" and (stream.resampled or stream.train_num_samples or stream.upsampling_factors):
+        raise ValueError(f"resampled, train_num_samples and upsampling_factors apply to wds: sources, not "
+                         f"{spec.scheme}:")  # fmt: skip
     if spec.scheme in ("csv", "tsv"):
         delimiter = "," if spec.scheme == "csv" else "\t"
         return TableDataset(spec.path, transform, spec.option("image"), spec.option("caption"), delimiter)
     if spec.scheme == "folder":
         return FolderDataset(spec.path, transform)
     if spec.scheme == "wds":
-        return WebDataset(expand_braces(spec.path), transform, rank, world_size, seed, shuffle_buffer, shuffle)
+        sources = expand_sources(spec.path)
+        weights = shard_weights(sources, stream.upsampling_factors, stream.resampled)
+        return WebDataset([s for source in sources for s in source], transform, rank, world_size, seed,
+                          shuffle_buffer, shuffle, stream, weights)  # fmt: skip
     return _synthetic(spec, transform)
 
 
@@ -322,19 +337,22 @@ def make_loader(
     drop_last: bool = True,
     shuffle: bool = True,
     shuffle_buffer: int = 1000,
+    stream: StreamOptions | None = None,
 ) -> DataLoader:
     """A DataLoader of `Batch`es for this rank, positioned at `epoch`, `start_step` batches in.
 
     Map-style sources (csv, tsv, folder, synthetic) use an `EpochSampler`; wds splits shards across ranks
-    and workers. For later epochs reuse the loader (its workers persist) through `set_epoch`. Resuming wds
-    reads past the skipped samples without decoding them; it is exact when `workers` is the same as in the
-    interrupted run and no worker ran out of shards before `start_step` (workers with fewer shards end first).
+    and workers, drawn and read as `stream` says (resampling, epoch size, retries: `StreamOptions`). For later
+    epochs reuse the loader (its workers persist) through `set_epoch`. Resuming wds reads past the skipped samples
+    without decoding them; it is exact when `workers` is the same as in the interrupted run and, without
+    `train_num_samples`, no worker ran out of shards before `start_step` (workers with fewer shards end first);
+    with `train_num_samples` (resampled or not) every worker yields the same count, so it is exact.
     """
     if batch_size < 1 or workers < 0 or start_step < 0:
         raise ValueError(f"batch_size={batch_size}, workers={workers}, start_step={start_step}: expected "
                          f"batch_size >= 1, workers >= 0, start_step >= 0")  # fmt: skip
     dataset = build_dataset(spec, transform, rank=rank, world_size=world_size, seed=seed,
-                            shuffle_buffer=shuffle_buffer, shuffle=shuffle)  # fmt: skip
+                            shuffle_buffer=shuffle_buffer, shuffle=shuffle, stream=stream)  # fmt: skip
     sampler = None
     if isinstance(dataset, WebDataset):
         dataset.batch_size = batch_size

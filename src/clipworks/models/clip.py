@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -138,6 +139,34 @@ class CLIP(nn.Module):
         for tower in (self.visual, self.text, self.decoder):
             if tower is not None:
                 tower.set_grad_checkpointing(enable)
+
+    def set_patch_dropout(self, fraction: float) -> None:
+        """Drop this fraction of a ViT image tower's patch tokens at random in training mode (FLIP; OpenCLIP's
+        `force_patch_dropout`): the class token is kept, evaluation sees every patch, 0 disables it.
+
+        Raises:
+            ValueError: a fraction outside [0, 1), or a non-zero one for an image tower without patch tokens
+                (ResNet, ConvNeXt, timm).
+        """
+        if hasattr(self.visual, "set_patch_dropout"):
+            self.visual.set_patch_dropout(fraction)
+        elif fraction:
+            self._tower("vision")
+            raise ValueError(f"patch dropout {fraction}: only ViT image towers drop patch tokens; this model's image "
+                             f"tower is a {type(self.visual).__name__} (use patch dropout 0)")  # fmt: skip
+
+    def add_logit_bias(self, bias: float, init_logit_scale: float, init_logit_bias: float) -> None:
+        """Give a model without a logit bias a learned one (for sigmoid-loss training), starting at `bias`; the
+        config records `init_logit_scale` and `init_logit_bias`, so that a saved model reloads with its bias.
+
+        Raises:
+            ValueError: the model has a logit bias already.
+        """
+        if self.logit_bias is not None:
+            raise ValueError("this model has a logit bias already")
+        self.config = replace(self.config, init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias)
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias), dtype=self.logit_scale.dtype,
+                                                    device=self.logit_scale.device))  # fmt: skip
 
     def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor:
         """Images (B, 3, H, W), preprocessed, to features (B, E)."""

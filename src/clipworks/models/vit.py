@@ -71,6 +71,13 @@ class AttentionalPooler(nn.Module):
         return self.out(x)
 
 
+@torch.compiler.disable
+def _random_subsets(batch: int, n: int, keep: int, device: torch.device) -> Tensor:
+    """`keep` distinct indices of `n` per row, at random, (batch, keep). Drawn eagerly even in a compiled model, so
+    that a run replaying the random state (GradCache's recompute) draws the same subsets."""
+    return torch.randn(batch, n, device=device).topk(keep, dim=-1).indices
+
+
 class VisionTransformer(nn.Module):
     """Patchify, add positions, run pre-norm blocks, pool (class token, attention head or patch average), project."""
 
@@ -105,6 +112,7 @@ class VisionTransformer(nn.Module):
             D = embed_dim
         self.ln_post = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.proj = nn.Linear(D, embed_dim, bias=False) if cfg.projection else nn.Identity()
+        self.patch_dropout = 0.0  # a training-time setting, not architecture: see set_patch_dropout
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -123,6 +131,30 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
+    def set_patch_dropout(self, fraction: float) -> None:
+        """Drop this fraction of the patch tokens, a random set per image, in each training-mode forward pass (FLIP,
+        Li et al. 2023; OpenCLIP's `PatchDropout`); the class token is always kept; eval mode sees every token.
+
+        Raises:
+            ValueError: a fraction outside [0, 1).
+        """
+        if not 0 <= fraction < 1:
+            raise ValueError(f"patch dropout {fraction}: expected a fraction with 0 <= fraction < 1")
+        self.patch_dropout = float(fraction)
+
+    def _drop_patches(self, x: Tensor) -> Tensor:
+        """Keep the class token and max(1, int(N * (1 - p))) of the N patch tokens, chosen per image, as OpenCLIP's
+        `PatchDropout` counts them (a tower without a class token draws from all its tokens, as timm's does)."""
+        if not self.training or self.patch_dropout == 0:
+            return x
+        prefix = int(self.config.class_token)
+        cls, patches = x[:, :prefix], x[:, prefix:]  # (B, 1 or 0, D), (B, N, D)
+        B, N, D = patches.shape
+        keep = max(1, int(N * (1 - self.patch_dropout)))
+        index = _random_subsets(B, N, keep, x.device)  # (B, K)
+        patches = patches.gather(1, index[..., None].expand(-1, -1, D))  # (B, K, D)
+        return torch.cat([cls, patches], dim=1)  # (B, prefix + K, D)
+
     def lock_groups(self) -> list[list]:
         """OpenCLIP's groups for `lock_image_tower(unlocked_groups=N)`, input to output."""
         blocks = list(self.transformer.blocks)
@@ -131,7 +163,8 @@ class VisionTransformer(nn.Module):
                 [self.proj]]  # fmt: skip
 
     def embed(self, images: Tensor) -> Tensor:
-        """Images (B, 3, H, W) to the token sequence the first block sees, (B, N, D)."""
+        """Images (B, 3, H, W) to the token sequence the first block sees, (B, N, D); in training mode with patch
+        dropout set, fewer patch tokens."""
         x = self.patch_embed(images)  # (B, D, h, w)
         S, grid = self.config.image_size, self.config.image_size // self.config.patch_size
         if x.shape[-2:] != (grid, grid):
@@ -142,7 +175,8 @@ class VisionTransformer(nn.Module):
         if self.class_token is not None:
             cls = self.class_token.to(x.dtype).expand(x.shape[0], 1, -1)
             x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
-        return self.ln_pre(x + self.pos_embed.to(x.dtype))
+        # patches are dropped after their positions are added, so the kept ones keep their place in the grid
+        return self.ln_pre(self._drop_patches(x + self.pos_embed.to(x.dtype)))
 
     def forward_tokens(self, images: Tensor) -> Tensor:
         """Every token after the last block and `ln_post`, (B, N, D), before pooling; with the "attentional" pool,

@@ -23,7 +23,8 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..data.datasets import FOLDER_EXTENSIONS, parse_data_spec
 from ..data.decode import ImageDecodeError, load_image
-from ..data.wds import expand_braces, tar_samples
+from ..data.shards import is_local
+from ..data.wds import expand_sources, shard_samples
 from ..transforms import preprocess_file
 
 IMAGE_SCHEMES = ("folder", "csv", "tsv", "wds")
@@ -129,7 +130,8 @@ def plan_images(data: str, shard_size: int) -> Plan:
         raise ValueError(f"embed reads {', '.join(s + ':' for s in IMAGE_SCHEMES)} sources; got {data!r}")
     if spec.scheme == "wds":
         tars = _tars(spec.path)
-        return Plan("wds", tars, sorted({str(Path(t).parent) for t in tars}), _fingerprint(tars))
+        roots = sorted({str(Path(t).parent) for t in tars if is_local(t)})  # streamed shards are not served
+        return Plan("wds", tars, roots, _fingerprint(tars))
     path = Path(spec.path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{spec.scheme} source not found: {spec.path!r}")
@@ -148,8 +150,11 @@ def plan_images(data: str, shard_size: int) -> Plan:
 
 
 def _tars(pattern: str) -> list[str]:
-    tars = [str(Path(p).expanduser().resolve()) for p in expand_braces(pattern)]
-    missing = [t for t in tars if not Path(t).is_file()]
+    """The shards of a `wds:` pattern (`::`-joined sources, braces); local ones resolved and checked up front,
+    streamed ones (URLs, `pipe:`) kept as given and read through `shard_samples` (with retries)."""
+    names = [p for source in expand_sources(pattern) for p in source]
+    tars = [str(Path(p).expanduser().resolve()) if is_local(p) else p for p in names]
+    missing = [t for t in tars if is_local(t) and not Path(t).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(tars)} shards not found: {missing[:3]}")
     return tars
@@ -161,7 +166,7 @@ def _tar_captions(tars: list[str]) -> list[Item]:
     rows = []
     for tar in tars:
         try:
-            for key, files in tar_samples(tar):
+            for key, files in shard_samples(tar):
                 if caption := _caption(files):
                     rows.append(Item(key, None, caption))
         except (tarfile.TarError, OSError, EOFError) as e:
@@ -291,12 +296,13 @@ class TarImages(IterableDataset):
     def _read(self, shard: int, tar: str):
         chunk, images = Chunk(shard), []
         try:
-            for key, files, names in tar_samples(tar, names=True):
+            for key, files, names in shard_samples(tar, names=True):
                 if len(chunk.records) + len(chunk.skipped) >= self.batch_size:
                     yield _finish(chunk, images, self.encoder)
                     chunk, images = Chunk(shard, part=chunk.part + 1), []
                 self._sample(chunk, tar, key, files, names, images)
-        except (tarfile.TarError, OSError, EOFError) as e:  # a cut or unreadable tar: what was read is kept
+        except (tarfile.TarError, OSError, EOFError) as e:  # a cut, unreadable or unreachable tar: what was read
+            # is kept (a streamed one was retried first: `shard_samples`)
             chunk.skipped.append(f"{Path(tar).name}\tread stopped: {type(e).__name__}: {e}")
         chunk.end = True
         yield _finish(chunk, images, self.encoder)

@@ -24,17 +24,19 @@ class ModelConfig:
         lock_image: freeze the image tower (LiT-style fine-tuning of the text tower).
         lock_image_unlocked_groups: with `lock_image`, this many layer groups from the top stay trainable
             (OpenCLIP's --lock-image-unlocked-groups: a ViT's groups are the embeddings, each block, the last block
-            with the final norm, the projection).
+            with the final norm, the projection; other image towers lock whole). Needs `lock_image`.
         lock_image_freeze_bn_stats: with `lock_image`, BatchNorm layers (ResNet towers) stop updating their
-            running statistics too (OpenCLIP's --lock-image-freeze-bn-stats).
+            running statistics too (OpenCLIP's --lock-image-freeze-bn-stats). Needs `lock_image`.
         lock_text: freeze the text tower.
-        lock_text_unlocked_layers: with `lock_text`, this many transformer blocks from the top stay trainable
-            (OpenCLIP's --lock-text-unlocked-layers).
-        lock_text_freeze_layer_norm: with `lock_text`, the layer norms of the unlocked blocks stay frozen
-            (OpenCLIP's --lock-text-freeze-layer-norm).
+        lock_text_unlocked_layers: with `lock_text`, this many groups from the top stay trainable (OpenCLIP's
+            --lock-text-unlocked-layers: the embeddings, each block, the last block with the final norm, the
+            projection). Needs `lock_text`.
+        lock_text_freeze_layer_norm: with `lock_text`, layer norms lock with the rest (OpenCLIP's
+            --lock-text-freeze-layer-norm); false is not supported, as in OpenCLIP.
         patch_dropout: fraction of a ViT's patch tokens dropped at random in each training forward pass (FLIP,
-            Li et al. 2023; OpenCLIP's --force-patch-dropout); the class token is kept; evaluation sees every
-            patch. 0 disables.
+            Li et al. 2023; OpenCLIP's --force-patch-dropout): max(1, int(N * (1 - fraction))) of the N patches
+            are kept, a random set per image; the class token is kept; evaluation sees every patch. 0 disables;
+            other image towers take only 0.
         grad_checkpointing: recompute activations in the backward pass to save memory.
         embed_dim: "tiny" only: size of the shared embedding space.
         image_size: "tiny" only: input side in pixels.
@@ -77,23 +79,32 @@ class DataConfig:
     Attributes:
         train: a data source string (`synthetic:shapes?...`, `csv:PATH`, `folder:DIR`, `wds:PATTERN`). A `wds:`
             pattern expands braces (`shards/{000..099}.tar`) and may name local files or streamed ones
-            (`s3://`, `gs://`, `https://`, `hf://` through fsspec; `pipe:COMMAND` reads a command's output);
-            several sources are joined with `::` (`wds:a/{000..099}.tar::b/{000..009}.tar`).
+            (`s3://`, `gs://`, `https://`, `hf://` through fsspec, extras `clipworks[s3]`, `[gcs]`, `[http]`,
+            `[hub]`; `pipe:COMMAND` reads a command's output); several sources are joined with `::`
+            (`wds:a/{000..099}.tar::s3://b/{000..009}.tar`). Missing local shards are reported before training;
+            streamed ones are not looked up front (they fail when read, and are skipped and counted).
         batch_size: images per step on each process (the contrastive batch is batch_size x world size).
         workers: DataLoader worker processes (0 loads in the main process).
         eval_size: held-out synthetic scenes for zero-shot accuracy and retrieval recall, evaluated when the training
             data is synthetic or `run.synthetic_eval` is true (0 disables).
         upsampling_factors: with several `::`-joined `wds:` sources, how often each is sampled relative to the
             others, `::`-joined (`1::2`: the second source twice as often per shard as its size alone gives;
-            OpenCLIP's --train-data-upsampling-factors); needs `resampled`.
-        resampled: draw shards with replacement, forever (OpenCLIP's --dataset-resampled); an epoch is then
-            `train_num_samples` samples.
-        train_num_samples: samples in one epoch of a `wds:` source (OpenCLIP's --train-num-samples); None: one
-            pass over the shards.
-        shard_retries: attempts to open or read a streamed shard after a transient error (with exponential
-            backoff) before it is skipped and counted.
-        max_failed_shards: the run stops, naming them, once more shards than this were skipped.
-        augment: random resized crops for training images; false uses the deterministic evaluation transform.
+            OpenCLIP's --train-data-upsampling-factors): source i is drawn with probability factor_i x shards_i
+            / sum_j factor_j x shards_j; needs `resampled`.
+        resampled: draw shards with replacement, forever (OpenCLIP's --dataset-resampled), from a generator seeded
+            by (run.seed, epoch, rank, worker); an epoch is then `train_num_samples` samples, and a resumed run
+            reads on exactly as the interrupted one would have (same data.workers, same shards readable).
+        train_num_samples: samples in one epoch of a `wds:` source (OpenCLIP's --train-num-samples), rounded up to
+            whole batches on every process and worker; not resampled, a worker passes over its shards again (in a
+            new order) until it has its share. None: one pass over the shards.
+        shard_retries: retries in a row to open or read a streamed shard after a transient error (connection
+            reset, timeout, HTTP 5xx; backoff doubling from 1 s) before it is skipped and counted; a retry after a
+            mid-shard failure reads the shard again from its start, past the samples already used, so none is
+            used twice. A missing or forbidden streamed shard is skipped without retries.
+        max_failed_shards: the run stops, naming them, once more shards than this were skipped (counted per
+            process, across its data workers).
+        augment: random resized crops for training images, as the `aug_*` keys say; false uses the deterministic
+            evaluation transform (and ignores them).
         aug_scale: the random crop's area as a fraction of the image's, a range (OpenCLIP's AugmentationCfg
             scale).
         aug_ratio: the random crop's aspect ratio (width / height) range, sampled log-uniformly.
@@ -159,11 +170,15 @@ class LossConfig:
 
     Attributes:
         kind: "clip" (softmax, symmetric cross-entropy) or "siglip" (pairwise sigmoid). SigLIP on a model without
-            a logit bias adds one, initialised as SigLIP does (bias -10, logit scale log 10).
-        distill_model: a teacher model (`NAME:TAG`, `local-dir:DIR`, ...) whose image-text logits the student
-            also learns to match (OpenCLIP's --distill-model/--distill-pretrained, its DistillClipLoss: the
+            a logit bias adds one, as OpenCLIP's --siglip does: from scratch it starts as SigLIP does (bias -10,
+            logit scale ln 10); pretrained weights keep their logit scale and start the bias at 0 (their logits
+            unchanged).
+        distill_model: a teacher model with weights (`NAME:TAG`, `local-dir:DIR`, ...) whose image-text logits the
+            student also learns to match (OpenCLIP's --distill-model/--distill-pretrained, its DistillClipLoss: the
             contrastive loss plus the cross-entropy between the teacher's and the student's softmax); None: no
-            distillation. Needs kind "clip".
+            distillation. Needs kind "clip" and chunk_size None; the teacher must take the student's images (image
+            size, mean and std) and tokens (tokenizer). The metrics add both parts (contrastive_loss,
+            distill_loss).
         local_loss: with several processes, compute only this process's rows of the logits.
         gather_with_grad: gather other processes' features with gradients (exact global-batch gradients).
         chunk_size: compute the logits in blocks of this many rows to save memory; None computes them at once.
@@ -185,7 +200,13 @@ class RunConfig:
         seed: seeds model initialisation, data order and augmentation.
         precision: "fp32", "bf16" autocast, or "auto": bf16 autocast where the device computes bf16 natively (a
             CUDA GPU with bf16; a CPU with AVX-512 BF16 or AMX), fp32 elsewhere.
-        compile: run the model through `torch.compile`.
+        compile: run the training steps' model through `torch.compile` (Inductor; on CPU it needs a C++ compiler,
+            which it finds as g++ or clang++). It is compiled around the DDP wrapper, as PyTorch recommends;
+            checkpoints, evaluation and the final model use the plain module, so their keys carry no `_orig_mod.`
+            prefix and load with compile on or off. It does not pay on a 2-core CPU: the default tiny run made
+            4.46 steps/s compiled and 4.39 without (steps 11-60, 3 interleaved runs each: 4.15-4.64 and 4.21-4.61),
+            after a first step of 42 s (Inductor's cache cold; 3-4 s warm) and a recompile of 15 s at step 2 (the
+            text tower trims padding, so the sequence length varies). Not measured on GPUs.
         device: "auto" (CUDA when available), "cpu" or "cuda".
         out_dir: the run directory; None makes `runs/<timestamp>`.
         log_every: steps between metric rows in `metrics.csv`.
@@ -198,8 +219,10 @@ class RunConfig:
         synthetic_eval: also evaluate on `data.eval_size` synthetic held-out scenes when the training data is not
             synthetic (on synthetic data they are always evaluated).
         save_every: steps between run-state checkpoints (0: only at the end).
-        keep_checkpoints: keep only the newest N checkpoints, removing older ones once a newer one is complete
-            (0 keeps all).
+        keep_checkpoints: keep only the newest N complete checkpoints (milestones among them count), removing older
+            ones each time a newer one is complete (0 keeps all). Only the main process removes; a removal renames
+            the checkpoint away first, so one killed half-way is never resumed from. Directories holding files
+            other than a checkpoint's are never removed.
         keep_every: also keep, whatever `keep_checkpoints` says, the checkpoints of steps that are multiples of this
             (milestones; 0: none).
         resume: "latest" (the newest intact checkpoint in `out_dir`, if any: one whose files fail their checksums is
@@ -208,8 +231,10 @@ class RunConfig:
         nonfinite: on a NaN/inf loss, "stop" the run naming the step, or "skip" the step's update.
         progress: show a progress bar.
         tensorboard: also write the metrics as TensorBoard scalars to `<run>/tensorboard` (needs `tensorboard`).
-        wandb: also log the metrics and the config to Weights & Biases (needs `wandb`; its own settings, such as
-            WANDB_MODE=offline, apply).
+        wandb: also log the metrics and the config to Weights & Biases (needs `pip install 'clipworks[wandb]'`,
+            checked before anything is built; its own settings, such as WANDB_MODE=offline, apply). The W&B run is
+            named after the run directory and writes under `<run>/wandb`; its id is kept in `<run>/wandb_run_id`, so
+            a resumed run continues the same W&B run.
         wandb_project: the Weights & Biases project.
         parallel: with several processes, "ddp" (a full model copy per process) or "fsdp" (parameters, gradients
             and optimiser state sharded across processes, for models that do not fit one device).
@@ -278,11 +303,57 @@ class TrainConfig:
             raise ValueError(f"run.eval_max_images={self.run.eval_max_images}: expected at least 1")
         if not 0 <= self.model.patch_dropout < 1:
             raise ValueError(f"model.patch_dropout={self.model.patch_dropout}: expected 0 <= fraction < 1")
+        self._validate_finetuning()
         if min(self.run.keep_checkpoints, self.run.keep_every, self.data.shard_retries, self.data.max_failed_shards,
                self.model.lock_image_unlocked_groups, self.model.lock_text_unlocked_layers) < 0:  # fmt: skip
             raise ValueError("run.keep_checkpoints, run.keep_every, data.shard_retries, data.max_failed_shards and "
                              "the model's lock_* counts must not be negative")  # fmt: skip
+        _check_stream(self.data)
+        augment_config(self.data)
         return self
+
+    def _validate_finetuning(self) -> None:
+        """The lock and distillation keys that need another key set."""
+        m, loss = self.model, self.loss
+        if not m.lock_image and (m.lock_image_unlocked_groups or m.lock_image_freeze_bn_stats):
+            raise ValueError("model.lock_image_unlocked_groups and model.lock_image_freeze_bn_stats need "
+                             "model.lock_image true")  # fmt: skip
+        if not m.lock_text and m.lock_text_unlocked_layers:
+            raise ValueError("model.lock_text_unlocked_layers needs model.lock_text true")
+        if m.lock_text and not m.lock_text_freeze_layer_norm:
+            raise ValueError("model.lock_text_freeze_layer_norm=false is not supported (layer norms lock with the "
+                             "rest, as in OpenCLIP): expected true")  # fmt: skip
+        if loss.distill_model is not None and (loss.kind != "clip" or loss.chunk_size is not None):
+            raise ValueError(f"loss.distill_model needs loss.kind clip and loss.chunk_size none, got "
+                             f"{loss.kind!r} and {loss.chunk_size}")  # fmt: skip
+
+
+def augment_config(data: DataConfig):
+    """The `clipworks.transforms.AugmentConfig` of the `data.aug_*` keys (the training transform's augmentation).
+
+    Raises:
+        ValueError: a value out of range, naming its key and the range.
+    """
+    from ..transforms import AugmentConfig
+
+    try:
+        return AugmentConfig(scale=data.aug_scale, ratio=data.aug_ratio, interpolation=data.aug_interpolation,
+                             hflip=data.aug_hflip, color_jitter=data.aug_color_jitter)  # fmt: skip
+    except ValueError as e:  # AugmentConfig names the field ("scale=(0.0, 1.0): expected ...")
+        raise ValueError(f"data.aug_{e}") from e
+
+
+def _check_stream(d: DataConfig) -> None:
+    """The `wds:` stream keys fit together (the count of upsampling factors is checked with the shards)."""
+    if d.train_num_samples is not None and d.train_num_samples < 1:
+        raise ValueError(f"data.train_num_samples={d.train_num_samples}: expected at least 1, or null (one pass)")
+    if d.resampled and d.train_num_samples is None:
+        raise ValueError("data.resampled draws shards for ever: set data.train_num_samples (samples per epoch)")
+    if d.upsampling_factors is not None and not d.resampled:
+        raise ValueError("data.upsampling_factors weigh draws with replacement: set data.resampled true")
+    if (d.resampled or d.train_num_samples or d.upsampling_factors) and not d.train.startswith("wds:"):
+        raise ValueError(f"data.resampled, data.train_num_samples and data.upsampling_factors apply to wds: sources, "
+                         f"not {d.train.partition(':')[0]}:")  # fmt: skip
 
 
 class ConfigKey(typing.NamedTuple):

@@ -100,7 +100,7 @@ class StopRequest:
 
 
 def plan_lines(cfg: TrainConfig, run_dir: Path, params: tuple[int, int], samples: int | None, evals: list[str],
-               start_step: int, device: str, held_out: int = 0) -> list[str]:  # fmt: skip
+               start_step: int, device: str, held_out: int = 0, world_size: int = 1) -> list[str]:  # fmt: skip
     """The start of a run, in four lines: where it goes, the model, the data, the steps; then, for a run on real data
     that evaluates nothing, a note on how to get a sign of progress other than the training loss.
 
@@ -109,7 +109,10 @@ def plan_lines(cfg: TrainConfig, run_dir: Path, params: tuple[int, int], samples
         samples: the samples training draws from, or None for a stream (WebDataset) of unknown size.
         evals: what each evaluation runs, one phrase each (empty: no evaluation).
         held_out: samples of the training source held out of training for validation.
+        world_size: processes, each taking `data.batch_size` samples a step.
     """
+    from ..hardware import resolve_precision
+
     m, d, r = cfg.model, cfg.data, cfg.run
     total, trainable = params
     weights = f"weights {m.pretrained}" if m.pretrained else "random init"
@@ -118,14 +121,18 @@ def plan_lines(cfg: TrainConfig, run_dir: Path, params: tuple[int, int], samples
     if held_out:
         size += f" for training, {held_out:,} held out"
     held = "; ".join(evals) or "no held-out evaluation"
-    epochs = "" if not samples else f", {r.steps * d.batch_size / samples:.2g} epochs"
+    batch = d.batch_size * world_size
+    epochs = "" if not samples else f", {r.steps * batch / samples:.2g} epochs"
+    per = f" ({world_size} processes x {d.batch_size})" if world_size > 1 else ""
+    precision = resolve_precision(r.precision, device.split(":")[0])
+    precision = f"{precision} (auto)" if r.precision == "auto" else precision
     left = f"{r.steps - start_step} of {r.steps} steps" if start_step else f"{r.steps} steps"
     saves = f"a checkpoint every {r.save_every} steps" if r.save_every else "a checkpoint at the end"
     every = f", evaluation every {r.eval_every}" if evals and r.eval_every else ""
     lines = [f"run: {run_dir}",
              f"model: {m.name}, {total / 1e6:.1f}M parameters{frozen}, {weights}",
              f"data: {d.train} ({size}); {held}",
-             f"steps: {left} of {d.batch_size} samples{epochs} on {device}; {saves}{every}"]  # fmt: skip
+             f"steps: {left} of {batch} samples{per}{epochs} on {device} in {precision}; {saves}{every}"]  # fmt: skip
     if not evals and not d.train.startswith("synthetic:"):
         lines.append("note: the training loss is this run's only sign of progress. For another, hold out training "
                      "samples for a validation loss and image-text recall (--data.val_size 500), or name a labelled "

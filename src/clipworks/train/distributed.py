@@ -6,6 +6,11 @@ only while it runs, so parameters, gradients and optimiser state take 1/world of
 and bias are scalars, which `fully_shard` cannot shard: they stay replicated and their gradients are averaged
 here. Checkpoints always hold whole (unsharded) state keyed by parameter name, so a run saved under one
 layout resumes under another.
+
+Several machines (`torchrun --nnodes M`) change nothing here: `RANK` orders the processes of all machines (the
+global batch, the data shards, "main" = rank 0, which alone writes the run directory) and `LOCAL_RANK` picks the
+GPU on this machine. Every rank reads the checkpoint it resumes from, so `run.out_dir` must be on a file system
+all machines share (as OpenCLIP assumes too).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import nn
 from ..models.layers import Block
 
 __all__ = ["Distributed", "everywhere", "full_model_state", "full_optimizer_state", "load_full_state", "rank_world",
-           "setup_distributed", "sync_replicated_grads", "wrap_model"]  # fmt: skip
+           "same_everywhere", "setup_distributed", "sync_replicated_grads", "wrap_model"]  # fmt: skip
 
 
 def rank_world() -> tuple[int, int]:
@@ -37,6 +42,16 @@ def everywhere(ok: bool, device: torch.device | str = "cpu") -> bool:
     flag = torch.tensor([float(ok)], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def same_everywhere(value: float, device: torch.device | str = "cpu") -> bool:
+    """Whether `value` is the same on every rank (True in one process): for what each rank read on its own, such as
+    the step a resumed run starts from, which differs when the machines do not share `run.out_dir`."""
+    if rank_world()[1] == 1:
+        return True
+    bounds = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)
+    return bounds[0].item() == -bounds[1].item()
 
 
 @dataclass
@@ -59,7 +74,8 @@ class Distributed:
 
 
 def setup_distributed(device: str = "auto", parallel: str = "ddp") -> Distributed:
-    """Join the torchrun process group when `WORLD_SIZE` > 1 (nccl on CUDA, gloo on CPU)."""
+    """Join the torchrun process group when `WORLD_SIZE` > 1 (nccl on CUDA, gloo on CPU). The GPU is this machine's
+    `LOCAL_RANK`-th, the rank the global `RANK`: they differ on every machine but the first."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import time
 import warnings
@@ -14,10 +13,11 @@ import torch
 from torch import nn
 
 from ..config import CLIPConfig, TextConfig, VisionTransformerConfig
-from .config import ModelConfig, TrainConfig, save_config
+from .config import ModelConfig, TrainConfig, augment_config, save_config
 from .console import StopRequest, TimeEstimate, TrainingInterrupted, missing_dirs, plan_lines, remove_created
 from .distributed import (
     Distributed,
+    same_everywhere,
     everywhere,
     full_model_state,
     full_optimizer_state,
@@ -32,17 +32,17 @@ from .state import (
     checkpoint_dir,
     latest_checkpoint,
     load_resume,
+    remove_old_checkpoints,
     remove_stale_temporaries,
     save_checkpoint,
     set_rng_state,
 )
 from .evaluation import Evaluation, Evaluator, HeldOut, ValidationResult, ZeroShotResult, hold_out
+from .metrics_log import METRIC_FIELDS, MetricsLog, import_wandb, start_wandb
 from .zeroshot import EvalResult
 
-# skipped: broken samples dropped by the data pipeline so far; skipped_steps: updates skipped for a non-finite loss.
-# The evaluations' columns follow (`Evaluator.fields`): zero_shot_top1 on held-out synthetic attribute combinations,
-# zero_shot_seen_top1 on unseen scenes of seen ones; eval_top1/5 on run.eval_data; val_* on data.val_size samples.
-METRIC_FIELDS = ("step", "loss", "lr", "logit_scale", "samples_per_s", "skipped", "skipped_steps")
+# With loss.distill_model the loss is the sum of these two parts (`DistillLoss`), logged after METRIC_FIELDS.
+DISTILL_FIELDS = ("contrastive_loss", "distill_loss")
 # A run stops when its first batches (at least 2, and this many samples) hold no readable sample: the data source
 # is broken (issue 16: a csv of missing files trained to a NaN loss and wrote an untrained model).
 EMPTY_START_SAMPLES = 64
@@ -81,73 +81,73 @@ def tiny_clip_config(m: ModelConfig, loss: str = "clip") -> CLIPConfig:
 
 
 def build_model(m: ModelConfig, loss: str = "clip"):
-    """(model in train mode, its tokenizer) for the model section; locked towers get no gradients."""
+    """(model in train mode, its tokenizer) for the model section: locked towers get no gradients but their top
+    `lock_*_unlocked_*` groups, patch dropout is set, and the sigmoid loss gives a model without a logit bias one
+    (`add_siglip_bias`).
+
+    Raises:
+        ValueError: a setting the model cannot take (unlocked groups of a tower other than a ViT, patch dropout on
+            an image tower without patches, BatchNorm statistics to freeze where there is no BatchNorm).
+    """
     from ..factory import create_model, get_tokenizer
     from ..tokenizer import Tokenizer
 
+    weights = m.pretrained is not None or ":" in m.name
     if m.name == "tiny":
         model, tokenizer = create_model(tiny_clip_config(m, loss), m.pretrained), Tokenizer(m.context_length)
     else:
-        model = create_model(m.name, m.pretrained, load_weights=m.pretrained is not None or ":" in m.name)
+        model = create_model(m.name, m.pretrained, load_weights=weights)
         tokenizer = get_tokenizer(model)  # the one the weights came with (a checkpoint directory may name its own)
-    for locked, tower in ((m.lock_image, model.visual), (m.lock_text, model.text)):
-        if locked:
-            tower.requires_grad_(False)
+    if m.lock_image:  # OpenCLIP's --lock-image*: LiT, the top groups optionally left to train
+        model.lock_image_tower(m.lock_image_unlocked_groups, m.lock_image_freeze_bn_stats)
+    if m.lock_text:
+        model.lock_text_tower(m.lock_text_unlocked_layers, m.lock_text_freeze_layer_norm)
     if loss == "siglip" and model.logit_bias is None:
-        raise ValueError(f"loss.kind siglip needs a model with a logit bias; {m.name!r} has none (use loss.kind clip)")
+        add_siglip_bias(model, pretrained=weights)
+    model.set_patch_dropout(m.patch_dropout)
     model.set_grad_checkpointing(m.grad_checkpointing)
     return model.train(), tokenizer
 
 
-class MetricsLog:
-    """Rows of `metrics.csv` in the run directory, appended (a resumed run continues the same file), and the same
-    numbers as TensorBoard scalars when `tensorboard_dir` is given."""
+def build_teacher(spec: str, student, device: torch.device) -> nn.Module:
+    """The teacher of `loss.distill_model`: `spec`'s weights, frozen, in eval mode, on `device`.
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None, fields: tuple[str, ...] = METRIC_FIELDS):
-        self.path, self.tensorboard, self.fields = path, None, fields
-        if not path.exists():
-            with path.open("w", newline="") as f:
-                csv.writer(f).writerow(fields)
-        else:
-            self._extend_header()
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                warnings.warn("run.tensorboard is on but the tensorboard package is missing (pip install "
-                              "'clipworks[train]'); metrics go to metrics.csv only", stacklevel=2)  # fmt: skip
-            else:
-                self.tensorboard = SummaryWriter(str(tensorboard_dir))
+    Raises:
+        ValueError: `spec` names no weights, or the teacher takes images or tokens otherwise than `student` does
+            (image size, mean and std; tokenizer), naming both.
+    """
+    from dataclasses import replace
 
-    def _extend_header(self) -> None:
-        """A resumed run that evaluates more than its start did: the file's columns become both runs' columns."""
-        with self.path.open(newline="") as f:
-            rows = list(csv.reader(f))
-        header = rows[0] if rows else []
-        if header == list(self.fields):
-            return
-        self.fields = (*header, *(k for k in self.fields if k not in header))
-        with self.path.open("w", newline="") as f:  # earlier rows get empty cells in the new columns
-            csv.writer(f).writerows([self.fields, *(r + [""] * (len(self.fields) - len(r)) for r in rows[1:])])
+    from ..factory import create_model
 
-    def write(self, **row) -> None:
-        with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row.get(k)) for k in self.fields])
-        if self.tensorboard is not None:
-            for key in self.fields[1:]:
-                if row.get(key) is not None:
-                    self.tensorboard.add_scalar(f"train/{key}", row[key], row["step"])
-            self.tensorboard.flush()
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+    with torch.random.fork_rng(devices=[]):  # building it draws random weights first: the run's seed stream stays
+        teacher = create_model(spec, require_pretrained=True, device=device)
+    mine, theirs = student.preprocess_config, teacher.preprocess_config
+    if theirs is None or (theirs.image_size, theirs.mean, theirs.std) != (mine.image_size, mine.mean, mine.std):
+        seen = None if theirs is None else (theirs.image_size, theirs.mean, theirs.std)
+        raise ValueError(f"loss.distill_model {spec!r} takes images as (size, mean, std) {seen}, the student as "
+                         f"{(mine.image_size, mine.mean, mine.std)}: pick a teacher with the student's preprocessing")
+    t_tok, s_tok = teacher.tokenizer_config, student.tokenizer_config
+    if replace(t_tok, context_length=0) != replace(s_tok, context_length=0) or \
+            s_tok.context_length > t_tok.context_length:  # fmt: skip
+        raise ValueError(f"loss.distill_model {spec!r} reads tokens of {t_tok}, the student makes {s_tok}: pick a "
+                         "teacher with the student's tokenizer")  # fmt: skip
+    return teacher.requires_grad_(False).eval()
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+def add_siglip_bias(model, pretrained: bool) -> None:
+    """Give a model without a logit bias one for the sigmoid loss, as OpenCLIP's --siglip does: a model built from
+    scratch starts at SigLIP's temperature and bias (scale ln 10, bias -10; Zhai et al. 2023, sec. 3.2); pretrained
+    weights keep their learned scale and get bias 0, so that the model's logits stay those it was trained to
+    (OpenCLIP's `load_checkpoint`, its issue 712). The config records SigLIP's initial values either way, as
+    OpenCLIP's model config does, so that the saved model reloads with its bias."""
+    from .losses import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
+
+    model.add_logit_bias(0.0 if pretrained else SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE,
+                         SIGLIP_INIT_LOGIT_BIAS)  # fmt: skip
+    if not pretrained:
+        with torch.no_grad():
+            model.logit_scale.fill_(SIGLIP_INIT_LOGIT_SCALE)
 
 
 class Runner:
@@ -158,17 +158,23 @@ class Runner:
         from .losses import build_loss
 
         self.cfg, self.dist, self.run_dir = cfg, dist, run_dir
+        if cfg.run.wandb:  # a missing package stops the run before anything is built, on every process
+            import_wandb()
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         model, self.tokenizer = build_model(cfg.model, cfg.loss.kind)
         self.model = model.to(dist.device)
         self.preprocess = model.preprocess_config
         self.ddp = wrap_model(self.model, dist)  # what the steps call: the model, DDP around it, or FSDP-sharded
+        # compiled around DDP, as PyTorch recommends; `self.model` (saved, evaluated) stays the plain module
+        self.ddp = torch.compile(self.ddp) if cfg.run.compile else self.ddp
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.run.steps)
         lc = cfg.loss
-        self.loss_fn = build_loss(lc.kind, local_loss=lc.local_loss, gather_with_grad=lc.gather_with_grad,
-                                  chunk_size=lc.chunk_size)  # fmt: skip
-        self.train_transform = image_transform(self.preprocess, train=cfg.data.augment)
+        self.teacher = None if lc.distill_model is None else build_teacher(lc.distill_model, model, dist.device)
+        self.loss_parts = None  # the last step's DistillLoss, when distilling
+        self.loss_fn = build_loss(lc.kind, distill=self.teacher is not None, local_loss=lc.local_loss,
+                                  gather_with_grad=lc.gather_with_grad, chunk_size=lc.chunk_size)  # fmt: skip
+        self.train_transform = image_transform(self.preprocess, cfg.data.augment, augment_config(cfg.data))
         self.step, self.position, self.skipped, self.skipped_steps = 0, DataPosition(), 0, 0
         self.loss, self.last_eval, self.train_s, self.samples = math.nan, None, 0.0, 0
         self.updates, self._fed, self._empty_batches, self._empty_skipped = 0, False, 0, 0
@@ -176,6 +182,9 @@ class Runner:
         if dist.main:
             remove_stale_temporaries(run_dir)
         self._resume()
+        if not same_everywhere(self.step, dist.device):  # a rank that found no checkpoint would start at step 0
+            raise ValueError("the processes resumed at different steps: run.out_dir (and run.resume) must be on a file "
+                             "system every machine shares")  # fmt: skip
         self._start_step = self.step
         # A missing or broken source (training or evaluation) fails here, before the run directory exists.
         self.loader = self._loader()
@@ -196,8 +205,11 @@ class Runner:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
             tensorboard = run_dir / "tensorboard" if cfg.run.tensorboard else None
-            fields = METRIC_FIELDS + (self.evaluator.fields if self.evaluator else ())
-            self.metrics = MetricsLog(run_dir / "metrics.csv", tensorboard, fields)
+            fields = METRIC_FIELDS + (DISTILL_FIELDS if self.teacher is not None else ()) + (
+                self.evaluator.fields if self.evaluator else ())  # fmt: skip
+            resumed = self._start_step > 0
+            wandb = start_wandb(run_dir, cfg.run.wandb_project, cfg.to_dict(), resumed) if cfg.run.wandb else None
+            self.metrics = MetricsLog(run_dir / "metrics.csv", tensorboard, fields, wandb)
 
     def _resume(self) -> None:
         resumed = load_resume(self.cfg.run.resume, self.run_dir)
@@ -217,12 +229,16 @@ class Runner:
             print(f"resumed from {path} at step {self.step}")
 
     def _loader(self):
-        from ..data.datasets import make_loader
+        from ..data.datasets import StreamOptions, make_loader
 
         c, d = self.cfg, self.dist
+        stream = StreamOptions(resampled=c.data.resampled, train_num_samples=c.data.train_num_samples,
+                               upsampling_factors=c.data.upsampling_factors, shard_retries=c.data.shard_retries,
+                               max_failed_shards=c.data.max_failed_shards)  # fmt: skip
         return make_loader(c.data.train, self.train_transform, self.tokenizer, batch_size=c.data.batch_size,
                            workers=c.data.workers, seed=c.run.seed, rank=d.rank, world_size=d.world_size,
-                           epoch=self.position.epoch, start_step=self.position.step_in_epoch)  # fmt: skip
+                           epoch=self.position.epoch, start_step=self.position.step_in_epoch,
+                           stream=stream)  # fmt: skip
 
     def fit(self) -> TrainResult:
         """Train up to `run.steps`, evaluate, save the final model; returns the result.
@@ -275,7 +291,7 @@ class Runner:
             samples = held.train_samples
         evals = self.evaluator.describe(self.cfg, held) if self.evaluator else []
         return plan_lines(self.cfg, self.run_dir, counts, samples, evals, self._start_step, str(self.dist.device),
-                          held.size if held is not None and held.shard is None else 0)  # fmt: skip
+                          held.size if held is not None and held.shard is None else 0, self.dist.world_size)  # fmt: skip
 
     def _interrupted(self) -> TrainingInterrupted:
         """Save the state at this step (between two steps: consistent) unless saved already; the exception that
@@ -325,7 +341,8 @@ class Runner:
                 loss, backward = self._cached_loss(images, tokens)
             else:
                 out = self.ddp(images, tokens)
-                loss = self.loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+                loss = self._loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias, images,
+                                  tokens)  # fmt: skip
                 backward = loss.backward
         if not everywhere(bool(torch.isfinite(loss.detach())), dev):
             if self.cfg.run.nonfinite == "stop":
@@ -347,19 +364,35 @@ class Runner:
             clamp_logit_scale_(self.model)
         return loss.item()
 
+    def _loss(self, image_f, text_f, scale, bias, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The batch's loss from the student's outputs; with a teacher, the sum of `DistillClipLoss`'s parts (kept
+        for the metrics row), the teacher's features computed without gradients, in the micro-batches of
+        `optim.accum_steps` (GradCache then back-propagates the whole loss as it does the contrastive one)."""
+        if self.teacher is None:
+            return self.loss_fn(image_f, text_f, scale, bias)
+        with torch.no_grad():
+            n = self.cfg.optim.accum_steps
+            outs = [self.teacher(i, t) for i, t in zip(images.tensor_split(n), tokens.tensor_split(n)) if len(i)]
+        teacher = [torch.cat([o.image_features for o in outs]), torch.cat([o.text_features for o in outs])]
+        self.loss_parts = self.loss_fn(image_f, text_f, scale, *teacher, outs[0].logit_scale, logit_bias=bias)
+        return self.loss_parts.total
+
     def _cached_loss(self, images: torch.Tensor, tokens: torch.Tensor):
         """The whole batch's loss from features computed in micro-batches without gradients, and a function that
         back-propagates it micro-batch by micro-batch (GradCache: the loss gives each cached feature's gradient,
         then each micro-batch runs again with gradients and receives its share). Same gradients as one pass."""
         chunks = [c for c in zip(images.tensor_split(self.cfg.optim.accum_steps), tokens.tensor_split(
             self.cfg.optim.accum_steps)) if len(c[0])]  # fmt: skip
+        states, outs = [], []
         with torch.no_grad():
-            outs = [self.model(i, t) for i, t in chunks]
+            for i, t in chunks:  # each micro-batch's random draws (patch dropout) are replayed when it runs again
+                states.append(_rng_state(self.dist.device))
+                outs.append(self.model(i, t))
         image_f = torch.cat([o.image_features for o in outs]).requires_grad_()
         text_f = torch.cat([o.text_features for o in outs]).requires_grad_()
         scale = outs[0].logit_scale.detach().requires_grad_()
         bias = None if outs[0].logit_bias is None else outs[0].logit_bias.detach().requires_grad_()
-        loss = self.loss_fn(image_f, text_f, scale, bias)
+        loss = self._loss(image_f, text_f, scale, bias, images, tokens)
 
         def backward() -> None:
             loss.backward()
@@ -368,9 +401,9 @@ class Runner:
             for j, (i, t) in enumerate(chunks):
                 last = j == len(chunks) - 1
                 # DDP all-reduces gradients once, after the last micro-batch
-                sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
+                sync = contextlib.nullcontext() if last or not hasattr(self.ddp, "no_sync") else self.ddp.no_sync()
                 with sync:
-                    with self._autocast():
+                    with self._autocast(), _replayed_rng(states[j], self.dist.device):
                         out = self.ddp(i, t)
                     pairs = [(out.image_features, grads[j][0]), (out.text_features, grads[j][1])]
                     if last:  # the temperature (and bias) enter once, with their gradient from the whole loss
@@ -405,7 +438,8 @@ class Runner:
             self.metrics.write(step=self.step, loss=self.loss, lr=self.scheduler.get_last_lr()[0],
                                logit_scale=self.model.logit_scale.exp().item(), samples_per_s=rate,
                                skipped=self.skipped, skipped_steps=self.skipped_steps,
-                               **(result.columns() if result else {}))  # fmt: skip
+                               **({k: v.item() for k, v in zip(DISTILL_FIELDS, self.loss_parts)} if self.loss_parts
+                                  else {}), **(result.columns() if result else {}))  # fmt: skip
         if ((run.save_every and self.step % run.save_every == 0) or last) and self.updates:  # else nothing learnt
             self._save()
         self._tick = time.perf_counter()  # evaluation and saving count neither as training time nor in samples/s
@@ -419,8 +453,9 @@ class Runner:
         model_state = full_model_state(self.model, self.dist)
         optim_state = full_optimizer_state(self.model, self.optimizer, self.dist)
         if self.dist.main:
-            save_checkpoint(self.run_dir, self.step, model_state, optim_state, self.scheduler.state_dict(),
-                            self.position)  # fmt: skip
+            path = save_checkpoint(self.run_dir, self.step, model_state, optim_state, self.scheduler.state_dict(),
+                                   self.position)  # fmt: skip
+            remove_old_checkpoints(self.run_dir, self.cfg.run.keep_checkpoints, self.cfg.run.keep_every, path)
         self._saved_step = self.step
 
     def _final_model(self) -> nn.Module | None:
@@ -469,6 +504,20 @@ class Runner:
                     print(f"final: {done.format()}")
             print(f"model: {self.run_dir / 'model'} (clipworks.create_model('local-dir:{self.run_dir / 'model'}'))")
         return result
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def _replayed_rng(state: tuple, device: torch.device):
+    """Random draws as they were at `state` (`_rng_state`); the streams continue afterwards as before."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 def _run_dir(cfg: TrainConfig, dist: Distributed) -> Path:

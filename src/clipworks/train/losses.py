@@ -1,4 +1,5 @@
-"""Contrastive losses for CLIP training: softmax (CLIP) and sigmoid (SigLIP), single- and multi-process.
+"""Contrastive losses for CLIP training: softmax (CLIP), sigmoid (SigLIP) and distillation from a teacher CLIP,
+single- and multi-process.
 
 Both losses take L2-normalised features and the *exponentiated* logit scale (what ``CLIPOutput.logit_scale``
 holds) and agree in value and gradients with OpenCLIP's ``ClipLoss`` / ``SigLipLoss``.
@@ -17,6 +18,7 @@ the rank's share (local CLIP loss, SigLIP), and DDP's average gives the global g
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,8 @@ __all__ = [
     "SIGLIP_INIT_LOGIT_BIAS",
     "SIGLIP_INIT_LOGIT_SCALE",
     "ClipLoss",
+    "DistillClipLoss",
+    "DistillLoss",
     "SigLipLoss",
     "build_loss",
     "clamp_logit_scale_",
@@ -216,8 +220,15 @@ class ClipLoss(_PairLoss):
             logit_bias: optional scalar added to every logit. Softmax cross-entropy is invariant to it (its
                 gradient is zero); it is accepted so models with a bias can train with this loss.
         """
+        queries, offset = self._queries(image_features, text_features)
+        if self.chunk_size is None:
+            return self._dense(queries, offset, logit_scale, logit_bias)
+        return self._chunked(queries, offset, logit_scale, logit_bias)
+
+    def _queries(self, image_features: Tensor, text_features: Tensor):
+        """((image queries, text keys), (text queries, image keys)) of the logit matrices this rank computes, and the
+        column of its first positive."""
         rank, world_size = rank_world()
-        b = image_features.shape[0]
         if world_size > 1:
             opts = {"with_grad": self.gather_with_grad, "keep_local_grad": not self.local_loss}
             all_image = _gather(image_features, rank, world_size, **opts)
@@ -226,15 +237,9 @@ class ClipLoss(_PairLoss):
             all_image, all_text = image_features, text_features
         if world_size > 1 and self.local_loss:
             # This rank's rows of both logit matrices: (B, B_global) each; the positives sit at column rank * B + i.
-            queries = ((image_features, all_text), (text_features, all_image))
-            offset = rank * b
-        else:
-            # The full (B_global, B_global) matrix; logits_per_text is its transpose.
-            queries = ((all_image, all_text), (all_text, all_image))
-            offset = 0
-        if self.chunk_size is None:
-            return self._dense(queries, offset, logit_scale, logit_bias)
-        return self._chunked(queries, offset, logit_scale, logit_bias)
+            return ((image_features, all_text), (text_features, all_image)), rank * image_features.shape[0]
+        # The full (B_global, B_global) matrix; logits_per_text is its transpose.
+        return ((all_image, all_text), (all_text, all_image)), 0
 
     @staticmethod
     def _dense(queries, offset: int, logit_scale: Tensor, logit_bias: Tensor | None) -> Tensor:
@@ -311,13 +316,79 @@ class SigLipLoss(_PairLoss):
         return (neg - pos) / b
 
 
-def build_loss(kind: str, **kwargs) -> nn.Module:
+class DistillLoss(NamedTuple):
+    """The two parts of `DistillClipLoss`, each a scalar; training minimises their sum, `total`."""
+
+    contrastive: Tensor
+    distill: Tensor
+
+    @property
+    def total(self) -> Tensor:
+        return self.contrastive + self.distill
+
+
+def _soft_cross_entropy(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
+    """Cross-entropy from the teacher's softmax to the student's, per row, averaged over rows."""
+    return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+
+
+class DistillClipLoss(ClipLoss):
+    """CLIP's loss plus distillation from a teacher CLIP, matching OpenCLIP's ``DistillClipLoss`` in value and
+    gradients: the student's contrastive loss, and the cross-entropy from the teacher's softmax over its image-text
+    logits to the student's, for both directions, averaged; the two parts weigh the same.
+
+    The teacher's features are gathered across processes as the student's are (they carry no gradient). Takes
+    `ClipLoss`'s arguments but `chunk_size`: the soft targets need every row's whole logits.
+    """
+
+    def __init__(self, *, local_loss: bool = False, gather_with_grad: bool = True, chunk_size: int | None = None):
+        if chunk_size is not None:
+            raise ValueError("distillation computes the whole logit matrices: use chunk_size None (loss.chunk_size)")
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad)
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor,
+        teacher_image_features: Tensor,
+        teacher_text_features: Tensor,
+        teacher_logit_scale: Tensor,
+        logit_bias: Tensor | None = None,
+    ) -> DistillLoss:
+        """Both parts of the loss.
+
+        Args:
+            image_features, text_features, logit_scale: the student's, as `ClipLoss` takes them.
+            teacher_image_features, teacher_text_features, teacher_logit_scale: the teacher's for the same batch
+                (computed without gradients).
+            logit_bias: the student's, if it has one: it changes neither part (softmax ignores a constant).
+        """
+        student, offset = self._queries(image_features, text_features)
+        teacher, _ = self._queries(teacher_image_features, teacher_text_features)
+        contrastive, distill = [], []
+        for (q, k), (tq, tk) in zip(student, teacher):
+            logits = logit_scale * q @ k.t()  # (n, M)
+            if logit_bias is not None:
+                logits = logits + logit_bias
+            labels = torch.arange(q.shape[0], device=q.device) + offset
+            contrastive.append(F.cross_entropy(logits, labels))
+            distill.append(_soft_cross_entropy(teacher_logit_scale * tq @ tk.t(), logits))
+        return DistillLoss((contrastive[0] + contrastive[1]) / 2, (distill[0] + distill[1]) / 2)
+
+
+def build_loss(kind: str, distill: bool = False, **kwargs) -> nn.Module:
     """Build a contrastive loss.
 
     Args:
         kind: "clip" (softmax, `ClipLoss`) or "siglip" (sigmoid, `SigLipLoss`).
+        distill: learn from a teacher too (`DistillClipLoss`, which returns a `DistillLoss`); kind "clip" only.
         **kwargs: keyword arguments of the loss class (local_loss, gather_with_grad, chunk_size).
     """
+    if distill:
+        if kind != "clip":
+            raise ValueError(f"distillation takes loss kind 'clip' (OpenCLIP's DistillClipLoss), not {kind!r}")
+        return DistillClipLoss(**kwargs)
     if kind == "clip":
         return ClipLoss(**kwargs)
     if kind == "siglip":

@@ -1,5 +1,5 @@
-"""Training run state: checkpoints of model, optimiser, schedule, step, data position and RNG, written atomically
-and checked against their SHA-256 checksums when read back."""
+"""Training run state: checkpoints of model, optimiser, schedule, step, data position and RNG, written atomically,
+checked against their SHA-256 checksums when read back, and the old ones removed as `run.keep_checkpoints` says."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ STATE_FILE = "state.pt"
 # the SHA-256 of every other file, as JSON (checkpoints written before issue 16 hold just the step).
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-# What `atomic_directory` leaves behind when a save dies: `.step_NNNNNNNN.<random>` and `.step_NNNNNNNN.old`.
+# What `atomic_directory` leaves behind when a save dies: `.step_NNNNNNNN.<random>` and `.step_NNNNNNNN.old`; and
+# `remove_old_checkpoints` when a removal dies: `.step_NNNNNNNN.removed`.
 _TEMP_DIR = re.compile(r"^\.(step_\d{8})\.(\w+)$")
 
 
@@ -149,8 +150,42 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return next(iter(complete_checkpoints(run_dir)), None)
 
 
+def remove_old_checkpoints(run_dir: str | os.PathLike, keep: int, keep_every: int = 0,
+                           written: Path | None = None) -> list[Path]:  # fmt: skip
+    """Remove the complete checkpoints older than the newest `keep` (`run.keep_checkpoints`; 0 keeps all); returns
+    the directories removed. Call it on the main process only, once a checkpoint is complete.
+
+    Kept whatever their age: the checkpoint just `written`, milestones (steps that are multiples of `keep_every`,
+    when positive), links, and directories holding files that are not ours. Each removal first renames the directory
+    to a temporary name (atomic), then deletes it: a process killed mid-removal leaves no `step_NNNNNNNN` that
+    "latest" could resume from, only a temporary that `remove_stale_temporaries` clears at the next start. A removal
+    that fails is warned about and skipped: the run goes on.
+    """
+    removed = []
+    for path in complete_checkpoints(run_dir)[keep:] if keep > 0 else []:
+        step = int(_STEP_DIR.match(path.name).group(1))
+        kept = (keep_every > 0 and step % keep_every == 0) or (written is not None and path.name == written.name)
+        if kept or path.is_symlink() or not _ours(path):
+            continue
+        try:
+            _remove_checkpoint(path)
+        except OSError as e:
+            warnings.warn(f"could not remove old checkpoint {path}: {one_line(e)}", stacklevel=2)
+            continue
+        removed.append(path)
+    return removed
+
+
+def _remove_checkpoint(path: Path) -> None:
+    doomed = path.with_name(f".{path.name}.removed")  # a name `remove_stale_temporaries` clears
+    if doomed.is_dir() and not doomed.is_symlink():
+        shutil.rmtree(doomed)
+    path.rename(doomed)
+    shutil.rmtree(doomed)
+
+
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
-    """Clear what saves killed mid-write left in `run_dir/checkpoints`; returns the directories removed.
+    """Clear what saves (or removals) killed mid-write left in `run_dir/checkpoints`; returns the directories removed.
 
     Only directories named as `atomic_directory` names its temporaries (`.step_NNNNNNNN.<suffix>`) are touched.
     A `.step_NNNNNNNN.old` whose `step_NNNNNNNN` is missing is the only copy of a checkpoint (the save died between
