@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from processes import kill_when_ready
 
 import clipworks
 from clipworks.cli import main as cli_main
@@ -395,26 +396,12 @@ run_state.save_checkpoint(run_dir, 2, model.state_dict(), opt.state_dict(), sche
 
 
 def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
-    import signal
-    import time
-
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     first = run_state.save_checkpoint(tmp_path, 1, *_states(model, opt, sched), run_state.DataPosition())
     ready = tmp_path / "writing"
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(tmp_path), str(ready)])
-    try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert child.poll() is None, "the saving process ended before it started writing"
-            assert time.monotonic() < deadline, "the saving process never started writing"
-            time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    kill_when_ready([sys.executable, "-c", _KILLED_SAVE, str(tmp_path), str(ready)], ready, "started writing")
     assert any(p.name.startswith(".") for p in (tmp_path / "checkpoints").iterdir())  # the torn write is there
     latest = run_state.latest_checkpoint(tmp_path)
     assert latest == first

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from processes import kill_when_ready
 from test_train import tiny_config
 
 from clipworks.train import state as run_state
@@ -95,18 +94,7 @@ run_state.remove_old_checkpoints(run_dir, 1, written=run_state.checkpoint_dir(ru
 
 def test_a_process_killed_mid_removal_is_never_resumed_from(tmp_path):
     ready = tmp_path / "removing"
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_REMOVAL, str(tmp_path), str(ready)])
-    try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert child.poll() is None, "the removing process ended before it started removing"
-            assert time.monotonic() < deadline, "the removing process never started removing"
-            time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    kill_when_ready([sys.executable, "-c", _KILLED_REMOVAL, str(tmp_path), str(ready)], ready, "started removing")
     root = tmp_path / "checkpoints"
     half = root / ".step_00000002.removed"
     assert (half / run_state.COMPLETE_MARKER).is_file() and not (half / run_state.STATE_FILE).exists()
