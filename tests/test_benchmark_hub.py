@@ -107,3 +107,49 @@ def test_benchmark_download_reads_a_dataset_by_name_from_the_hub(fake, tmp_path,
     assert code == 0, err
     (a,), (b,) = ([json.loads(p.read_text()) for p in (tmp_path / d / "cells").glob("*.json")] for d in "ab")
     assert a["dataset"] == b["dataset"] == "vtab/cifar10" and a["metrics"] == b["metrics"]
+
+
+# --- an export at a URL (the eval side of streamed shards) ---
+
+
+def test_an_export_at_a_url_is_fetched_once_retrying_a_dropped_connection(export, tmp_path, monkeypatch):
+    from clipworks.data import shards
+    from clipworks.eval.datasets import wds_benchmark
+
+    monkeypatch.setattr(wds_benchmark, "REMOTE_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(shards, "RETRY_DELAY_S", 0.01)
+    srv = _http(tmp_path)
+    try:
+        srv.files.update({f"/exp/{name}": data for name, data in export.items()})
+        srv.faults["/exp/test/0.tar"] = ["drop"]
+        remote = sources.load_classification(f"wds-benchmark:{srv.url}/exp")
+        for name, data in export.items():
+            (tmp_path / "local" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "local" / name).write_bytes(data)
+        local = sources.load_classification(f"wds-benchmark:{tmp_path / 'local'}")
+        assert (remote.labels, remote.class_names, remote.templates) == (local.labels, local.class_names,
+                                                                         local.templates)  # fmt: skip
+        assert srv.requests["/exp/test/0.tar"] == 2 and srv.requests["/exp/dataset_type.txt"] == 1  # absent: 404
+        assert "/exp/train/0.tar" not in srv.requests  # the split asked for only
+        before = sum(srv.requests.values())
+        sources.load_classification(f"wds-benchmark:{srv.url}/exp")
+        assert sum(srv.requests.values()) == before  # read from the cache
+        assert not list((tmp_path / "cache").rglob(".*.part"))
+    finally:
+        srv.shutdown()
+
+
+def _http(tmp_path):
+    """A file server on 127.0.0.1 with the fault injection of tests/test_wds_stream.py."""
+    import http.server
+    import threading
+    from collections import Counter
+
+    from test_wds_stream import _Handler
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    srv.files, srv.faults, srv.always, srv.requests = {}, {}, {}, Counter()
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv

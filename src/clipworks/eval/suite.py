@@ -165,7 +165,7 @@ def missing_data(missing: list[tuple[str, str]], root: str | os.PathLike | None)
 
 def _from_spec(spec: str, name: str) -> SuiteDataset:
     parsed = parse_spec(spec)
-    hub = parsed.scheme == "wds-benchmark" and parsed.path.startswith("hf-hub:")
+    hub = parsed.scheme == "wds-benchmark" and (parsed.path.startswith("hf-hub:") or "://" in parsed.path)
     if parsed.scheme != "synthetic" and not hub and not Path(parsed.path).expanduser().exists():
         raise FileNotFoundError(f"{spec}: no such file or folder {parsed.path!r}")  # before any model is loaded
     entry = known_datasets().get(name, {})
@@ -200,6 +200,11 @@ def spec_task(text: str) -> str:
         from .datasets.wds_benchmark import fetch_export
 
         kind = fetch_export(spec.path.removeprefix("hf-hub:"), spec.options["split"]) / "dataset_type.txt"
+        return RETRIEVAL if kind.is_file() and kind.read_text().strip().lower() == "retrieval" else CLASSIFICATION
+    if spec.scheme == "wds-benchmark" and "://" in spec.path:
+        from .datasets.wds_benchmark import fetch_remote_export
+
+        kind = fetch_remote_export(spec.path, spec.options["split"]) / "dataset_type.txt"
         return RETRIEVAL if kind.is_file() and kind.read_text().strip().lower() == "retrieval" else CLASSIFICATION
     if spec.scheme == "wds-benchmark":
         kind = Path(spec.path).expanduser() / "dataset_type.txt"

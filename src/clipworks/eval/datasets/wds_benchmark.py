@@ -13,6 +13,9 @@ The shards (uncompressed tar) are indexed once; an image is read by seeking to i
 
 DIR may be `hf-hub:ORG/NAME[@REVISION]` (CLIP_benchmark's are clip-benchmark/wds_NAME): the metadata files and the
 split's shards are fetched into the Hugging Face hub cache once, checked against the hub's SHA-256, and read there.
+DIR may also be a URL (`s3://bucket/wds_NAME`, `https://host/wds_NAME`, any fsspec protocol): the same files are
+fetched once into ~/.cache/clipworks/wds-benchmark (transient errors retried as training's shard reader retries
+them, each file written under a temporary name and renamed when whole) and read there.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -160,9 +164,76 @@ def fetch_export(repo: str, split: str = "test") -> Path:
                                   "wds-benchmark:DIR") from e  # fmt: skip
 
 
+REMOTE_CACHE = Path("~/.cache/clipworks/wds-benchmark")
+_CHUNK = 1 << 20
+
+
+def fetch_remote_export(url: str, split: str = "test", cache: str | Path | None = None) -> Path:
+    """A local copy of an export at a URL (its metadata files and one split's shards), fetched once.
+
+    Raises:
+        ShardUnavailable: a file that keeps failing, or a split without nshards.txt.
+    """
+    from ...data.shards import ShardUnavailable
+
+    base = url.rstrip("/")
+    key = hashlib.sha256(base.encode()).hexdigest()[:16]
+    root = Path(cache or REMOTE_CACHE).expanduser() / key / base.rpartition("/")[2]
+    done = root / f".fetched-{split}"  # written last: the metadata and the split are all there
+    if done.is_file():
+        return root
+    for name in METADATA:  # optional: a classification export has no dataset_type.txt
+        try:
+            _fetch_file(f"{base}/{name}", root / name)
+        except ShardUnavailable as e:
+            if "FileNotFoundError" not in str(e):
+                raise
+    _fetch_file(f"{base}/{split}/nshards.txt", root / split / "nshards.txt")
+    try:
+        count = int((root / split / "nshards.txt").read_text().strip())
+    except ValueError as e:
+        raise ValueError(f"{base}/{split}/nshards.txt should hold the number of shards: {e}") from e
+    for k in range(count):
+        _fetch_file(f"{base}/{split}/{k}.tar", root / split / f"{k}.tar")
+    done.touch()
+    return root
+
+
+def _fetch_file(url: str, dest: Path) -> None:
+    """`url` into `dest` unless it is there (whole: files appear only by rename), retrying transient errors."""
+    from ...data.shards import read_shard
+
+    if dest.is_file():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f".{dest.name}.part")
+    try:
+        with open(part, "wb") as out:  # chunks of a fixed size: a retry reads past those already written
+            for chunk in read_shard(url, _chunks):
+                out.write(chunk)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(dest)
+
+
+def _chunks(f) -> Iterator[bytes]:
+    """The stream in chunks of exactly `_CHUNK` bytes (the last one shorter), however the reads come back."""
+    while True:
+        chunk = bytearray()
+        while len(chunk) < _CHUNK and (data := f.read(_CHUNK - len(chunk))):
+            chunk += data
+        if chunk:
+            yield bytes(chunk)
+        if len(chunk) < _CHUNK:
+            return
+
+
 def _root(spec: Spec) -> Path:
     if spec.path.startswith(HUB_PREFIX):
         return fetch_export(spec.path[len(HUB_PREFIX) :], spec.options["split"])
+    if "://" in spec.path:
+        return fetch_remote_export(spec.path, spec.options["split"])
     return spec_root(spec)
 
 
