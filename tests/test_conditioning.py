@@ -129,8 +129,8 @@ def test_plain_prompt_is_literal_and_bad_types_are_named():
     assert plain_prompt("(a:1.3) BREAK [b]") == [Segment("(a:1.3) BREAK [b]", 1.0)]
     with pytest.raises(ValueError, match="prompt must be a str"):
         parse_prompt(None)
-    with pytest.raises(ValueError, match="unknown prompt syntax 'compel'"):
-        PromptReader(syntax="compel")
+    with pytest.raises(ValueError, match="unknown prompt syntax 'invokeai'"):
+        PromptReader(syntax="invokeai")
 
 
 # --- chunks ----------------------------------------------------------------------------------------------------

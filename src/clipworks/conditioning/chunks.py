@@ -8,7 +8,7 @@ A chunk ends early at `BREAK`, and, when it fills up, at its last comma if that 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -33,6 +33,7 @@ def split_chunks(
     tokenizer: Tokenizer,
     chunk_length: int = CHUNK_LENGTH,
     comma_backtrack: int = COMMA_BACKTRACK,
+    encode: Callable[[str], list[list[int]]] | None = None,
 ) -> list[Chunk]:
     """Tokenize parsed segments into chunks of at most `chunk_length` tokens (at least one chunk).
 
@@ -42,6 +43,8 @@ def split_chunks(
         chunk_length: text tokens per chunk (the context length minus start and end).
         comma_backtrack: a full chunk whose last comma is at most this many tokens from its end is cut after
             that comma; 0 turns it off.
+        encode: a segment's text to units of ids that a chunk keeps whole (a textual-inversion embedding's
+            vectors: a unit that does not fit starts the next chunk, as in A1111); default: each token alone.
     """
     if chunk_length < 1 or comma_backtrack < 0:
         raise ValueError(f"need chunk_length >= 1 and comma_backtrack >= 0, got {chunk_length}, {comma_backtrack}")
@@ -60,7 +63,10 @@ def split_chunks(
         if segment.is_break:
             close()
             continue
-        for token in tokenizer.encode(segment.text):
+        for unit in encode(segment.text) if encode else ([t] for t in tokenizer.encode(segment.text)):
+            token = unit[0]
+            if len(unit) > chunk_length:
+                raise ValueError(f"{len(unit)} ids that stay together cannot fit a chunk of {chunk_length}")
             if token == comma:
                 last_comma = len(ids)
             elif (
@@ -74,10 +80,10 @@ def split_chunks(
                 ids, weights = ids[:cut], weights[:cut]
                 close()
                 ids, weights = rest
-            if len(ids) == chunk_length:
+            if len(ids) + len(unit) > chunk_length:
                 close()
-            ids.append(token)
-            weights.append(segment.weight)
+            ids += unit
+            weights += [segment.weight] * len(unit)
     if ids or not chunks:
         close()
     return chunks

@@ -17,11 +17,14 @@ from torch import Tensor
 
 from ..models.text import TextTransformer
 from ..tokenizer import Tokenizer, default_tokenizer
+from .compel_encode import CompelChunks, encode_compel
 from .chunks import COMMA_BACKTRACK, Chunk, FramedChunks, apply_weights, frame_chunks, split_chunks
+from .embeddings import Embedding, TextualInversion
 from .skip import ClipSkip, TextStates, encode_hidden
+from .compel_syntax import parse_compel
 from .syntax import parse_prompt, plain_prompt
 
-SYNTAXES = {"a1111": parse_prompt, "plain": plain_prompt}
+SYNTAXES = {"a1111": parse_prompt, "plain": plain_prompt, "compel": parse_compel}
 # Each tokenizer's own padding: SD 1.x's CLIP tokenizer pads with the end token, OpenCLIP's with 0 ("!").
 PAD_END = 49407
 PAD_ZERO = 0
@@ -56,31 +59,40 @@ class PromptReader:
 
     Args:
         tokenizer: the CLIP tokenizer; the shared default if None.
-        syntax: "a1111" (weights in brackets, `BREAK`) or "plain" (the text as it is, like diffusers).
+        syntax: "a1111" (weights in brackets, `BREAK`), "plain" (the text as it is, like diffusers) or "compel"
+            (compel's syntax and math, see `compel_encode`; each `.and()` part is cut at 75 tokens).
         truncate: keep only the first chunk, cut at 75 tokens (diffusers); otherwise long prompts are chunked.
         comma_backtrack: see `split_chunks` (A1111's default 20; 0 turns it off).
+        embeddings: textual-inversion embeddings (`load_embedding`) whose triggers prompts may use.
     """
 
     def __init__(self, tokenizer: Tokenizer | None = None, syntax: str = "a1111", truncate: bool = False,
-                 comma_backtrack: int = COMMA_BACKTRACK):  # fmt: skip
+                 comma_backtrack: int = COMMA_BACKTRACK, embeddings: Sequence[Embedding] = ()):  # fmt: skip
         if syntax not in SYNTAXES:
             raise ValueError(f"unknown prompt syntax {syntax!r}; expected one of {sorted(SYNTAXES)}")
         self.tokenizer = tokenizer or default_tokenizer()
+        self.syntax = syntax
         self.parse = SYNTAXES[syntax]
         self.truncate = truncate
         self.comma_backtrack = 0 if truncate else comma_backtrack
+        self.inversion = TextualInversion(embeddings, self.tokenizer)
 
     def chunks(self, prompts: Sequence[str]) -> list[list[Chunk]]:
-        """Each prompt's chunks (one only when truncating)."""
-        out = [split_chunks(self.parse(p), self.tokenizer, comma_backtrack=self.comma_backtrack) for p in prompts]
+        """Each prompt's chunks (one only when truncating); with compel's syntax, its `.and()` parts."""
+        if self.syntax == "compel":
+            return [CompelChunks(p) for p in prompts]
+        encode = self.inversion.encode if self.inversion else None
+        out = [split_chunks(self.parse(p), self.tokenizer, comma_backtrack=self.comma_backtrack, encode=encode)
+               for p in prompts]  # fmt: skip
         return [p[:1] for p in out] if self.truncate else out
 
 
-def encode_chunks(encoder: TextTransformer, framed: FramedChunks, layer: ClipSkip, pooled: bool = False) -> TextStates:
+def encode_chunks(encoder: TextTransformer, framed: FramedChunks, layer: ClipSkip, pooled: bool = False,
+                  extra: Tensor | None = None) -> TextStates:  # fmt: skip
     """Encode framed chunks, weight them, and join each prompt's chunks: hidden (B, C * L, D); pooled (B, E) is
-    the first chunk's (as A1111 does for SDXL)."""
+    the first chunk's (as A1111 does for SDXL). `extra`: textual-inversion vectors (see `encode_hidden`)."""
     device = encoder.token_embed.weight.device
-    states = encode_hidden(encoder, framed.ids.to(device), layer, pooled=pooled)
+    states = encode_hidden(encoder, framed.ids.to(device), layer, pooled=pooled, extra=extra)
     hidden = apply_weights(states.hidden, framed.weights.to(device))  # (B * C, L, D)
     B = hidden.shape[0] // framed.chunks
     hidden = hidden.reshape(B, framed.chunks * hidden.shape[1], hidden.shape[2])  # (B, C * L, D)
@@ -101,6 +113,7 @@ class StableDiffusionText:
         self.encoder = encoder
         self.reader = reader or PromptReader()
         self.pad_id = pad_id
+        self.extra = self.reader.inversion.vectors(encoder)
 
     @torch.no_grad()
     def __call__(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None,
@@ -119,9 +132,14 @@ class StableDiffusionText:
         pos, neg = self.reader.chunks(prompts), self.reader.chunks(negative)
         count = max(map(len, pos + neg))
         tok = self.reader.tokenizer
-        embeds = encode_chunks(self.encoder, frame_chunks(pos, tok, self.pad_id, count), layer).hidden
+        if self.reader.syntax == "compel":
+            pairs = ((pos, layer), (neg, negative_layer or layer))
+            return Conditioning(*(encode_compel(self.encoder, p, tok, self.pad_id, count, at).hidden
+                                  for p, at in pairs))  # fmt: skip
+        embeds = encode_chunks(self.encoder, frame_chunks(pos, tok, self.pad_id, count), layer, extra=self.extra).hidden
         negative_layer = negative_layer or layer
-        negative_embeds = encode_chunks(self.encoder, frame_chunks(neg, tok, self.pad_id, count), negative_layer).hidden
+        framed = frame_chunks(neg, tok, self.pad_id, count)
+        negative_embeds = encode_chunks(self.encoder, framed, negative_layer, extra=self.extra).hidden
         return Conditioning(embeds, negative_embeds)
 
 
@@ -149,12 +167,17 @@ class SDXLText:
         self.reader = reader or PromptReader()
         self.pad_ids = pad_ids
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.extras = tuple(self.reader.inversion.vectors(enc, i, 2) for i, enc in enumerate(self.encoders))
 
     def _encode(self, chunks: tuple[list, list], count: int, layer: ClipSkip) -> TextStates:
         tok = self.reader.tokenizer
+        if self.reader.syntax == "compel":
+            states = [encode_compel(enc, c, tok, pad, count, layer, pooled=i == 1)
+                      for i, (enc, c, pad) in enumerate(zip(self.encoders, chunks, self.pad_ids))]  # fmt: skip
+            return TextStates(torch.cat([s.hidden for s in states], dim=-1), states[1].pooled)
         states = [
-            encode_chunks(enc, frame_chunks(c, tok, pad, count), layer, pooled=i == 1)
-            for i, (enc, c, pad) in enumerate(zip(self.encoders, chunks, self.pad_ids))
+            encode_chunks(enc, frame_chunks(c, tok, pad, count), layer, pooled=i == 1, extra=extra)
+            for i, (enc, c, pad, extra) in enumerate(zip(self.encoders, chunks, self.pad_ids, self.extras))
         ]
         return TextStates(torch.cat([s.hidden for s in states], dim=-1), states[1].pooled)  # (B, C * L, D1 + D2)
 

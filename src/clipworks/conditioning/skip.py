@@ -81,8 +81,26 @@ class TextStates(NamedTuple):
     pooled: Tensor | None
 
 
-def encode_hidden(encoder: TextTransformer, tokens: Tensor, layer: ClipSkip, pooled: bool = False) -> TextStates:
+def _embed(encoder: TextTransformer, tokens: Tensor, extra: Tensor) -> Tensor:
+    """`encoder.embed(tokens)` where ids from the vocabulary size on read rows of `extra` (textual inversion)."""
+    vocab = encoder.token_embed.num_embeddings
+    new = tokens >= vocab  # (B, L)
+    x = encoder.embed(tokens.masked_fill(new, 0))  # (B, L, D)
+    if bool(new.any()):
+        if int(tokens.max()) >= vocab + extra.shape[0]:
+            raise ValueError(f"token id {int(tokens.max())} is past the {extra.shape[0]} extra vectors")
+        b, l = new.nonzero(as_tuple=True)
+        x[b, l] = extra.to(x)[tokens[b, l] - vocab] + encoder.pos_embed[l]  # the sum embed makes for a token
+    return x
+
+
+def encode_hidden(
+    encoder: TextTransformer, tokens: Tensor, layer: ClipSkip, pooled: bool = False, extra: Tensor | None = None
+) -> TextStates:
     """The hidden state `layer` names for token ids (B, L), and the pooled feature if `pooled`.
+
+    `extra` (X, D) are vectors for the ids past the tower's vocabulary (textual inversion, see `TextualInversion`):
+    id `vocab_size + i` reads `extra[i]`; pooling ignores those ids (the end token is found as without them).
 
     Blocks past the chosen state run only when the pooled feature (which reads the last one) is asked for. They
     run in full: `Block.forward_one` at the pooling position alone would save most of the last block, but its
@@ -93,7 +111,12 @@ def encode_hidden(encoder: TextTransformer, tokens: Tensor, layer: ClipSkip, poo
     n, causal = encoder.config.layers, encoder.config.causal
     layer.check(n)
     position = n + 1 + layer.index  # blocks run to produce the chosen state
-    states = encoder.transformer.forward_hidden(encoder.embed(tokens), causal=causal, stop_at=n if pooled else position)
+    if extra is not None:
+        x = _embed(encoder, tokens, extra)
+        tokens = tokens.masked_fill(tokens >= encoder.token_embed.num_embeddings, 0)  # for `pool_index`
+    else:
+        x = encoder.embed(tokens)
+    states = encoder.transformer.forward_hidden(x, causal=causal, stop_at=n if pooled else position)
     hidden = encoder.ln_final(states[position]) if layer.final_norm else states[position]  # (B, L, D)
     if not pooled:
         return TextStates(hidden, None)
