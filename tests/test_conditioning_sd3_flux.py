@@ -235,3 +235,14 @@ def test_textual_inversion_reaches_the_clip_towers_only(ours):
     flux_with = FluxText(flux.clip_l, flux.t5, flux.t5_tokenizer, PromptReader(embeddings=[one]), max_sequence_length=32)
     flux_without = FluxText(flux.clip_l, flux.t5, flux.t5_tokenizer, PromptReader(), max_sequence_length=32)
     assert not torch.allclose(flux_with(["zqxstyle fox"]).pooled, flux_without(["zqxstyle fox"]).pooled)
+
+
+def test_a_transformers_t5_is_accepted_as_given(hf, ours):
+    sd3, flux = ours
+    given = SD3Text(*sd3.clips, hf["t5"], sd3.t5_tokenizer, PLAIN, max_sequence_length=64)
+    assert torch.equal(given(PROMPTS).embeds, SD3Text(*sd3.clips, sd3.t5, sd3.t5_tokenizer, PLAIN,
+                                                      max_sequence_length=64)(PROMPTS).embeds)  # fmt: skip
+    flux_given = FluxText(flux.clip_l, hf["t5"], flux.t5_tokenizer, PLAIN, max_sequence_length=64)
+    assert torch.equal(flux_given(PROMPTS).embeds, flux(PROMPTS, max_sequence_length=64).embeds)
+    with pytest.raises(ValueError, match="expected a clipworks T5Encoder or a transformers T5EncoderModel"):
+        FluxText(flux.clip_l, torch.nn.Linear(2, 2), flux.t5_tokenizer)

@@ -46,8 +46,29 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         CheckpointError: the file is unreadable, unsafe, a TorchScript archive, or holds no tensors.
     """
     path = Path(path)
+    obj = read_weights_file(path)
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def read_weights_file(path: str | os.PathLike, what: str = "weights") -> object:
+    """What a `.safetensors` file (a dict of tensors) or a pickled file (through `torch.load(weights_only=True)`
+    only; a TorchScript archive through the restricted reader) holds, its declared sizes checked first.
+
+    Args:
+        what: the kind of file, for messages ("weights", "embedding").
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        CheckpointError: the file is unreadable or unsafe (one line).
+    """
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {path}")
+        raise FileNotFoundError(f"no {what} file at {path}")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -57,9 +78,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+            raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(e)})") from e
     if suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: unknown weights format {suffix!r}; expected .safetensors or {PICKLE_SUFFIXES}")
+        raise CheckpointError(f"{path}: unknown {what} format {suffix!r}; expected .safetensors or {PICKLE_SUFFIXES}")
     from .torchscript import is_torchscript, load_torchscript_state_dict
 
     if zipfile.is_zipfile(path):
@@ -67,15 +88,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         if is_torchscript(path):
             return load_torchscript_state_dict(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler raises many types; all mean "not a safe plain checkpoint"
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler raises many types; all mean "not a safe plain file"
         raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {one_line(e)}") from e
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    return obj
 
 
 def check_safetensors_header(path: Path) -> None:

@@ -10,7 +10,6 @@ vectors takes n positions, as in A1111 and in diffusers (whose `<tok>`, `<tok>_1
 from __future__ import annotations
 
 import re
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..checkpoints.io import PICKLE_SUFFIXES, CheckpointError, check_safetensors_header, check_zip_archive, one_line
+from ..checkpoints.io import CheckpointError, read_weights_file
 from ..models.text import TextTransformer
 from ..tokenizer import Tokenizer
 from .chunks import CHUNK_LENGTH
@@ -81,29 +80,9 @@ def load_embedding(path: str | Path, trigger: str | None = None) -> Embedding:
 
 
 def _read(path: Path) -> object:
-    if not path.is_file():
-        raise FileNotFoundError(f"no embedding file at {path}")
-    if path.stat().st_size == 0:
+    if path.is_file() and path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not an embedding")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        check_safetensors_header(path)
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(e)})") from e
-    if suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: unknown embedding format {suffix!r}; expected .safetensors or one of "
-                              f"{PICKLE_SUFFIXES}")  # fmt: skip
-    if zipfile.is_zipfile(path):
-        check_zip_archive(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler raises many types; all mean "not a safe plain file"
-        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {one_line(e)}") from e
+    return read_weights_file(path, "embedding")
 
 
 def embedding_from_state_dict(data: object, trigger: str | None = None, source: str = "embedding") -> Embedding:

@@ -28,7 +28,7 @@ from ..tokenizer import TextTokenizer
 from .chunks import frame_chunks
 from .pipelines import PAD_END, PAD_ZERO, PromptReader, _as_list, encode_chunks
 from .skip import ClipSkip, TextStates
-from .t5 import T5Encoder
+from .t5 import T5Encoder, as_t5_encoder
 
 SD3_MAX_SEQUENCE_LENGTH = 256
 FLUX_MAX_SEQUENCE_LENGTH = 512
@@ -115,11 +115,11 @@ class SD3Text:
         if t5 is not None and t5_tokenizer is None:
             raise ValueError("t5_tokenizer is None: give T5's tokenizer with the T5 encoder")
         self.clips = (clip_l, clip_g)
-        self.t5, self.t5_tokenizer = t5, t5_tokenizer
+        self.t5, self.t5_tokenizer = (as_t5_encoder(t5) if t5 is not None else None), t5_tokenizer
         self.reader = reader or PromptReader()
         self.pad_ids = pad_ids
         self.max_sequence_length = _sequence_length(max_sequence_length)
-        self.t5_width = t5.width if t5 is not None else t5_width
+        self.t5_width = self.t5.width if self.t5 is not None else t5_width
         # textual inversion: each CLIP tower's vectors (an SDXL-style clip_l/clip_g pair); T5 reads the trigger as text
         self.extras = tuple(self.reader.inversion.vectors(enc, i, 2) for i, enc in enumerate(self.clips))
 
@@ -209,7 +209,7 @@ class FluxText:
     def __init__(self, clip_l: TextTransformer, t5: T5Encoder, t5_tokenizer: TextTokenizer,
                  reader: PromptReader | None = None, pad_id: int = PAD_END,
                  max_sequence_length: int = FLUX_MAX_SEQUENCE_LENGTH):  # fmt: skip
-        self.clip_l, self.t5, self.t5_tokenizer = clip_l, t5, t5_tokenizer
+        self.clip_l, self.t5, self.t5_tokenizer = clip_l, as_t5_encoder(t5), t5_tokenizer
         self.reader = reader or PromptReader()
         self.pad_id = pad_id
         self.max_sequence_length = _sequence_length(max_sequence_length)

@@ -137,6 +137,21 @@ def t5_encoder_from_transformers(config: dict[str, Any] | T5TextConfig, state_di
     return T5Encoder(tower).eval()
 
 
+def as_t5_encoder(model: nn.Module) -> T5Encoder:
+    """`model` if it is a clipworks `T5Encoder`; a live transformers `T5EncoderModel` converted to one (the same
+    states as transformers', tested).
+
+    Raises:
+        ValueError: neither.
+    """
+    if isinstance(model, T5Encoder):
+        return model
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict") or not hasattr(model, "state_dict"):
+        raise ValueError(f"expected a clipworks T5Encoder or a transformers T5EncoderModel, got {type(model).__name__}")
+    return t5_encoder_from_transformers(config.to_dict(), model.state_dict())
+
+
 def _shards(path: Path, variant: str | None) -> list[Path]:
     """The weight files of a transformers directory: one file, or the shards its `.index.json` lists."""
     names = [name.replace(".", f".{variant}.", 1) if variant else name for name in _WEIGHT_FILES]
