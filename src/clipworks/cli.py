@@ -319,7 +319,7 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 # Which extra installs a module the optional commands import (tests/test_packaging.py checks it against the wheel).
 EXTRA_OF_MODULE = {
     **dict.fromkeys(("pyarrow", "faiss", "fastapi", "starlette", "pydantic", "uvicorn", "h11", "httpx", "multipart",
-                     "simplejpeg"), "search"),
+                     "simplejpeg", "prometheus_client"), "search"),
     **dict.fromkeys(("huggingface_hub", "tokenizers", "sentencepiece"), "hub"),
     **dict.fromkeys(("onnx", "onnxruntime", "onnxscript"), "onnx"),
     "timm": "timm",

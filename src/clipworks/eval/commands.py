@@ -56,12 +56,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("score", help="score images with a head fit by `clipworks eval fit-score` (or LAION's)",
                        epilog=examples("clipworks score --head quality.safetensors photos/*.jpg",
-                                       "clipworks score --head sa_0_4_vit_l_14_linear.pth --model ViT-L-14:openai "
-                                       "photo.jpg"))  # fmt: skip
+                                       "clipworks score --head sac+logos+ava1-l14-linearMSE.pth --model "
+                                       "ViT-L-14:openai photo.jpg"))  # fmt: skip
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--head", required=True,
-                   help="a .safetensors head from `clipworks eval fit-score`, or a torch state dict (.pth) of linear "
-                        "layers applied in turn, as LAION's aesthetic predictors (then name --model)")  # fmt: skip
+                   help="a .safetensors head from `clipworks eval fit-score`, or a state dict (.pth, read with "
+                        "weights_only=True, or .safetensors) of linear layers applied in turn: LAION's improved "
+                        "aesthetic predictor MLP (sac+logos+ava1-l14-linearMSE.pth) or its linear head "
+                        "(sa_0_4_vit_l_14_linear.pth), both on ViT-L-14:openai embeddings (then name --model); "
+                        "a pickled module is refused")  # fmt: skip
     p.add_argument("--model", default=None, help="the embedding model (default: the one the head was fit on)")
     p.add_argument("--pretrained", default=None, help="registry tag, weights file or checkpoint directory")
     add_device_flag(p)

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..models.quant import is_quantized
 from .files import open_image_file, read_tar_member
 from .limits import BodySizeLimit, ServeError, ServeSettings
+from .observability import METRICS_PATH, Metrics, Observability
 from .schemas import EmbedRequest, EmbedResponse, ErrorResponse, HealthResponse, SearchResponse, TextSearchRequest
 from .service import Encoder, ImageQuery, Service
 
@@ -81,12 +82,14 @@ def create_app(
     # no /docs or /redoc: those pages load their scripts from a CDN (the schema is at /openapi.json)
     app = FastAPI(title="clipworks search", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
+    app.state.metrics = metrics = Metrics(service)
     _add_error_handlers(app)
     _add_search_api(app, service)
     _add_api(app, service)
-    _add_page(app)
+    _add_page(app, metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(Observability, metrics=metrics)  # outermost: it sees the 413s and 408s above too
     return app
 
 
@@ -232,10 +235,15 @@ def _add_api(app: FastAPI, service: Service) -> None:
         return StreamingResponse(_chunks(file), media_type=media_type, headers=headers)
 
 
-def _add_page(app: FastAPI) -> None:
+def _add_page(app: FastAPI, metrics: Metrics) -> None:
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get(METRICS_PATH, include_in_schema=False)
+    def prometheus() -> Response:
+        body, media_type = metrics.render()
+        return Response(body, media_type=media_type)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

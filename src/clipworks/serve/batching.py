@@ -34,6 +34,8 @@ class Batcher(Generic[T]):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.on_batch: Callable[[int], None] | None = None
+        """Called with each batch's size before it runs (the service's metrics observe it)."""
 
     def submit(self, item: T) -> Future:
         """Queue `item`; the future's result is its row of `fn`'s output (or `fn`'s exception)."""
@@ -79,7 +81,15 @@ class Batcher(Generic[T]):
                     self._queue.put(_STOP)  # finish this batch, then stop
                     break
                 batch.append(nxt)
+            self._observe(len(batch))
             self._run(batch)
+
+    def _observe(self, size: int) -> None:
+        try:
+            if self.on_batch is not None:
+                self.on_batch(size)
+        except Exception:  # a broken observer must not stop the worker every request waits on
+            pass
 
     def _run(self, batch: list[tuple[T, Future]]) -> None:
         live = [(item, f) for item, f in batch if f.running() or f.set_running_or_notify_cancel()]

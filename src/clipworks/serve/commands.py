@@ -57,6 +57,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"most open connections; more get 503 and are closed (default {d.max_connections})")  # fmt: skip
     p.add_argument("--image-root", action="append", default=None, metavar="DIR",
                    help="folder image files may be served from (repeatable; default: the roots the index records)")  # fmt: skip
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="print a JSON line per request to stderr (default on)")  # fmt: skip
     add_int8_flag(p)
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the index checksum check at start")
     p.set_defaults(func=_cmd_serve)
@@ -82,6 +84,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ..search.index import load_index
     from ..search.store import model_id
     from .app import create_app
+    from .observability import configure_access_log
     from .server import bind, run_server
 
     settings = settings_from_args(args)
@@ -98,6 +101,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"clipworks serve: {len(index)} images ({identity}) on http://{host}:{sock.getsockname()[1]}/",
               file=sys.stderr)  # fmt: skip
+        if args.access_log:
+            configure_access_log(sys.stderr)
         run_server(app, sock, settings)
     finally:
         sock.close()

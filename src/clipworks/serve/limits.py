@@ -185,6 +185,11 @@ class ModelLimiter:
         """Requests now waiting for a slot."""
         return len(self._waiters)
 
+    @property
+    def in_use(self) -> int:
+        """Slots now taken (requests doing model work)."""
+        return self.slots - self._free
+
     def try_acquire(self) -> bool:
         """Take a slot if one is free and nobody waits; False otherwise."""
         with self._lock:
