@@ -32,18 +32,24 @@ def _image(rgb, i: int) -> Image.Image:
     return image
 
 
-def _wds_export(root: Path) -> None:
-    """A classification export as CLIP_benchmark writes it (one shard of 6 PNG samples with .cls labels)."""
-    (root / "test").mkdir(parents=True)
-    with tarfile.open(root / "test" / "0.tar", "w") as tar:
-        for i in range(6):
+def write_shard(split: Path, samples: list[tuple[str, Image.Image, str, bytes]]) -> None:
+    """SPLIT/0.tar of (key, image saved as PNG, label extension, label bytes) samples, and SPLIT/nshards.txt."""
+    split.mkdir(parents=True)
+    with tarfile.open(split / "0.tar", "w") as tar:
+        for key, image, ext, label in samples:
             buf = io.BytesIO()
-            _image(list(COLORS.values())[i % 3], i).save(buf, format="PNG")
-            for name, data in ((f"s{i:07d}.png", buf.getvalue()), (f"s{i:07d}.cls", str(i % 3).encode())):
+            image.save(buf, format="PNG")
+            for name, data in ((f"{key}.png", buf.getvalue()), (f"{key}.{ext}", label)):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    (root / "test" / "nshards.txt").write_text("1\n")
+    (split / "nshards.txt").write_text("1\n")
+
+
+def _wds_export(root: Path) -> None:
+    """A classification export as CLIP_benchmark writes it (one shard of 6 PNG samples with .cls labels)."""
+    samples = [(f"s{i:07d}", _image(list(COLORS.values())[i % 3], i), "cls", str(i % 3).encode()) for i in range(6)]
+    write_shard(root / "test", samples)
     (root / "classnames.txt").write_text("red thing\nblue thing\ngreen thing\n")
     (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import tiny_config
-from test_benchmark import _bench, _wds_export
+from test_benchmark import _bench, _wds_export, write_shard
 from test_eval_datasets_more import SUGARCREPE, _sugarcrepe, _winoground
 
 import clipworks
@@ -188,20 +188,10 @@ def _npy(array) -> bytes:
 
 def _multilabel_export(folder: Path, labels: list[bytes]) -> None:
     """CLIP_benchmark's export of a multilabel set: .npy multi-hot vectors and dataset_type.txt saying multilabel."""
-    import io
-
     from PIL import Image
 
-    (folder / "test").mkdir(parents=True)
-    with tarfile.open(folder / "test" / "0.tar", "w") as tar:
-        for i, label in enumerate(labels):
-            buf = io.BytesIO()
-            Image.new("RGB", (32, 32), (50 * i % 256, 90, 200 - 30 * i)).save(buf, format="PNG")
-            for name, data in ((f"s{i:04d}.png", buf.getvalue()), (f"s{i:04d}.npy", label)):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (folder / "test" / "nshards.txt").write_text("1\n")
+    write_shard(folder / "test", [(f"s{i:04d}", Image.new("RGB", (32, 32), (50 * i % 256, 90, 200 - 30 * i)), "npy",
+                                   label) for i, label in enumerate(labels)])  # fmt: skip
     (folder / "classnames.txt").write_text("cat\ndog\ncar\n")
     (folder / "dataset_type.txt").write_text("multilabel\n")
 

@@ -92,6 +92,18 @@ def text_encoder_from_transformers(model: torch.nn.Module) -> TextTransformer:
     return build_text_encoder(model.config.to_dict(), model.state_dict())
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A transformers model directory's config.json.
+
+    Raises:
+        CheckpointError: missing or not JSON, naming the file.
+    """
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: not readable JSON ({e})") from e
+
+
 def load_text_encoder(path: str | os.PathLike, variant: str | None = None) -> TextTransformer:
     """Read a transformers text-model directory (config.json and model.safetensors or pytorch_model.bin), such
     as a diffusers pipeline's `text_encoder/` or `text_encoder_2/`.
@@ -103,10 +115,7 @@ def load_text_encoder(path: str | os.PathLike, variant: str | None = None) -> Te
         CheckpointError: no config or weights, or weights clipworks cannot read, naming the directory.
     """
     path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: not readable JSON ({e})") from e
+    config = read_config(path)
     names = [name.replace(".", f".{variant}.", 1) if variant else name for name in _WEIGHT_FILES]
     weights = next((path / name for name in names if (path / name).is_file()), None)
     if weights is None:

@@ -20,6 +20,7 @@ from ..checkpoints.io import CheckpointError, load_state_dict, load_weights
 from ..checkpoints.open_clip_hf import convert_from_open_clip
 from ..config import T5TextConfig
 from ..models.hf_families import T5TextTower
+from .encoders import read_config
 
 _T5_MODEL_TYPES = ("t5", "mt5")  # umT5 (a bias per block) is another architecture
 _GATED_GELU = "gated-gelu"  # T5 v1.1 and mT5: wo(gelu_tanh(wi_0 x) * wi_1 x); original T5's "relu" is not built
@@ -179,10 +180,7 @@ def load_t5_encoder(path: str | os.PathLike, variant: str | None = None) -> T5En
         CheckpointError: no config or weights, or weights clipworks cannot read, naming the directory.
     """
     path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: not readable JSON ({e})") from e
+    config = read_config(path)
     sd: dict[str, Tensor] = {}
     for shard in _shards(path, variant):
         sd.update(load_state_dict(shard))

@@ -192,22 +192,15 @@ def spec_task(text: str) -> str:
         if spec.options["label"] not in header and spec.options["caption"] in header:
             return RETRIEVAL
         return CLASSIFICATION
-    if spec.scheme == "wds-benchmark" and spec.path.startswith("hf-hub:"):  # the task its name has, else fetch it
-        folder = spec.path.removeprefix("hf-hub:").partition("@")[0].rpartition("/")[2]
-        known = [e["task"] for n, e in known_datasets().items() if export_dir_name(n) == folder and "task" in e]
-        if known:
-            return known[0]
-        from .datasets.wds_benchmark import fetch_export
-
-        kind = fetch_export(spec.path.removeprefix("hf-hub:"), spec.options["split"]) / "dataset_type.txt"
-        return RETRIEVAL if kind.is_file() and kind.read_text().strip().lower() == "retrieval" else CLASSIFICATION
-    if spec.scheme == "wds-benchmark" and "://" in spec.path:
-        from .datasets.wds_benchmark import fetch_remote_export
-
-        kind = fetch_remote_export(spec.path, spec.options["split"]) / "dataset_type.txt"
-        return RETRIEVAL if kind.is_file() and kind.read_text().strip().lower() == "retrieval" else CLASSIFICATION
     if spec.scheme == "wds-benchmark":
-        kind = Path(spec.path).expanduser() / "dataset_type.txt"
+        if spec.path.startswith("hf-hub:"):  # the task its name has, before anything is fetched
+            folder = spec.path.removeprefix("hf-hub:").partition("@")[0].rpartition("/")[2]
+            known = [e["task"] for n, e in known_datasets().items() if export_dir_name(n) == folder and "task" in e]
+            if known:
+                return known[0]
+        from .datasets.wds_benchmark import export_root
+
+        kind = export_root(spec) / "dataset_type.txt"  # a hub or URL export is fetched first
         return RETRIEVAL if kind.is_file() and kind.read_text().strip().lower() == "retrieval" else CLASSIFICATION
     return CLASSIFICATION
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import CLIPConfig, TextConfig, VisionTransformerConfig
+from ..hardware import resolve_precision
 from .config import ModelConfig, TrainConfig, augment_config, save_config
 from .console import StopRequest, TimeEstimate, TrainingInterrupted, missing_dirs, plan_lines, remove_created
 from .distributed import (
@@ -174,6 +175,8 @@ class Runner:
         self.loss_parts = None  # the last step's DistillLoss, when distilling
         self.loss_fn = build_loss(lc.kind, distill=self.teacher is not None, local_loss=lc.local_loss,
                                   gather_with_grad=lc.gather_with_grad, chunk_size=lc.chunk_size)  # fmt: skip
+        # "auto" asks the device once (clipworks.hardware), not on every step
+        self._bf16 = resolve_precision(cfg.run.precision, dist.device.type) == "bf16"
         self.train_transform = image_transform(self.preprocess, cfg.data.augment, augment_config(cfg.data))
         self.step, self.position, self.skipped, self.skipped_steps = 0, DataPosition(), 0, 0
         self.loss, self.last_eval, self.train_s, self.samples = math.nan, None, 0.0, 0
@@ -325,10 +328,7 @@ class Runner:
         self.skipped_steps += 1
 
     def _autocast(self):
-        from ..hardware import resolve_precision
-
-        bf16 = resolve_precision(self.cfg.run.precision, self.dist.device.type) == "bf16"
-        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=bf16)
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self._bf16)
 
     def _train_step(self, batch) -> float:
         dev = self.dist.device

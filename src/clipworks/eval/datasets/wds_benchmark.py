@@ -229,7 +229,8 @@ def _chunks(f) -> Iterator[bytes]:
             return
 
 
-def _root(spec: Spec) -> Path:
+def export_root(spec: Spec) -> Path:
+    """The local folder of a spec's export: DIR itself, or the cached copy of a hub or URL export (fetched once)."""
     if spec.path.startswith(HUB_PREFIX):
         return fetch_export(spec.path[len(HUB_PREFIX) :], spec.options["split"])
     if "://" in spec.path:
@@ -239,7 +240,7 @@ def _root(spec: Spec) -> Path:
 
 def _layout(spec: Spec) -> tuple[Path, list[Path], str]:
     """(DIR, the split's shards, the dataset type)."""
-    root, split = _root(spec), spec.options["split"]
+    root, split = export_root(spec), spec.options["split"]
     what = f"wds-benchmark:{spec.path}"
     count_file = root / split / "nshards.txt"
     if not count_file.is_file():
