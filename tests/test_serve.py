@@ -49,7 +49,7 @@ def test_text_search_ranks_the_index_by_the_query_embedding(client, collection):
     results = r.json()["results"]
     query = Encoder(collection.model, collection.preprocess, collection.tokenizer).text(["a red square"])
     _check_ranking(collection.index, query, results, 5)
-    assert all(set(x) == {"key", "score", "caption", "image"} for x in results)
+    assert all(set(x) == {"key", "score", "caption", "image", "full_image", "aesthetic", "metadata"} for x in results)
     by_key = {x["key"]: x for x in client.post("/api/search/text", json={"query": "x", "k": 100}).json()["results"]}
     assert by_key["red"]["image"] == "/api/image/red" and by_key["red"]["caption"] == "a red square"
     assert by_key["sub/dir key"]["image"] == "/api/image/sub%2Fdir%20key"

@@ -80,7 +80,7 @@ def test_concurrent_searches_through_the_app_get_their_own_results(collection): 
     with TestClient(make_app(collection, concurrency=16)) as client:
         search = lambda q: client.post("/api/search/text", json={"query": q, "k": 3})  # noqa: E731
         alone = {q: search(q).json()["results"] for q in set(queries)}
-        batcher, sizes = client.app.state.service.text_batcher, []
+        batcher, sizes = client.app.state.service.default.slot.text_batcher, []
         encode = batcher.fn
         batcher.fn = lambda texts: sizes.append(len(texts)) or encode(texts)
         with ThreadPoolExecutor(16) as pool:

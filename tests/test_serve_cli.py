@@ -103,3 +103,68 @@ def _wait_for(url: str, server: subprocess.Popen) -> dict:
         except httpx.HTTPError:
             time.sleep(0.1)
     pytest.fail("clipworks serve did not answer within 60 s")
+
+
+def test_named_index_specs():
+    from clipworks.serve.commands import _default_name, named_specs
+
+    assert named_specs(["photos=/data/idx", "/data/other", "milvus:http://h:1?collection=c", "a=b=c"], "--index") == [
+        ("photos", "/data/idx"), (None, "/data/other"), (None, "milvus:http://h:1?collection=c"), ("a", "b=c")]
+    assert _default_name("/data/my index/") == "my_index"
+    assert _default_name("lancedb:/data/db?table=art") == "db"
+
+
+def _serve(args: list[str]) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "clipworks.cli", "serve", "--port", str(port), "--no-access-log", *args]
+    server = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE, text=True)
+    return server, f"http://127.0.0.1:{port}"
+
+
+def test_serve_command_with_two_collections_and_their_manifests_models(saved, tmp_path):
+    """No --model: each collection's model is the one its manifest names (here the same saved model, loaded once)."""
+    import httpx
+
+    from clipworks.search.index import build_index
+    from clipworks.search.store import write_embeddings
+
+    model_arg, index = saved
+    vectors = np.random.default_rng(1).standard_normal((8, 24))
+    records = [{"key": f"x{i}", "year": 2000 + i} for i in range(8)]
+    write_embeddings(tmp_path / "emb", vectors, records, model=model_arg)
+    build_index(tmp_path / "emb", tmp_path / "second", kind="flat")
+    server, url = _serve(["--index", f"first={index}", "--index", str(tmp_path / "second"), "--no-safety"])
+    try:
+        health = _wait_for(f"{url}/api/health", server)
+        assert health["collections"] == ["first", "second"] and health["models"] == [model_arg]
+        assert health["safety"] is False
+        r = httpx.post(f"{url}/api/search/text", timeout=30,
+                       json={"query": "a cat", "k": 3, "collection": "second", "filters": "year>=2005"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert sorted(x["key"] for x in r.json()["results"]) == ["x5", "x6", "x7"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_serve_command_with_a_model_alone_serves_embeddings(saved):
+    import httpx
+
+    model_arg, _ = saved
+    server, url = _serve(["--model", model_arg])
+    try:
+        assert _wait_for(f"{url}/v1/models", server)["data"][0]["id"] == model_arg
+        r = httpx.post(f"{url}/v1/embeddings", json={"model": model_arg, "input": ["a", "b"]}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_serve_command_needs_an_index_or_a_model(capsys):
+    from clipworks.cli import main
+
+    assert main(["serve", "--port", "1"]) == 2
+    assert "give --index" in capsys.readouterr().err

@@ -81,8 +81,9 @@ def test_unknown_form_fields_are_named(client):
     message = _error(client.post("/api/embed", data={"txt": "cat"}), 422)
     assert message.startswith('unknown form field "txt"; /api/embed accepts form fields text, file or url'), message
     message = _error(client.post("/api/search/image", data={"keys": "red", "k": "3"}), 422)
-    assert message == ('unknown form field "keys"; /api/search/image accepts form fields file, key or url, and k '
-                       "(multipart/form-data to upload a file)")  # fmt: skip
+    assert message == ('unknown form field "keys"; /api/search/image accepts form fields file, key or url, and k, '
+                       "collection, filters, offset, dedup, safe, aesthetic_weight, min_aesthetic (multipart/form-data "
+                       "to upload a file)")  # fmt: skip
     ok = client.post("/api/search/image", data={"key": "green", "k": "3"})
     assert ok.status_code == 200 and ok.json()["results"][0]["key"] == "green"
 
@@ -98,7 +99,8 @@ def test_a_body_of_another_kind_is_refused_with_what_is_accepted(client):
 def test_text_search_with_an_unknown_key_lists_the_accepted_keys(client):
     message = _error(client.post("/api/search/text", json={"txt": "cat"}), 422)
     assert "txt: Extra inputs are not permitted" in message
-    assert message.endswith('/api/search/text accepts a JSON object with "query", "k"'), message
+    assert message.endswith('/api/search/text accepts a JSON object with "query", "k", "collection", "filters", '
+                            '"offset", "dedup", "safe", "aesthetic_weight", "min_aesthetic"'), message
 
 
 def test_the_openapi_schema_shows_both_bodies_of_embed(client):

@@ -328,6 +328,11 @@ EXTRA_OF_MODULE = {
     "matplotlib": "plots",
     **dict.fromkeys(("fsspec", "aiohttp"), "http"),
     "s3fs": "s3",
+    "pymilvus": "milvus",
+    "lancedb": "lancedb",
+    "langchain_core": "langchain",
+    "llama_index": "llamaindex",
+    "chromadb": "chroma",
 }  # fmt: skip
 
 # What each command needs beyond the core install: (extras it cannot run without, {extra: what needs it}). Each
@@ -356,9 +361,9 @@ COMMAND_EXTRAS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "benchmark": ((), {**_MODEL_EXTRAS, "plots": "a plot per collection (OUT/plots/NAME.png, .svg)"}),
     "caption": ((), _MODEL_EXTRAS),
     "embed": (("search",), {**_MODEL_EXTRAS, **_STREAM_EXTRAS}),
-    "index": (("search",), {}),
+    "index": (("search",), {"milvus": "--out milvus:URI?collection=NAME", "lancedb": "--out lancedb:DIR?table=NAME"}),
     "dedup": (("search",), {}),
-    "serve": (("search",), _MODEL_EXTRAS),
+    "serve": (("search",), {**_MODEL_EXTRAS, "milvus": "--index NAME=milvus:...", "lancedb": "--index NAME=lancedb:..."}),
 }  # fmt: skip
 
 

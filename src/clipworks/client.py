@@ -1,4 +1,5 @@
-"""A Python client of the search service (`clipworks serve`): health, text and image search, text embeddings."""
+"""A Python client of the search service (`clipworks serve`): health, collections, search by text, image, key or
+vector with filters and pages, text embeddings."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 __all__ = ["ClientError", "SearchClient"]
 
 MAX_RETRY_AFTER_S = 60.0  # a Retry-After longer than this is not waited for in full
+RETRY_STATUSES = (429, 503)  # too many requests, busy: the same request may succeed later
 
 
 class ClientError(Exception):
@@ -25,7 +27,7 @@ class ClientError(Exception):
 class SearchClient:
     """A client of a running search service.
 
-    Connection errors and 503 answers (a busy server) are retried up to `retries` times, waiting the answer's
+    Connection errors and 429 and 503 answers (a busy server) are retried up to `retries` times, waiting the answer's
     Retry-After or else `backoff_s` doubled at each try; any other error answer raises `ClientError` at once.
 
     Args:
@@ -56,22 +58,55 @@ class SearchClient:
         """The service's model, index sizes and limits."""
         return self._request("GET", "/api/health")
 
-    def search_text(self, query: str, k: int = 10) -> list[dict]:
-        """Images matching a text query, best first: dicts with key, score, caption and image (a URL path)."""
-        return self._request("POST", "/api/search/text", json={"query": query, "k": k})["results"]
+    def collections(self) -> list[dict]:
+        """The service's collections (name, model, dim, sizes, filterable columns), the default first."""
+        return self._request("GET", "/api/collections")["collections"]
 
-    def search_image(self, path_or_bytes: str | Path | bytes, k: int = 10) -> list[dict]:
-        """Images like the given one (a file path or the file's bytes), best first."""
-        if isinstance(path_or_bytes, (bytes, bytearray)):
-            name, data = "image", bytes(path_or_bytes)
+    def search_text(self, query: str, k: int = 10, **options: Any) -> list[dict]:
+        """Images matching a text query, best first: dicts with key, score, caption, image (a URL path), aesthetic
+        and metadata. `options`: collection, filters (a dict or "col=v;col>=n" string), offset, dedup, safe,
+        aesthetic_weight, min_aesthetic (see `page` for the whole answer)."""
+        return self.page("text", query, k, **options)["results"]
+
+    def search_vector(self, vector: Any, k: int = 10, **options: Any) -> list[dict]:
+        """Images nearest a raw embedding (any vector of the collection's size), best first; options as
+        `search_text`."""
+        return self.page("vector", vector, k, **options)["results"]
+
+    def search_image(self, image: str | Path | bytes | None = None, k: int = 10, *, key: str | None = None,
+                     **options: Any) -> list[dict]:  # fmt: skip
+        """Images like the given one (a file path or the file's bytes), or like the collection's image `key`,
+        best first; options as `search_text`."""
+        return self.page("image", image if key is None else None, k, key=key, **options)["results"]
+
+    def page(self, by: str, query: Any, k: int = 10, *, key: str | None = None, **options: Any) -> dict:
+        """The whole answer of a search `by` "text", "vector" or "image": collection, results, offset and more
+        (whether a next page exists: ask again with offset + k)."""
+        options = {name: value for name, value in options.items() if value is not None}
+        if by == "text":
+            return self._request("POST", "/api/search/text", json={"query": query, "k": k, **options})
+        if by == "vector":
+            vector = np.asarray(query, dtype=np.float64).reshape(-1).tolist()
+            return self._request("POST", "/api/search/vector", json={"vector": vector, "k": k, **options})
+        if by != "image":
+            raise ValueError(f"by={by!r}: expected 'text', 'vector' or 'image'")
+        if isinstance(options.get("filters"), dict):
+            raise ValueError("image searches take filters as a string (\"col=v;col>=n\")")
+        fields = {"k": str(k), **{name: str(v).lower() if isinstance(v, bool) else str(v) for name, v in options.items()}}
+        if key is not None:
+            return self._request("POST", "/api/search/image", data={**fields, "key": key})
+        if query is None:
+            raise ValueError("give an image (a path or bytes) or key=")
+        if isinstance(query, (bytes, bytearray)):
+            name, data = "image", bytes(query)
         else:
-            path = Path(path_or_bytes)
+            path = Path(query)
             try:
                 name, data = path.name, path.read_bytes()
             except OSError as e:
                 raise ValueError(f"cannot read the image {str(path)!r}: {e.strerror}") from e
         files = {"file": (name, data, "application/octet-stream")}
-        return self._request("POST", "/api/search/image", files=files, data={"k": str(k)})["results"]
+        return self._request("POST", "/api/search/image", files=files, data=fields)
 
     def embed_text(self, text: str) -> np.ndarray:
         """The embedding of `text` in the service's model, shape (E,)."""
@@ -100,7 +135,7 @@ class SearchClient:
                     raise ClientError(None, f"cannot reach {self.base_url}{path}: {e}") from e
                 time.sleep(self._backoff(attempt))
                 continue
-            if response.status_code == 503 and not last:
+            if response.status_code in RETRY_STATUSES and not last:
                 time.sleep(self._backoff(attempt, response.headers.get("retry-after")))
                 continue
             if response.is_error:
@@ -119,11 +154,14 @@ class SearchClient:
 
 
 def _message(response: Any) -> str:
-    """The service's {"error": message}, or the start of whatever else the answer holds."""
+    """The service's {"error": message} (or OpenAI's {"error": {"message": ...}} from the /v1 routes), or the start
+    of whatever else the answer holds."""
     try:
         body = response.json()
     except ValueError:
         body = None
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         return body["error"]
+    if isinstance(body, dict) and isinstance(body.get("error"), dict) and isinstance(body["error"].get("message"), str):
+        return body["error"]["message"]
     return response.text[:200] or response.reason_phrase

@@ -16,6 +16,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from .store import model_id
 
     refuse_random_weights(args)
+    if args.aesthetic_head and args.text:
+        raise UsageError("--aesthetic-head scores images; it cannot be given with --text")
     device = default_device(args.device)  # under torchrun: LOCAL_RANK's GPU, one per process on a machine
     torch.manual_seed(args.seed)  # a --random-init model is the same on every rank and every run
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
@@ -26,6 +28,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         tokenizer=tokenizer, text=args.text, batch_size=args.batch_size, dtype=args.dtype,
         workers=default_workers(device) if args.workers is None else args.workers,
         shard_size=args.shard_size, fast_decode=args.fast_decode, progress=not args.quiet, update=args.update,
+        aesthetic_head=args.aesthetic_head,
     )  # fmt: skip
     print(describe(result))
     if result.skipped:
@@ -70,8 +73,22 @@ def prepare_for_inference(args: argparse.Namespace, model) -> None:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    import time
+
+    from .backends import is_spec, write_collection
     from .index import build_index
 
+    if is_spec(args.out):  # a Milvus or LanceDB collection: exact search unless --kind names an index
+        if args.memory_mb is not None:
+            raise UsageError("--memory-mb sizes a FAISS index; a milvus:/lancedb: collection takes --kind instead")
+        start = time.perf_counter()
+        store = write_collection(args.out, args.embeddings, overwrite=True,
+                                 index="flat" if args.kind == "auto" else args.kind)  # fmt: skip
+        m = store.manifest
+        print(f"{args.out}: {m['kind']} collection of {m['count']} x {m['dim']} vectors ({m['model']}); index "
+              f"{m['index']}{' (exact search)' if m['index'] == 'FLAT' else ''}; {len(store.column_kinds)} metadata "
+              f"columns; written in {time.perf_counter() - start:.1f}s")  # fmt: skip
+        return 0
     index = build_index(args.embeddings, args.out, kind=args.kind, memory_budget_mb=args.memory_mb,
                         recall_target=args.recall)  # fmt: skip
     m = index.manifest
@@ -130,19 +147,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--update", action="store_true",
                    help="bring a finished --out up to date with its changed source (folder, csv, tsv): embed new and "
                         "changed files, drop the rows of deleted ones; rebuild the index afterwards")
+    p.add_argument("--aesthetic-head", default=None, metavar="FILE",
+                   help="score each image with this head (LAION's improved-aesthetic-predictor .pth, which reads "
+                        "ViT-L-14:openai embeddings, or a `clipworks eval fit-score` head) into the metadata column "
+                        "\"aesthetic\"")
     add_device_flag(p)
     add_quiet_flag(p, help="no progress bar")
     add_seed_flag(p)
     add_random_init_flag(p)
     p.set_defaults(func=_cmd_embed)
 
-    p = sub.add_parser("index", help="build a FAISS index over an embeddings directory",
+    p = sub.add_parser("index", help="build a FAISS index (or a Milvus / LanceDB collection) over an embeddings directory",
                        epilog=examples("clipworks index --embeddings photos-emb --out photos-index",
-                                       "clipworks index --embeddings emb --out index --memory-mb 2000"))  # fmt: skip
+                                       "clipworks index --embeddings emb --out 'milvus:http://127.0.0.1:19530?collection=photos'",
+                                       "clipworks index --embeddings emb --out 'lancedb:lance-dir?table=photos'"))  # fmt: skip
     p.add_argument("--embeddings", required=True, help="directory written by `clipworks embed`")
-    p.add_argument("--out", required=True, help="index directory to write (an index there is replaced)")
+    p.add_argument("--out", required=True,
+                   help="index directory to write (an index there is replaced), or a vector database collection: "
+                        "milvus:URI?collection=NAME (a server URI or a Milvus Lite .db folder) or "
+                        "lancedb:DIR?table=NAME (a collection of ours there is replaced)")
     p.add_argument("--kind", choices=("auto", "flat", "ivf", "ivfpq", "hnsw"), default="auto",
-                   help="auto: exact up to 50,000 vectors, else IVF-Flat, or IVF-PQ under a memory budget")
+                   help="auto: exact up to 50,000 vectors, else IVF-Flat, or IVF-PQ under a memory budget; for a "
+                        "milvus:/lancedb: collection auto is exact (flat), Milvus also takes hnsw/ivf, LanceDB ivfpq")
     p.add_argument("--memory-mb", type=float, default=None, help="memory budget for the index")
     p.add_argument("--recall", type=float, default=0.95, help="recall@10 target for approximate indexes")
     p.set_defaults(func=_cmd_index)

@@ -6,6 +6,10 @@ completes, and finally `manifest.json` (sealed, with every shard's checksums: `c
 and `skipped.txt` once every shard exists. Rerunning the same command skips the finished shards. Under
 `torchrun` (RANK/WORLD_SIZE set) rank r takes shards r, r + world, ...; whichever rank finishes the last
 shard writes the manifest.
+
+Records carry the inputs' metadata columns (`sources`), and with an aesthetic head (`aesthetic_head`) each
+image's score in the float column "aesthetic": the head applied to the unit-norm image embedding, as LAION
+scores its collections (and as `clipworks score` does).
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ from torch.utils.data import DataLoader
 
 from ..models.quant import is_quantized
 from .sources import Chunk, Item, ListedImages, Plan, TarImages, plan_images, plan_texts
-from .store import (DTYPES, embeddings_manifest, read_shard_records, shard_checksums, shard_names, write_json,
-                    write_shard)  # fmt: skip
+from .store import (DTYPES, embeddings_manifest, forget_dropped, read_shard_records, sha256_file, shard_checksums,
+                    shard_names, warn_dropped, write_json, write_shard)  # fmt: skip
 
-__all__ = ["EmbedResult", "default_workers", "embed_collection", "rank_and_world"]
+__all__ = ["EmbedResult", "default_workers", "embed_collection", "load_aesthetic_head", "rank_and_world"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,8 @@ def rank_and_world() -> tuple[int, int]:
 
 
 # Job settings written only when set (so jobs from before they existed still match): a resume must agree on them.
-OPTIONAL_JOB_KEYS = ("int8",)
+OPTIONAL_JOB_KEYS = ("int8", "aesthetic_head")
+AESTHETIC = "aesthetic"  # the metadata column of the aesthetic score
 
 
 def _check_job(out: Path, job: dict, update: bool = False) -> dict | None:
@@ -154,6 +159,33 @@ def _plan_update(out: Path, old_job: dict, plan: Plan, shard_size: int) -> tuple
     for target, group in zip(targets, groups):
         shards[target] = group
     return Plan(plan.scheme, shards, plan.roots, plan.fingerprint), targets, removed
+
+
+def load_aesthetic_head(path: str | os.PathLike, embed_dim: int) -> torch.nn.Module:
+    """The scoring head in `path` (`eval.scoring.load_head`: LAION's aesthetic predictor `.pth`, or a clipworks
+    head), checked to read `embed_dim`-d embeddings.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a head, or one that reads embeddings of another size.
+    """
+    from ..eval.scoring import load_head
+
+    loaded = load_head(path)
+    reads = loaded.head[0].in_features
+    if reads != embed_dim:
+        fit_on = f" (it was fit on {loaded.model})" if loaded.model else ""
+        raise ValueError(f"aesthetic head {path} reads {reads}-d embeddings; the model gives {embed_dim}-d{fit_on} "
+                         "(LAION's aesthetic predictors read ViT-L-14:openai's 768-d embeddings)")  # fmt: skip
+    return loaded.head.eval()
+
+
+@torch.inference_mode()
+def _score(head: torch.nn.Module, embeddings: np.ndarray, records: list[dict]) -> None:
+    """Put the head's score of each (unit-norm) embedding into its record's "aesthetic" column."""
+    scores = head(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))).reshape(-1)
+    for record, score in zip(records, scores.tolist()):
+        record[AESTHETIC] = float(score)
 
 
 @torch.inference_mode()
@@ -280,6 +312,7 @@ def embed_collection(
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
     update: bool = False,
+    aesthetic_head: str | os.PathLike | None = None,
 ) -> EmbedResult:
     """Embed the images (or, with `text=True`, the distinct captions) of `data` into shards under `out`.
 
@@ -303,28 +336,39 @@ def embed_collection(
         update: bring the collection in `out` up to date with a changed source (folder, csv, tsv; one
             process): embed new and changed files into new shards and drop the rows of deleted and changed
             ones (see the module's docstring). A new `out` is embedded whole.
+        aesthetic_head: a scoring head file (`load_aesthetic_head`; images only): each image's score goes into
+            the float metadata column "aesthetic". The job records the file's sha256: a resume or update must
+            pass the same head.
 
     Raises:
-        ValueError: bad arguments, a bad source, or an `out` holding another job (or, with `update`, a job
-            of another model, dtype or preprocessing, a source that `update` does not read, or several ranks).
+        ValueError: bad arguments, a bad source, an aesthetic head with `text` or of another embedding size,
+            or an `out` holding another job (or, with `update`, a job of another model, dtype or preprocessing,
+            a source that `update` does not read, or several ranks).
+        FileNotFoundError: the source or the aesthetic head does not exist.
     """
     if dtype not in DTYPES or batch_size < 1 or workers < 0:
         raise ValueError(f"dtype={dtype!r}, batch_size={batch_size}, workers={workers}: expected dtype in {DTYPES}, "
                          "batch_size >= 1, workers >= 0")  # fmt: skip
     if (transform if not text else tokenizer) is None:
         raise ValueError("embedding images needs `transform`; embedding text needs `tokenizer`")
+    if text and aesthetic_head is not None:
+        raise ValueError("an aesthetic head scores images; it cannot be used when embedding text")
+    dim = int(model.config.embed_dim)
+    head = None if aesthetic_head is None else load_aesthetic_head(aesthetic_head, dim)
     if rank is None or world_size is None:
         rank, world_size = rank_and_world()
     start, out = time.perf_counter(), Path(out)
+    forget_dropped()  # each job names the metadata columns it leaves out
     plan = plan_texts(data, shard_size) if text else plan_images(data, shard_size)
     job = {"model": model_name, "data": data, "modality": "text" if text else "image", "dtype": dtype,
            "shard_size": shard_size, "shards": len(plan.shards), "fingerprint": plan.fingerprint,
            "fast_decode": fast_decode}  # fmt: skip
     if is_quantized(model):  # recorded only when set: jobs written before the option resume as before
         job["int8"] = True
+    if head is not None:  # likewise; the file's content, not its name, must match
+        job["aesthetic_head"] = sha256_file(aesthetic_head)
     old_job = _check_job(out, job, update)
     device = next(model.parameters()).device
-    dim = int(model.config.embed_dim)
     updating = update and old_job is not None
     if updating:
         if text or plan.scheme not in UPDATE_SCHEMES or world_size != 1:
@@ -343,7 +387,7 @@ def embed_collection(
         pending = [s for s in mine if not _done(out, s)]
     chunks = _chunks(plan, pending, text, transform, batch_size, workers, model, fast_decode)
     written, embedded, skipped = _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim,
-                                      progress, on_shard)  # fmt: skip
+                                      progress, on_shard, head)  # fmt: skip
     if updating:
         _forget_skipped(out, sorted(set(mine) - set(targets)), {i.key for s in targets for i in plan.shards[s]})
         job = {**job, "shards": len(plan.shards), "removed": {str(k): v for k, v in removed.items()}}
@@ -368,7 +412,8 @@ def _forget_skipped(out: Path, shards: list[int], retried: set[str]) -> None:
             os.replace(tmp, file)
 
 
-def _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim, progress, on_shard) -> tuple[int, int, int]:
+def _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim, progress, on_shard,
+         head=None) -> tuple[int, int, int]:  # fmt: skip
     from tqdm import tqdm
 
     total = None if plan.scheme == "wds" else sum(len(plan.shards[s]) for s in pending)
@@ -385,6 +430,9 @@ def _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim, progr
                     emb = _encode_texts(model, tokenizer, [r["caption"] for r in chunk.records], device)
                 else:
                     emb = _encode_images(model, chunk.images, device)
+            if head is not None and chunk.records:
+                _score(head, emb, chunk.records)
+            warn_dropped(sorted(chunk.dropped))
             got = buffers.setdefault(chunk.shard, {})
             got[chunk.part] = (emb, chunk.records, chunk.skipped)
             if chunk.end:

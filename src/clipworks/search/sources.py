@@ -4,6 +4,10 @@ folder and csv/tsv sources are listed up front and cut into shards of `shard_siz
 a wds source has one output shard per input tar. Decoding happens in DataLoader worker processes; each
 loader element is a `Chunk` of up to `batch_size` decoded images of one shard, with the inputs that could
 not be read listed (never fatal). `draft_size` opts into reduced-size JPEG decoding (`load_image`).
+
+Inputs carry metadata columns into their records: a csv/tsv source its other columns (typed per column, see
+`_typed_columns`), a WebDataset sample the scalar fields of its `.json` (img2dataset's width, height, url,
+similarity, ...); a folder source has none. `store.records_table` checks the names when the shard is written.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import tarfile
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +31,7 @@ from ..data.decode import ImageDecodeError, load_image
 from ..data.shards import is_local
 from ..data.wds import expand_sources, shard_samples
 from ..transforms import preprocess_file
+from .store import RECORD_FIELDS, metadata_names, warn_dropped
 
 IMAGE_SCHEMES = ("folder", "csv", "tsv", "wds")
 
@@ -40,6 +46,7 @@ class Item:
     caption: str | None = None
     member: str | None = None
     stamp: str | None = None  # "size:mtime_ns" of a listed file, to tell a changed file at `embed --update`
+    metadata: dict = field(default_factory=dict, hash=False)  # column -> str, int, float, bool or None
 
 
 @dataclass
@@ -64,6 +71,7 @@ class Chunk:
     end: bool = False
     part: int = 0
     embeddings: np.ndarray | None = None  # (B, D) when the worker encoded the images itself (`encoder`)
+    dropped: set[str] = field(default_factory=set)  # `.json` fields left out for their names (warned about once)
 
     def pin_memory(self) -> Chunk:
         """Pin the images for a faster copy to the GPU (DataLoader calls this with pin_memory=True)."""
@@ -95,6 +103,29 @@ def _folder_items(root: Path) -> list[Item]:
     return items
 
 
+_INT = re.compile(r"[+-]?(0|[1-9][0-9]*)")  # no leading zeros: "00123" (an id, a postcode) stays text
+_FLOAT = re.compile(r"[+-]?((0|[1-9][0-9]*)(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _typed_columns(columns: dict[str, list[str]]) -> dict[str, list]:
+    """A csv's metadata columns typed as a whole: int when every non-empty value is an integer, else float when
+    every one is a number, else bool when every one is true/false (any case), else text; "" is missing (None)."""
+    typed = {}
+    for name, values in columns.items():
+        present = [v.strip() for v in values if v.strip()]
+        if all(_INT.fullmatch(v) for v in present):
+            convert = int
+        elif all(_FLOAT.fullmatch(v) for v in present):
+            convert = float
+        elif all(v.lower() in ("true", "false") for v in present):
+            convert = lambda v: v.lower() == "true"  # noqa: E731
+        else:
+            convert = str
+        typed[name] = [convert(v.strip()) if convert is not str and v.strip() else v if v.strip() else None
+                       for v in values]  # fmt: skip
+    return typed
+
+
 def _table_items(file: Path, delimiter: str, image_col: str, caption_col: str, need_images: bool) -> list[Item]:
     with open(file, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
@@ -103,16 +134,24 @@ def _table_items(file: Path, delimiter: str, image_col: str, caption_col: str, n
         if wanted not in found:
             raise ValueError(f"{file}: no column {wanted!r} (columns found: {found}); name the columns with "
                              "?image=COL&caption=COL")  # fmt: skip
-        rows = [(row.get(image_col) or "", (row.get(caption_col) or "").strip() or None) for row in reader]
+        table = list(reader)
+    rows = [(row.get(image_col) or "", (row.get(caption_col) or "").strip() or None) for row in table]
+    names, metadata = [c for c in found if c not in (image_col, caption_col)], None
+    if need_images:  # the other columns are the rows' metadata (a caption bank keeps only captions)
+        kept, dropped = metadata_names(names)
+        warn_dropped(dropped + [c for c in names if c in RECORD_FIELDS])
+        typed = _typed_columns({c: [row.get(c) or "" for row in table] for c in kept})
+        metadata = [dict(zip(typed, values)) for values in zip(*typed.values())] if typed else None
     items, seen = [], {}
-    for image, caption in rows:
+    for j, (image, caption) in enumerate(rows):
         if need_images and not image:
             continue
         key = image or f"row-{len(items)}"
         seen[key] = seen.get(key, 0) + 1
         key = key if seen[key] == 1 else f"{key}#{seen[key] - 1}"  # a file listed twice (several captions)
         path = str((file.parent / image).resolve()) if image else None
-        items.append(Item(key, path, caption, stamp=file_stamp(path) if path else None))
+        items.append(Item(key, path, caption, stamp=file_stamp(path) if path else None,
+                          metadata=metadata[j] if metadata else {}))  # fmt: skip
     return items
 
 
@@ -174,14 +213,29 @@ def _tar_captions(tars: list[str]) -> list[Item]:
     return rows
 
 
-def _caption(files: dict) -> str | None:
+def _sample_json(files: dict) -> dict:
+    """A sample's `.json` object ({} when it has none or it is not an object)."""
+    try:
+        obj = json.loads(files["json"]) if "json" in files else {}
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _caption(files: dict, meta: dict | None = None) -> str | None:
     caption = files["txt"].decode("utf-8", errors="replace").strip() if "txt" in files else None
-    if caption is None and "json" in files:
-        try:
-            caption = json.loads(files["json"]).get("caption")
-        except (ValueError, AttributeError):
-            caption = None
+    if caption is None:
+        caption = (_sample_json(files) if meta is None else meta).get("caption")
     return caption.strip() if isinstance(caption, str) and caption.strip() else None
+
+
+def _json_metadata(meta: dict) -> tuple[dict, list[str]]:
+    """(the scalar fields of a sample's `.json` as metadata, the names left out): nested values are skipped, and
+    so are "caption" (the caption) and "key" (img2dataset's copy of the sample key) without a word."""
+    scalar = (str, int, float, type(None))
+    fields = {k: v for k, v in meta.items() if k not in ("caption", "key") and isinstance(v, scalar)}
+    kept, dropped = metadata_names(fields)
+    return {k: fields[k] for k in kept}, dropped + [k for k in fields if k in RECORD_FIELDS]
 
 
 def plan_texts(data: str, shard_size: int) -> Plan:
@@ -226,7 +280,8 @@ def plan_texts(data: str, shard_size: int) -> Plan:
 
 
 def _record(item: Item) -> dict:
-    return {"key": item.key, "path": item.path, "caption": item.caption, "member": item.member, "stamp": item.stamp}
+    fixed = {"key": item.key, "path": item.path, "caption": item.caption, "member": item.member, "stamp": item.stamp}
+    return {**item.metadata, **fixed}
 
 
 def _decode_into(chunk: Chunk, item: Item, source, transform, images: list, draft_size: int | None) -> None:
@@ -310,7 +365,10 @@ class TarImages(IterableDataset):
     def _sample(self, chunk: Chunk, tar: str, key: str, files: dict, names: dict, images: list) -> None:
         ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
         image = files[ext] if ext else None
-        item = Item(key, tar if ext else None, _caption(files), names[ext] if ext else None)
+        meta = _sample_json(files)
+        metadata, dropped = _json_metadata(meta)
+        chunk.dropped.update(dropped)
+        item = Item(key, tar if ext else None, _caption(files, meta), names[ext] if ext else None, metadata=metadata)
         if image is None:
             chunk.skipped.append(f"{item.key}\tno .jpg/.jpeg/.png/.webp image in the sample")
         else:

@@ -1,7 +1,8 @@
 """Embedding collections on disk: shards of vectors (`emb-NNNNNN.npy`) with Parquet tables of their keys.
 
 An embeddings directory holds, per shard, `emb-000000.npy` (N, D) float16/float32 unit-norm rows and
-`meta-000000.parquet` (columns key, path, caption, member, stamp), plus `manifest.json` naming the model,
+`meta-000000.parquet` (columns key, path, caption, member, stamp, then any metadata columns: see
+`records_table`), plus `manifest.json` naming the model,
 dimension, count, modality ("image" or "text"), dtype, the shards, the image roots and the sha256 of every shard
 file (each shard's `sha256-000000.json` records them as the shard is written; the manifest gathers them), sealed
 by a sha256 of its own content ("manifest_sha256", see `seal_manifest`). `skipped.txt` lists the
@@ -17,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -25,7 +27,8 @@ import numpy as np
 __all__ = [
     "EMBEDDINGS_FORMAT", "DTYPES", "MODALITIES", "model_id", "write_embeddings", "read_embeddings", "write_shard",
     "shard_names", "write_json", "sha256_file", "replace_directory", "normalize_rows", "read_shard_records",
-    "seal_manifest", "check_manifest_seal", "shard_checksums", "checksum_name",
+    "seal_manifest", "check_manifest_seal", "shard_checksums", "checksum_name", "records_table", "metadata_names",
+    "RESERVED_NAMES",
 ]  # fmt: skip
 
 EMBEDDINGS_FORMAT = "clipworks-embeddings"
@@ -33,6 +36,10 @@ DTYPES = ("float16", "float32")
 MODALITIES = ("image", "text")
 # member: the image inside a tar `path` (WebDataset); stamp: "size:mtime_ns" of the file when it was embedded
 RECORD_FIELDS = ("key", "path", "caption", "member", "stamp")
+# Names a metadata column may not take: the fixed fields, and what search results carry beside the metadata.
+RESERVED_NAMES = frozenset(RECORD_FIELDS) | {"score", "image", "vector"}
+_COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_warned_names: set[str] = set()  # metadata columns already reported as dropped (`warn_dropped`)
 # Embeddings and index manifests carry "manifest_sha256" (and embeddings manifests shard checksums) from version 2.
 MANIFEST_VERSION = 2
 SEAL = "manifest_sha256"
@@ -119,9 +126,85 @@ def _check_records(embeddings: np.ndarray, records: list[dict]) -> None:
         raise ValueError(f"every record needs a non-empty string 'key'; got {bad!r}")
 
 
+def metadata_names(names) -> tuple[list[str], list[str]]:
+    """(the metadata column names among `names` that may be kept, those that may not), each in first-seen order.
+
+    A metadata column is named `[A-Za-z_][A-Za-z0-9_]{0,63}` and not one of `RESERVED_NAMES`; the fixed record
+    fields (key, path, ...) are not metadata and are in neither list."""
+    kept, dropped = [], []
+    for name in dict.fromkeys(names):
+        if name in RECORD_FIELDS:
+            continue
+        good = isinstance(name, str) and _COLUMN_NAME.fullmatch(name) and name not in RESERVED_NAMES
+        (kept if good else dropped).append(name)
+    return kept, dropped
+
+
+def forget_dropped() -> None:
+    """Let `warn_dropped` name again the columns it named already (an embed job warns once per name)."""
+    _warned_names.clear()
+
+
+def warn_dropped(names) -> None:
+    """Warn, once per name (since `forget_dropped`), that metadata columns `names` are left out."""
+    new = [str(n) for n in names if str(n) not in _warned_names]
+    if new:
+        _warned_names.update(new)
+        shown = ", ".join(repr(n[:80]) for n in new[:20]) + (f" and {len(new) - 20} more" if len(new) > 20 else "")
+        warnings.warn(f"metadata columns {shown} left out: a column name is letters, digits and _ (not first), at "
+                      f"most 64 characters, and not one of {', '.join(sorted(RESERVED_NAMES))}", stacklevel=3)
+
+
+def _scalar_kind(value) -> str | None:
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, (int, np.integer)):
+        return "int"
+    if isinstance(value, (float, np.floating)):
+        return "float"
+    return "string"
+
+
+def _metadata_array(values: list):
+    """An arrow array of one metadata column: bool, int64 or float64 when every present value is of that kind
+    (ints and floats together: float64), else text (str() of each value); NaN and None are missing."""
+    import pyarrow as pa
+
+    kinds = [_scalar_kind(v) for v in values]
+    present = set(kinds) - {None}
+    if present and present <= {"int", "float"}:
+        typed = [None if k is None else (int(v) if k == "int" and present == {"int"} else float(v))
+                 for v, k in zip(values, kinds)]  # fmt: skip
+        try:
+            return pa.array(typed, type=pa.int64() if present == {"int"} else pa.float64())
+        except (OverflowError, pa.ArrowInvalid):  # an int beyond int64: kept as text
+            pass
+    elif present == {"bool"}:
+        return pa.array([None if k is None else bool(v) for v, k in zip(values, kinds)], type=pa.bool_())
+    text = [None if k is None else str(v).lower() if k == "bool" else str(v) for v, k in zip(values, kinds)]
+    return pa.array(text, type=pa.string())
+
+
+def records_table(records: list[dict]):
+    """The arrow table of `records`: the fixed fields (key, path, caption, member, stamp) as text, then every
+    other key any record has, as a metadata column (`metadata_names`; others are dropped with a warning): bool,
+    int64 or float64 when all its present values are of that kind, else text; None where a record lacks it."""
+    import pyarrow as pa
+
+    fixed = {f: [r.get(f) if f == "key" or r.get(f) is None else str(r[f]) for r in records] for f in RECORD_FIELDS}
+    columns = {f: pa.array(v, type=pa.string()) for f, v in fixed.items()}
+    kept, dropped = metadata_names(name for r in records for name in r)
+    warn_dropped(dropped)
+    for name in kept:
+        columns[name] = _metadata_array([r.get(name) for r in records])
+    return pa.table(columns)
+
+
 def write_shard(out_dir: Path, index: int, embeddings: np.ndarray, records: list[dict], dtype: str) -> dict[str, str]:
-    """Write shard `index` into `out_dir`: the metadata table, the checksum file of both, then the embeddings,
-    each renamed in place; returns the checksums ({file name: sha256}).
+    """Write shard `index` into `out_dir`: the metadata table (`records_table`), the checksum file of both, then
+    the embeddings, each renamed in place; returns the checksums ({file name: sha256}).
 
     The embeddings file appears last, so its presence marks a complete shard (what a resumed embed skips).
     """
@@ -130,8 +213,7 @@ def write_shard(out_dir: Path, index: int, embeddings: np.ndarray, records: list
 
     _check_records(embeddings, records)
     emb_name, meta_name = shard_names(index)
-    columns = {f: [r.get(f) if f == "key" or r.get(f) is None else str(r[f]) for r in records] for f in RECORD_FIELDS}
-    table = pa.table({f: pa.array(v, type=pa.string()) for f, v in columns.items()})
+    table = records_table(records)
     tmp_meta = out_dir / f".{meta_name}.tmp-{os.getpid()}"
     pq.write_table(table, tmp_meta)
     os.replace(tmp_meta, out_dir / meta_name)
@@ -169,8 +251,10 @@ def read_shard_records(directory: str | os.PathLike, index: int) -> list[dict]:
 
 
 def _rows(table: dict[str, list]) -> list[dict]:
+    """Record dicts of a table's columns: the fixed fields (None where a file predates one), then its metadata."""
     n = len(table.get("key", []))
-    return [dict(zip(RECORD_FIELDS, row)) for row in zip(*(table.get(f, [None] * n) for f in RECORD_FIELDS))]
+    names = list(RECORD_FIELDS) + [c for c in table if c not in RECORD_FIELDS]
+    return [dict(zip(names, row)) for row in zip(*(table.get(f, [None] * n) for f in names))]
 
 
 def _check_sha256(file: Path, data: bytes, expected: str | None) -> None:
@@ -237,7 +321,7 @@ def write_embeddings(
         out_dir: the directory to create (an existing embeddings directory there is replaced).
         embeddings: (N, D) features; rows are normalised to unit length before storing.
         records: one dict per row with a unique string "key" and optional "path", "caption", "member" (the
-            image's name inside a tar `path`) and "stamp".
+            image's name inside a tar `path`) and "stamp"; other keys are metadata columns (`records_table`).
         model: the model identity (see `model_id`).
         modality: "image" or "text".
         dtype: "float16" (default) or "float32" on disk.
@@ -302,9 +386,10 @@ def read_embeddings(directory: str | os.PathLike, verify: bool = True) -> tuple[
     every shard file against the manifest's sha256, in the bytes that are then parsed.
 
     Returns:
-        (float32 (N, D) array, records with "key", "path", "caption", "member", "stamp", the manifest dict),
-        without the rows the manifest lists as "removed". Files written before "member" or "stamp" existed
-        read them as None. A directory written before manifests were sealed and shards checksummed is read
+        (float32 (N, D) array, records with "key", "path", "caption", "member", "stamp" and the shard's
+        metadata columns (a record of a shard without a column lacks it), the manifest dict), without the
+        rows the manifest lists as "removed". Files written before "member" or "stamp" existed read them as
+        None. A directory written before manifests were sealed and shards checksummed is read
         unchecked, with a warning.
 
     Raises:

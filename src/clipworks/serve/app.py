@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -17,12 +18,15 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..models.quant import is_quantized
 from .files import open_image_file, read_tar_member
 from .limits import BodySizeLimit, ServeError, ServeSettings
 from .observability import METRICS_PATH, Metrics, Observability
-from .schemas import EmbedRequest, EmbedResponse, ErrorResponse, HealthResponse, SearchResponse, TextSearchRequest
-from .service import Encoder, ImageQuery, Service
+from .openai_api import OPENAI_PREFIX, add_embeddings_api, openai_error_body
+from .ranking import SearchOptions
+from .safety import SafetyFilter
+from .schemas import (CollectionsResponse, EmbedRequest, EmbedResponse, ErrorResponse, HealthResponse, SearchResponse,
+                      TextSearchRequest, VectorSearchRequest)  # fmt: skip
+from .service import Collection, ImageQuery, Service
 
 if TYPE_CHECKING:
     from ..search.index import SearchIndex
@@ -35,44 +39,60 @@ ERRORS: dict = {code: {"model": ErrorResponse} for code in (400, 404, 408, 413, 
 PAGE_POLICY = ("default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
                "frame-ancestors 'none'; form-action 'none'")  # fmt: skip
 # What each endpoint that takes form fields accepts, for the messages that refuse anything else.
-IMAGE_FIELDS = ("file", "key", "url", "k")
-IMAGE_ACCEPTS = "form fields file, key or url, and k (multipart/form-data to upload a file)"
+IMAGE_FIELDS = ("file", "key", "url", "k", "collection", "filters", "offset", "dedup", "safe", "aesthetic_weight",
+                "min_aesthetic")  # fmt: skip
+CAPTION_FIELDS = ("file", "key", "url", "k", "collection", "offset")
+IMAGE_ACCEPTS = ("form fields file, key or url, and k, collection, filters, offset, dedup, safe, aesthetic_weight, "
+                 "min_aesthetic (multipart/form-data to upload a file)")  # fmt: skip
 EMBED_FIELDS = ("text", "file", "url")
 EMBED_ACCEPTS = ('form fields text, file or url (multipart/form-data to upload a file), or a JSON object with '
                  '"text" or "url"')  # fmt: skip
 # /api/embed also reads a JSON body; its schema joins the form's in /openapi.json.
 EMBED_JSON = {"requestBody": {"content": {"application/json": {"schema": EmbedRequest.model_json_schema()}}}}
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-JSON_BODIES = {"/api/search/text": TextSearchRequest}  # for the messages that refuse a body
+JSON_BODIES = {"/api/search/text": TextSearchRequest, "/api/search/vector": VectorSearchRequest}  # for the messages that refuse a body
 # `<_io.BytesIO object at 0x7f...>`: a Python repr, which no message the service sends may hold (issue 17).
 _OBJECT_REPR = re.compile(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>")
 _CLASS_REPR = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>")  # `<class 'str'>`: the name alone
 
 
 def create_app(
-    index: SearchIndex,
-    model: Any,
-    preprocess: Callable,
-    tokenizer: Callable,
+    index: SearchIndex | None = None,
+    model: Any = None,
+    preprocess: Callable | None = None,
+    tokenizer: Callable | None = None,
     settings: ServeSettings | None = None,
     captions: SearchIndex | None = None,
+    *,
+    collections: list[Collection] | None = None,
+    model_name: str | None = None,
+    safety: SafetyFilter | None = None,
 ) -> FastAPI:
-    """The search service over `index` (and, for image-to-text search, the caption bank `captions`).
+    """The search service over one collection (`index`, with the caption bank `captions` for image-to-text
+    search), several (`collections`), or none (`model` alone: /v1/embeddings and /api/embed only).
 
     Args:
-        index: the image index (`clipworks.search.load_index`), built with embeddings of `model`.
+        index: the image index (`clipworks.search.load_index`, or a Milvus/LanceDB store), built with embeddings
+            of `model`; it is the collection named "default".
         model: the CLIP model that embeds queries; `preprocess` its image transform, `tokenizer` its tokenizer.
         settings: limits and options (default `ServeSettings()`).
         captions: an index of caption embeddings of the same model, or None.
+        collections: several collections (each with its model; the first is the default), instead of `index`.
+        model_name: the name /v1/embeddings knows `model` by when there is no `index` (default: "clip").
+        safety: the safety filter of search results (`serve.safety.SafetyFilter`), or None.
 
     Raises:
-        ValueError: the model's embedding size differs from the index's, or the image roots are unusable.
+        ValueError: a model's embedding size differs from its index's, the image roots are unusable, or two
+            collections share a name.
     """
     settings = settings or ServeSettings()
-    embed_dim = getattr(getattr(model, "config", None), "embed_dim", index.dim)
-    if embed_dim != index.dim:
-        raise ValueError(f"the model embeds into {embed_dim} dimensions but the index holds {index.dim}")
-    service = Service(index, Encoder(model, preprocess, tokenizer), settings, captions)
+    collections = list(collections or ())
+    models = []
+    if index is not None:
+        collections.insert(0, Collection("default", index, model, preprocess, tokenizer, captions))
+    elif model is not None:
+        models.append((model_name or "clip", model, preprocess, tokenizer))
+    service = Service(collections, settings, models, safety)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -86,6 +106,7 @@ def create_app(
     _add_error_handlers(app)
     _add_search_api(app, service)
     _add_api(app, service)
+    add_embeddings_api(app, service)
     _add_page(app, metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(SecurityHeaders)
@@ -146,64 +167,112 @@ async def _embed_json(request: Request) -> EmbedRequest:
     raise ServeError(422, f"invalid JSON body: {'; '.join(parts)}; {accepts}")
 
 
+def _form_dedup(value: str | None) -> bool | float | None:
+    if value is None or value.strip().lower() in ("", "false", "0", "off", "no"):
+        return None
+    if value.strip().lower() in ("true", "on", "yes"):
+        return True
+    try:
+        return float(value)
+    except ValueError:
+        raise ServeError(422, f"dedup={value[:40]!r}: expected true, false or a cosine similarity in (0, 1]") from None
+
+
 def _add_search_api(app: FastAPI, service: Service) -> None:
-    index = service.index
+    def options(collection, body) -> SearchOptions:
+        return service.options(collection, k=body.k, offset=body.offset, filters=body.filters, dedup=body.dedup,
+                               safe=body.safe, aesthetic_weight=body.aesthetic_weight,
+                               min_aesthetic=body.min_aesthetic)  # fmt: skip
 
     @app.post("/api/search/text", response_model=SearchResponse, responses=ERRORS)
     async def search_text(body: TextSearchRequest) -> dict:
         """Images that match a text query, best first."""
-        query, k = service.check_text(body.query), service.check_k(body.k)
+        collection = service.collection(body.collection)
+        query, opts = service.check_text(body.query), options(collection, body)
 
-        async def work() -> list[dict]:
-            return await service.search(index, await service.text_features(query), k)
+        async def work() -> dict:
+            features = await service.text_features(query, collection.slot)
+            return await service.search(collection, features, opts)
 
-        return {"results": await service.limited(work)}
+        return await service.limited(work)
+
+    @app.post("/api/search/vector", response_model=SearchResponse, responses=ERRORS)
+    async def search_vector(body: VectorSearchRequest) -> dict:
+        """Images nearest a raw embedding (normalised here), best first."""
+        collection = service.collection(body.collection)
+        vector, opts = service.check_vector(body.vector, collection), options(collection, body)
+        return await service.search(collection, vector, opts)
 
     @app.post("/api/search/image", response_model=SearchResponse, responses=ERRORS)
     async def search_image(request: Request, file: UploadFile | None = File(None), key: str | None = Form(None),
-                           url: str | None = Form(None), k: int | None = Form(None)) -> dict:  # fmt: skip
+                           url: str | None = Form(None), k: int | None = Form(None),
+                           collection: str | None = Form(None), filters: str | None = Form(None),
+                           offset: int | None = Form(None), dedup: str | None = Form(None),
+                           safe: bool | None = Form(None), aesthetic_weight: float | None = Form(None),
+                           min_aesthetic: float | None = Form(None)) -> dict:  # fmt: skip
         """Images like the one given: an upload (`file`), an indexed image (`key`) or, if enabled, a `url`."""
         await _check_form(request, IMAGE_FIELDS, IMAGE_ACCEPTS)
-        k = service.check_k(k)
+        found = service.collection(collection)
+        opts = service.options(found, k=k, offset=offset, filters=filters, dedup=_form_dedup(dedup), safe=safe,
+                               aesthetic_weight=aesthetic_weight, min_aesthetic=min_aesthetic)  # fmt: skip
         query = await _image_query(file, key, url)
 
-        async def work() -> list[dict]:
-            return await service.search(index, await service.image_features(query), k)
+        async def work() -> dict:
+            return await service.search(found, await service.image_features(query, found), opts)
 
-        return {"results": await service.limited(work)}
+        return await service.limited(work)
 
     @app.post("/api/search/image-to-text", response_model=SearchResponse, responses=ERRORS)
     async def search_image_to_text(request: Request, file: UploadFile | None = File(None),
                                    key: str | None = Form(None), url: str | None = Form(None),
-                                   k: int | None = Form(None)) -> dict:  # fmt: skip
-        """Captions from the caption bank that describe the image given (as for /api/search/image)."""
-        await _check_form(request, IMAGE_FIELDS, IMAGE_ACCEPTS)
-        k, bank = service.check_k(k), service.caption_bank()
+                                   k: int | None = Form(None), collection: str | None = Form(None),
+                                   offset: int | None = Form(None)) -> dict:  # fmt: skip
+        """Captions from the collection's caption bank that describe the image given (as for /api/search/image)."""
+        await _check_form(request, CAPTION_FIELDS, IMAGE_ACCEPTS)
+        found = service.collection(collection)
+        found.caption_bank()  # 404 before any work
+        opts = replace(service.options(found, k=k, offset=offset), safe=False)
         query = await _image_query(file, key, url)
 
-        async def work() -> list[dict]:
-            return await service.search(bank, await service.image_features(query), k)
+        async def work() -> dict:
+            return await service.search(found, await service.image_features(query, found), opts, captions=True)
 
-        return {"results": await service.limited(work)}
+        return await service.limited(work)
+
+
+def _collection_info(service: Service, c) -> dict:
+    kinds = c.column_kinds
+    return {"name": c.name, "model": c.store.model, "dim": c.store.dim, "kind": str(c.store.manifest.get("kind")),
+            "modality": str(c.store.manifest.get("modality") or "image"),
+            "images": len(c.store), "captions": None if c.captions is None else len(c.captions), "columns": kinds,
+            "aesthetic": "aesthetic" in kinds, "default": c is service.default}  # fmt: skip
 
 
 def _add_api(app: FastAPI, service: Service) -> None:
-    index, settings = service.index, service.settings
-    int8 = is_quantized(service.encoder.model)
+    settings = service.settings
 
     @app.get("/api/health", response_model=HealthResponse)
     def health() -> dict:
-        """The model, the index sizes and the limits."""
-        captions = None if service.captions is None else len(service.captions)
-        return {"status": "ok", "model": index.model, "dim": index.dim, "images": len(index), "captions": captions,
-                "max_k": settings.max_k, "max_body_bytes": settings.max_body_bytes,
-                "allow_urls": settings.allow_urls, "int8": int8}  # fmt: skip
+        """The models, the default collection's sizes and the limits."""
+        default, slot = service.default, service.model_slot(None)
+        return {"status": "ok", "model": slot.name, "dim": slot.dim,
+                "images": None if default is None else len(default.store),
+                "captions": None if default is None or default.captions is None else len(default.captions),
+                "collections": list(service.collections), "models": list(service.slots),
+                "safety": service.safety is not None, "max_k": settings.max_k,
+                "max_body_bytes": settings.max_body_bytes, "allow_urls": settings.allow_urls,
+                "int8": slot.int8}  # fmt: skip
+
+    @app.get("/api/collections", response_model=CollectionsResponse)
+    def collections() -> dict:
+        """The collections this server searches, the default first."""
+        return {"collections": [_collection_info(service, c) for c in service.collections.values()]}
 
     @app.post("/api/embed", response_model=EmbedResponse, responses=ERRORS, openapi_extra=EMBED_JSON)
     async def embed(request: Request, text: str | None = Form(None), file: UploadFile | None = File(None),
                     url: str | None = Form(None)) -> dict:  # fmt: skip
-        """The embedding of a `text`, or of an image (`file` upload or, if enabled, `url`): form fields, or a JSON
-        object with "text" or "url"."""
+        """The embedding of a `text`, or of an image (`file` upload or, if enabled, `url`), by the default
+        collection's model: form fields, or a JSON object with "text" or "url"."""
         if _is_json(request):
             body = await _embed_json(request)
             text, url = body.text, body.url
@@ -211,26 +280,28 @@ def _add_api(app: FastAPI, service: Service) -> None:
             await _check_form(request, EMBED_FIELDS, EMBED_ACCEPTS)
         if text is None and file is None and not url:
             raise ServeError(422, f"nothing to embed: /api/embed accepts {EMBED_ACCEPTS}")
+        slot = service.model_slot(None)
         if text is not None:
             if file is not None or url:
                 raise ServeError(422, "give either text or an image (file or url), not both")
             text = service.check_text(text)
-            features = await service.limited(lambda: service.text_features(text))
+            features = await service.limited(lambda: service.text_features(text, slot))
         else:
             query = await _image_query(file, None, url)
-            features = await service.limited(lambda: service.image_features(query))
+            features = await service.limited(lambda: service.image_features(query, service.default, slot))
         modality = "text" if text is not None else "image"
-        return {"model": index.model, "modality": modality, "embedding": features[0].tolist()}
+        return {"model": slot.name, "modality": modality, "embedding": features[0].tolist()}
 
     @app.get("/api/image/{key:path}", response_class=StreamingResponse, responses=ERRORS)
-    def image(key: str) -> StreamingResponse:
-        """The image file of an indexed key (only files inside the collection's roots)."""
-        record = service.record(key)
+    def image(key: str, collection: str | None = None) -> StreamingResponse:
+        """The image file of a collection's key (only files inside the collection's roots)."""
+        found = service.collection(collection)
+        record = service.record(found, key)
         headers = {"Cache-Control": "private, max-age=3600"}
         if record.get("member"):  # an image inside a WebDataset tar
-            data, media_type = read_tar_member(record.get("path"), record["member"], service.roots)
+            data, media_type = read_tar_member(record.get("path"), record["member"], found.roots)
             return Response(data, media_type=media_type, headers=headers)
-        file, media_type, size = open_image_file(record.get("path"), service.roots)
+        file, media_type, size = open_image_file(record.get("path"), found.roots)
         headers["Content-Length"] = str(size)
         return StreamingResponse(_chunks(file), media_type=media_type, headers=headers)
 
@@ -255,9 +326,11 @@ def _chunks(file, size: int = 1 << 16):
             yield chunk
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+def _error(status: int, message: str, headers: dict | None = None, request: Request | None = None) -> JSONResponse:
     # a library's message may name a Python object (Pillow names the buffer it read): never shown to the user
     message = _CLASS_REPR.sub(r"\1", _OBJECT_REPR.sub("", message))
+    if request is not None and request.url.path.startswith(OPENAI_PREFIX):
+        return JSONResponse(openai_error_body(status, message), status_code=status, headers=headers)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -274,26 +347,28 @@ def _validation_message(exc: RequestValidationError, path: str) -> tuple[int, st
             message = "expected an uploaded file (a multipart/form-data part with a file name)"
         parts.append(f"{where}: {message}")
     if path in JSON_BODIES:
-        parts.append(f"{path} accepts a JSON object with {', '.join(map(json.dumps, JSON_BODIES[path].model_fields))}")
+        fields = JSON_BODIES[path].model_fields  # the required ones first
+        names = sorted(fields, key=lambda name: not fields[name].is_required())
+        parts.append(f"{path} accepts a JSON object with {', '.join(map(json.dumps, names))}")
     return 422, "invalid request: " + "; ".join(parts)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.headers)
+        return _error(exc.status, exc.message, exc.headers, request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(*_validation_message(exc, request.url.path))
+        return _error(*_validation_message(exc, request.url.path), request=request)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None), request)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        return _error(500, "internal server error")  # no traceback or message leaves the server
+        return _error(500, "internal server error", request=request)  # no traceback or message leaves the server
 
 
 class SecurityHeaders:

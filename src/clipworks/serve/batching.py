@@ -39,10 +39,18 @@ class Batcher(Generic[T]):
 
     def submit(self, item: T) -> Future:
         """Queue `item`; the future's result is its row of `fn`'s output (or `fn`'s exception)."""
-        future: Future = Future()
+        return self.submit_many([item])[0]
+
+    def submit_many(self, items: list[T]) -> list[Future]:
+        """Queue `items` together (the worker never starts a batch between them); a future per item."""
+        futures = [Future() for _ in items]
         self._start()
-        self._queue.put((item, future))
-        return future
+        self._queue.put(list(zip(items, futures)))
+        return futures
+
+    async def run_many(self, items: list[T]) -> list[Any]:
+        """The rows of `items`, run in as few batches as `max_batch` allows (with other callers' items)."""
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in self.submit_many(items))))
 
     async def run(self, item: T) -> Any:
         """`item`'s row, awaited without holding a thread."""
@@ -71,18 +79,20 @@ class Batcher(Generic[T]):
             first = self._queue.get()
             if first is _STOP:
                 return
-            batch = [first]
-            while len(batch) < self.max_batch:
+            pending = list(first)
+            while len(pending) < self.max_batch:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is _STOP:
-                    self._queue.put(_STOP)  # finish this batch, then stop
+                    self._queue.put(_STOP)  # finish these batches, then stop
                     break
-                batch.append(nxt)
-            self._observe(len(batch))
-            self._run(batch)
+                pending.extend(nxt)
+            for start in range(0, len(pending), self.max_batch):
+                batch = pending[start : start + self.max_batch]
+                self._observe(len(batch))
+                self._run(batch)
 
     def _observe(self, size: int) -> None:
         try:

@@ -3,31 +3,49 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
-from ..cli import add_device_flag, add_seed_flag, examples, port_number
+from ..cli import UsageError, add_device_flag, add_seed_flag, examples, port_number
 from ..search.commands import add_int8_flag, add_random_init_flag, prepare_for_inference
 from .limits import MIB, ServeSettings
 
-__all__ = ["add_commands", "settings_from_args"]
+__all__ = ["add_commands", "settings_from_args", "named_specs"]
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `serve` to the `clipworks` parser."""
     d = ServeSettings()
-    p = sub.add_parser("serve", help="serve an index over HTTP: JSON search API and a web page",
-                       description="Text-to-image, image-to-image and image-to-text search over an index built by\n"
-                                   "`clipworks index`, with a web page at /. Binds to loopback by default.",
+    p = sub.add_parser("serve", help="serve collections over HTTP: JSON search API, embeddings API and a web page",
+                       description="Text-to-image, image-to-image and image-to-text search over indexes built by\n"
+                                   "`clipworks index`, with a web page at /, and OpenAI-shaped embeddings at\n"
+                                   "/v1/embeddings. Binds to loopback by default.",
                        epilog=examples("clipworks serve --index photos-index --model ViT-B-32:openai",
-                                       "clipworks serve --index photos-index --model ViT-B-32:openai --captions "
-                                       "caps-index --host 0.0.0.0 --port 8080"))  # fmt: skip
-    p.add_argument("--index", required=True, help="the image index directory (from `clipworks index`)")
-    p.add_argument("--model", required=True, help="the model the index was embedded with (preset, NAME:TAG, local-dir:DIR)")
+                                       "clipworks serve --index photos=photos-index --index art=art-index "
+                                       "--captions photos=caps-index --host 0.0.0.0 --port 8080",
+                                       "clipworks serve --model ViT-B-32:openai"))  # fmt: skip
+    p.add_argument("--index", action="append", default=None, metavar="[NAME=]INDEX",
+                   help="a collection: an index directory from `clipworks index` (or a milvus:/lancedb: spec), named "
+                        "NAME (default: the directory's name); repeatable, the first is the default")  # fmt: skip
+    p.add_argument("--model", default=None,
+                   help="the model the indexes were embedded with (preset, NAME:TAG, local-dir:DIR); default: the "
+                        "model each index's manifest names. Without --index: the model /v1/embeddings serves")  # fmt: skip
     p.add_argument("--pretrained", default=None, help="the weights the index was embedded with, if --model names none")
     add_random_init_flag(p)
     add_seed_flag(p)
     add_device_flag(p, default="cpu")
-    p.add_argument("--captions", default=None, help="an index of caption embeddings for image-to-text search")
+    p.add_argument("--captions", action="append", default=None, metavar="[NAME=]INDEX",
+                   help="an index of caption embeddings for image-to-text search in collection NAME (default: the "
+                        "first); repeatable")  # fmt: skip
+    p.add_argument("--safety", action=argparse.BooleanOptionalAction, default=True,
+                   help="hide results a concept list flags unless a request says safe: false (default on; see "
+                        "docs/search.md for the concepts and the threshold)")  # fmt: skip
+    p.add_argument("--safety-concepts", default=None, metavar="FILE",
+                   help="the unsafe concepts: a text file (one per line) or JSON {\"unsafe\": [...], \"neutral\": [...]}")
+    p.add_argument("--safety-threshold", type=float, default=None, metavar="P",
+                   help="hide a result when its probability of an unsafe concept is at least P (default 0.5)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000; 0: a free one)")
     p.add_argument("--max-k", type=int, default=d.max_k, help=f"most results per search (default {d.max_k})")
@@ -60,6 +78,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="print a JSON line per request to stderr (default on)")  # fmt: skip
     add_int8_flag(p)
+    p.add_argument("--max-inputs", type=int, default=d.max_inputs,
+                   help=f"most inputs in one /v1/embeddings request (default {d.max_inputs})")  # fmt: skip
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the index checksum check at start")
     p.set_defaults(func=_cmd_serve)
 
@@ -73,7 +93,41 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
                          max_batch=args.max_batch, allow_urls=args.allow_urls, url_timeout_s=args.url_timeout,
                          body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
                          keep_alive_s=args.keep_alive_timeout, max_connections=args.max_connections,
+                         max_inputs=args.max_inputs,
                          image_roots=tuple(args.image_root or ()))  # fmt: skip
+
+
+def named_specs(values: list[str] | None, flag: str) -> list[tuple[str | None, str]]:
+    """(NAME, SPEC) of each `[NAME=]SPEC` value of `flag` (NAME None when not given)."""
+    out = []
+    for value in values or ():
+        name, sep, spec = value.partition("=")
+        if sep and _NAME.fullmatch(name) and spec:
+            out.append((name, spec))
+        else:
+            out.append((None, value))
+    return out
+
+
+def _default_name(spec: str) -> str:
+    """A collection's name from its index's location: the directory's (or table's) name, cleaned."""
+    tail = spec.rstrip("/").replace("\\", "/").split("/")[-1].split("?")[0].split(":")[-1] or "collection"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", tail)[:64]
+
+
+def _safety(args: argparse.Namespace):
+    from .safety import DEFAULT_THRESHOLD, SafetyConcepts, SafetyFilter, load_concepts
+
+    if not args.safety:
+        if args.safety_concepts or args.safety_threshold is not None:
+            raise UsageError("--safety-concepts and --safety-threshold need the safety filter (drop --no-safety)")
+        return None
+    threshold = DEFAULT_THRESHOLD if args.safety_threshold is None else args.safety_threshold
+    try:
+        concepts = load_concepts(args.safety_concepts, threshold) if args.safety_concepts else SafetyConcepts(threshold=threshold)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return SafetyFilter(concepts)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -81,26 +135,53 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from ..factory import create_model_and_transforms, get_tokenizer
     from ..search.commands import refuse_random_weights
-    from ..search.index import load_index
     from ..search.store import model_id
+    from ..search.backends import open_store
     from .app import create_app
     from .observability import configure_access_log
     from .server import bind, run_server
+    from .service import Collection
 
     settings = settings_from_args(args)
-    identity = model_id(args.model, args.pretrained)
-    index = load_index(args.index, model=identity, verify=args.verify)
-    captions = None if args.captions is None else load_index(args.captions, model=identity, verify=args.verify)
-    refuse_random_weights(args)
+    indexes = named_specs(args.index, "--index")
+    if not indexes and args.model is None:
+        raise UsageError("give --index (a collection to search) or --model (serve embeddings only), or both")
+    if args.captions and not indexes:
+        raise UsageError("--captions needs the --index it belongs to")
+    identity = None if args.model is None else model_id(args.model, args.pretrained)
+    stores, names = [], []
+    for name, spec in indexes:
+        name = name or _default_name(spec)
+        stores.append(open_store(spec, model=identity, verify=args.verify))
+        names.append(name)
+    banks: dict[str, object] = {}
+    for name, spec in named_specs(args.captions, "--captions"):
+        name = name or names[0]
+        if name not in names:
+            raise UsageError(f"--captions {name}=...: no --index is named {name!r} (the collections: {', '.join(names)})")
+        banks[name] = open_store(spec, model=stores[names.index(name)].model, verify=args.verify)
+    safety = _safety(args)
+    wanted = [identity] if identity is not None else list(dict.fromkeys(s.model for s in stores))
+    for model_name in wanted:  # every model the collections name needs weights, or --random-init
+        refuse_random_weights(argparse.Namespace(model=model_name, pretrained=None, random_init=args.random_init))
     sock = bind(args.host, args.port)  # a port in use fails here, before the model loads and before any announcement
     try:
-        torch.manual_seed(args.seed)
-        model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=args.device)
-        prepare_for_inference(args, model)
-        app = create_app(index, model, preprocess, get_tokenizer(model), settings, captions=captions)
+        models = {}
+        for model_name in wanted:
+            torch.manual_seed(args.seed)
+            spec = (args.model, args.pretrained) if identity is not None else (model_name, None)
+            model, _, preprocess = create_model_and_transforms(*spec, device=args.device)
+            prepare_for_inference(args, model)
+            models[model_name] = (model, preprocess, get_tokenizer(model))
+        collections = [Collection(name, store, *models[identity or store.model], banks.get(name))
+                       for name, store in zip(names, stores)]  # fmt: skip
+        if collections:
+            app = create_app(settings=settings, collections=collections, safety=safety)
+        else:
+            app = create_app(None, *models[identity], settings=settings, model_name=identity)
         host = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"clipworks serve: {len(index)} images ({identity}) on http://{host}:{sock.getsockname()[1]}/",
-              file=sys.stderr)  # fmt: skip
+        what = ", ".join(f"{c.name} ({len(c.index)} images)" for c in collections) or f"embeddings of {identity}"
+        print(f"clipworks serve: {what} on http://{host}:{sock.getsockname()[1]}/", file=sys.stderr)
         if args.access_log:
             configure_access_log(sys.stderr)
         run_server(app, sock, settings)

@@ -57,12 +57,19 @@ class ServeSettings:
     """How long an idle keep-alive connection stays open between requests."""
     max_connections: int = 512
     """Most open connections; one more is answered 503 and closed."""
+    max_depth: int = 1000
+    """Deepest result a search may page to ("load more"): offset + k at most this."""
+    max_fetch: int = 10_000
+    """Most hits one search judges when results are filtered after the search (safety filter, de-duplication,
+    aesthetic weighting); a page still short then ends the ranking (`more: false`)."""
+    max_inputs: int = 256
+    """Most inputs in one /v1/embeddings request."""
     image_roots: tuple[Path, ...] = field(default=())
     """Folders images are served from; empty: the roots recorded in the index's manifest."""
 
     def __post_init__(self) -> None:
         for name in ("max_k", "max_body_bytes", "max_pixels", "max_query_chars", "concurrency", "max_batch",
-                     "max_connections", "queue"):  # fmt: skip
+                     "max_connections", "queue", "max_depth", "max_fetch", "max_inputs"):  # fmt: skip
             value, least = getattr(self, name), 0 if name == "queue" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"ServeSettings.{name}={value!r}: expected an int >= {least}")

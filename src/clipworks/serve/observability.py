@@ -80,8 +80,9 @@ class Metrics:
               registry=self.registry).set_function(lambda: limiter.waiting)  # fmt: skip
         Gauge("clipworks_in_flight", "Requests doing model work now",
               registry=self.registry).set_function(lambda: limiter.in_use)  # fmt: skip
-        for kind, batcher in (("text", service.text_batcher), ("image", service.image_batcher)):
-            batcher.on_batch = self.batch_size.labels(kind).observe
+        for slot in service.slots.values():
+            for kind, batcher in (("text", slot.text_batcher), ("image", slot.image_batcher)):
+                batcher.on_batch = self.batch_size.labels(kind).observe
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request."""
