@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from test_serve_helpers import build_collection, serving
 
+from clipworks.search.filters import Condition
+
 N = 300
 SOURCES = ("laion", "coyo", None)
 
@@ -266,3 +268,30 @@ def test_search_client_reaches_every_collection_option(setup):
         assert sc.search_text("a", k=2, collection="colours")[0]["key"]
         with pytest.raises(ClientError, match="no such column"):
             sc.search_vector(query, collection="docs", filters="nope=1")
+
+
+def test_serve_scores_a_collection_embedded_without_aesthetic_scores(setup, tmp_path):
+    import torch
+    from test_search_metadata import _aesthetic_head
+
+    from clipworks.cli import UsageError
+    from clipworks.search.index import load_index
+    from clipworks.serve.commands import add_aesthetic_scores
+
+    _, colours, docs = setup
+    index = load_index(colours.root / "index")  # a fresh copy: the column is added in memory
+    head = _aesthetic_head(tmp_path / "head.pth", index.dim)
+    assert add_aesthetic_scores(index, str(tmp_path / "head.pth"), "colours")
+    with torch.inference_mode():
+        expected = head(torch.from_numpy(np.asarray(index.vectors(), dtype=np.float32))).reshape(-1).numpy()
+    got = np.array([index.record(k)["aesthetic"] for k in index.keys])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert index.column_kinds["aesthetic"] == "number"
+    best = int(np.argmax(expected))
+    hits = index.search(np.asarray(index.vectors()[best], dtype=np.float32), 3,
+                        where=(Condition("aesthetic", "gte", float(expected[best])),))[0]  # fmt: skip
+    assert {h.key for h in hits} == {k for k, score in zip(index.keys, expected) if score >= expected[best]}
+    assert not add_aesthetic_scores(docs.index, str(tmp_path / "head.pth"), "docs")  # it has scores already
+    _aesthetic_head(tmp_path / "wide.pth", index.dim + 8)
+    with pytest.raises(UsageError, match=f"reads {index.dim + 8}-d embeddings; the model gives {index.dim}-d"):
+        add_aesthetic_scores(load_index(colours.root / "index"), str(tmp_path / "wide.pth"), "colours")

@@ -162,6 +162,23 @@ class SearchIndex:
         else:  # booleans with gaps compare as 0/1 (numpy: 1.0 == True); NaN is missing
             self._arrays[name] = pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False)
 
+    def add_column(self, name: str, values) -> None:
+        """Hold one more metadata column, in memory only (the index files are not changed): `values` in row order
+        (None where missing). `serve --aesthetic-head` adds the scores of an index embedded without them.
+
+        Raises:
+            ValueError: a name the collection already has, or not one value per row.
+        """
+        import pyarrow as pa
+
+        if name in self.column_kinds:
+            raise ValueError(f"the index already has a column {name!r}")
+        if len(values) != len(self):
+            raise ValueError(f"{len(values)} values for a column of an index of {len(self)} rows")
+        self._add_column(name, pa.array(list(values)))
+        with self._masks_lock:
+            self._masks.clear()
+
     def __len__(self) -> int:
         return len(self.keys)
 

@@ -46,6 +46,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="the unsafe concepts: a text file (one per line) or JSON {\"unsafe\": [...], \"neutral\": [...]}")
     p.add_argument("--safety-threshold", type=float, default=None, metavar="P",
                    help="hide a result when its probability of an unsafe concept is at least P (default 0.5)")
+    p.add_argument("--aesthetic-head", default=None, metavar="FILE",
+                   help="score the images of collections embedded without aesthetic scores with this head (LAION's "
+                        "improved-aesthetic-predictor .pth) at start, for min_aesthetic and aesthetic_weight")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000; 0: a free one)")
     p.add_argument("--max-k", type=int, default=d.max_k, help=f"most results per search (default {d.max_k})")
@@ -130,6 +133,38 @@ def _safety(args: argparse.Namespace):
     return SafetyFilter(concepts)
 
 
+def add_aesthetic_scores(store, head_file: str, name: str) -> bool:
+    """Add the column "aesthetic" to a FAISS collection embedded without it: the head of `head_file` applied to
+    its stored unit-norm vectors (float16 on disk, so scores differ from `embed --aesthetic-head`'s in about the
+    fourth digit); False when it has the column already.
+
+    Raises:
+        UsageError: a head that reads vectors of another size, or a collection in Milvus or LanceDB (score those
+            at embed time).
+    """
+    import numpy as np
+    import torch
+
+    from ..search.embed import AESTHETIC, load_aesthetic_head
+
+    if AESTHETIC in getattr(store, "column_kinds", {}):
+        return False
+    if not hasattr(store, "add_column"):
+        raise UsageError(f"collection {name!r} is not a FAISS index: give its images aesthetic scores at embed time "
+                         "(clipworks embed --aesthetic-head) and write it again")  # fmt: skip
+    try:
+        head = load_aesthetic_head(head_file, store.dim)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--aesthetic-head: {e}") from e
+    vectors, scores = store.vectors(), []
+    with torch.inference_mode():
+        for start in range(0, len(store), 65536):
+            block = np.ascontiguousarray(vectors[start : start + 65536], dtype=np.float32)
+            scores.append(head(torch.from_numpy(block)).reshape(-1).numpy())
+    store.add_column(AESTHETIC, [float(s) for s in np.concatenate(scores)] if scores else [])
+    return True
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
@@ -161,6 +196,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise UsageError(f"--captions {name}=...: no --index is named {name!r} (the collections: {', '.join(names)})")
         banks[name] = open_store(spec, model=stores[names.index(name)].model, verify=args.verify)
     safety = _safety(args)
+    if args.aesthetic_head is not None:
+        for name, store in zip(names, stores):
+            add_aesthetic_scores(store, args.aesthetic_head, name)
     wanted = [identity] if identity is not None else list(dict.fromkeys(s.model for s in stores))
     for model_name in wanted:  # every model the collections name needs weights, or --random-init
         refuse_random_weights(argparse.Namespace(model=model_name, pretrained=None, random_init=args.random_init))
