@@ -8,15 +8,12 @@ import importlib
 import io
 import json
 import os
-import socket
-import threading
-import time
 import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
-from test_serve_helpers import CAPTIONS, COLOURS, png_bytes, tiny_model
+from test_serve_helpers import CAPTIONS, COLOURS, free_port, png_bytes, serving, tiny_model
 
 TOL = 1e-5
 NAMES = list(COLOURS)
@@ -64,33 +61,15 @@ def reference(parts, images):
     return {"text": text, "image": image}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_url(parts):
     """A clipworks service of the tiny model alone (no index), served by uvicorn on a loopback port, in a thread."""
-    import uvicorn
-
     from clipworks.serve.app import create_app
 
     model, preprocess, tokenizer = parts
     app = create_app(model=model, preprocess=preprocess, tokenizer=tokenizer, model_name="tiny")
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture(params=["local", "service"])
@@ -264,7 +243,7 @@ def test_service_errors_carry_the_servers_message(server_url):
     assert "\n" not in str(e.value) and "/v1/embeddings (4" in str(e.value)
     with pytest.raises(ServiceError, match=r"\(422\): unreadable image: .*input\[1\].* of inputs 2-3\)$"):
         ServiceEmbedder(server_url, retries=0, batch_size=2).image([png_bytes((1, 2, 3))] * 3 + [b"not an image"])
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     with pytest.raises(ServiceError, match="cannot reach"):
         ServiceEmbedder(f"http://127.0.0.1:{port}", "tiny", retries=1, backoff_s=0).text(["a cat"])
 
@@ -353,7 +332,7 @@ def test_construction_sends_no_request():
     _require("langchain_core", "langchain"), _require("llama_index.core", "llamaindex"), _require("chromadb", "chroma")
     from clipworks.integrations import ClipworksEmbedding, ClipworksEmbeddingFunction, ClipworksEmbeddings, ServiceError
 
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     ClipworksEmbeddings(base_url=url)
     assert ClipworksEmbedding(base_url=url).model_name == url  # LlamaIndex's label: no /v1/models request
     function = ClipworksEmbeddingFunction(base_url=url, retries=0)

@@ -9,6 +9,8 @@ import warnings
 import numpy as np
 import pytest
 
+from test_search_index import _one_faiss_thread  # noqa: F401 (an autouse fixture: one OpenMP thread)
+
 from clipworks.search import ann, index as index_module
 from clipworks.search.filters import Condition, FilterError, parse_filter_string, parse_filters
 from clipworks.search.index import Hit, build_index, load_index
@@ -16,15 +18,6 @@ from clipworks.search.store import forget_dropped, read_embeddings, records_tabl
 
 N, D = 3000, 32
 SOURCES = ("laion", "coyo", "cc12m", None)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    faiss = ann.import_faiss()
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def _vectors(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference import tiny_config
+from test_search_embed import tiny  # noqa: F401 (a fixture: model, preprocess, tokenizer, local-dir spec)
 
-import clipworks
 from clipworks.cli import main
 from clipworks.eval.scoring import build_aesthetic_mlp, load_head
 from clipworks.search.embed import embed_collection
@@ -24,19 +23,8 @@ from clipworks.search.store import read_embeddings
 FIXED = {"key", "path", "caption", "member", "stamp"}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random ViT saved as a clipworks directory: (model, preprocess, local-dir spec)."""
-    torch.manual_seed(0)
-    model = clipworks.create_model(tiny_config(clipworks.get_preset("ViT-B-32")))
-    path = tmp_path_factory.mktemp("model")
-    clipworks.save_pretrained(model, path)
-    model, _, preprocess = clipworks.create_model_and_transforms(f"local-dir:{path}")
-    return model, preprocess, f"local-dir:{path}"
-
-
 def _embed(tiny, data, out, **kw):
-    model, preprocess, name = tiny
+    model, preprocess, _, name = tiny
     kw.setdefault("workers", 0)
     return embed_collection(model, data, out, model_name=name, transform=preprocess, batch_size=4, progress=False,
                             **kw)  # fmt: skip
@@ -190,9 +178,9 @@ def test_aesthetic_head_refusals(tiny, tmp_path):
     assert all(isinstance(r["aesthetic"], float) for r in read_embeddings(tmp_path / "emb")[1])
     with pytest.raises(ValueError, match="reads 768-d embeddings; the model gives 24-d"):
         _embed(tiny, data, tmp_path / "wide-emb", aesthetic_head=tmp_path / "wide.pth")
-    model, preprocess, name = tiny
+    model, preprocess, tokenizer, name = tiny
     with pytest.raises(ValueError, match="aesthetic head scores images"):
-        embed_collection(model, data, tmp_path / "t", model_name=name, tokenizer=clipworks.get_tokenizer(model),
+        embed_collection(model, data, tmp_path / "t", model_name=name, tokenizer=tokenizer,
                          text=True, aesthetic_head=tmp_path / "head.pth")  # fmt: skip
     assert not (tmp_path / "wide-emb").exists() and not (tmp_path / "t").exists()
 
@@ -200,7 +188,7 @@ def test_aesthetic_head_refusals(tiny, tmp_path):
 def test_cli_embed_aesthetic_head(tiny, tmp_path, capsys):
     _photos(tmp_path / "photos", 3)
     _aesthetic_head(tmp_path / "head.pth", 24)
-    base = ["embed", "--model", tiny[2], "--data", f"folder:{tmp_path / 'photos'}", "--workers", "0", "--quiet"]
+    base = ["embed", "--model", tiny[3], "--data", f"folder:{tmp_path / 'photos'}", "--workers", "0", "--quiet"]
     assert main(base + ["--out", str(tmp_path / "e"), "--aesthetic-head", str(tmp_path / "head.pth")]) == 0
     assert all("aesthetic" in r for r in read_embeddings(tmp_path / "e")[1])
     capsys.readouterr()

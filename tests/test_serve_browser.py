@@ -10,9 +10,6 @@ import colorsys
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,7 +18,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from test_serve_helpers import COLOURS, collection, png_bytes  # noqa: F401 (collection is a fixture)
+from test_serve_helpers import COLOURS, collection, png_bytes, serving  # noqa: F401 (collection is a fixture)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -45,12 +42,6 @@ def _has_playwright() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +91,6 @@ def _photos(folder: Path) -> tuple[list[dict], dict]:
 def site(collection, tmp_path_factory):  # noqa: F811
     """The app over "photos" (default; the helpers' caption bank) and caption-only "notes", with a safety filter
     whose threshold hides about half the photos, served by uvicorn on a free loopback port in a thread."""
-    import uvicorn
     from PIL import Image
 
     from clipworks.search.index import build_index
@@ -129,18 +119,8 @@ def site(collection, tmp_path_factory):  # noqa: F811
     app = create_app(collections=[Collection("photos", photos, c.model, c.preprocess, c.tokenizer, c.captions),
                                   Collection("notes", notes_index, c.model, c.preprocess, c.tokenizer)],
                      settings=ServeSettings(allow_urls=True), safety=safety)  # fmt: skip
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    yield Site(f"http://127.0.0.1:{port}", files, unsafe)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield Site(url, files, unsafe)
 
 
 def photos_vectors(index, records):
