@@ -269,6 +269,18 @@ def open_store(spec_or_dir: str | os.PathLike, *, model: str | None = None, veri
     return store_type.open(spec, model=model, verify=verify)
 
 
+def scalar_literal(value) -> str | None:
+    """A boolean or number as both backends' filter languages write it (true/false, a number in full, no exponent);
+    None for a string, which each backend quotes its own way."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):  # finite: filters refuse NaN and infinity
+        return np.format_float_positional(value, trim="0")
+    return None
+
+
 def import_backend(module: str, package: str):
     """Import an optional backend package, or say which to install."""
     import importlib

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..filters import Condition
 from ..index import IndexLoadError
-from . import FIXED, CollectionSpec, VectorStore, check_manifest, import_backend
+from . import FIXED, CollectionSpec, VectorStore, check_manifest, import_backend, scalar_literal
 
 __all__ = ["LanceStore", "write", "where_sql", "literal", "INDEXES", "MIN_IVFPQ_ROWS"]
 
@@ -26,13 +26,8 @@ _SYMBOLS = {"eq": "=", "ne": "!=", "lt": "<", "lte": "<=", "gt": ">", "gte": ">=
 def literal(value) -> str:
     """A value as a LanceDB (DataFusion) SQL literal: true/false, a number written out in full (no exponent), or a
     single-quoted string with ' doubled (a backslash is an ordinary character in SQL strings)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):  # finite: filters refuse NaN and infinity
-        return np.format_float_positional(value, trim="0")
-    return "'" + str(value).replace("'", "''") + "'"
+    plain = scalar_literal(value)
+    return plain if plain is not None else "'" + str(value).replace("'", "''") + "'"
 
 
 def where_sql(conditions: tuple[Condition, ...]) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..filters import Condition
 from ..index import IndexLoadError
-from . import FIXED, MAX_TEXT_BYTES, CollectionSpec, VectorStore, check_manifest, import_backend
+from . import FIXED, MAX_TEXT_BYTES, CollectionSpec, VectorStore, check_manifest, import_backend, scalar_literal
 
 __all__ = ["MilvusStore", "write", "expression", "literal", "INDEXES"]
 
@@ -34,13 +34,8 @@ _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 def literal(value) -> str:
     """A value as a Milvus expression literal: true/false, a number written out in full (no exponent), or a
     double-quoted string with \\, ", newline, CR and tab escaped."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):  # finite: filters refuse NaN and infinity
-        return np.format_float_positional(value, trim="0")
-    return '"' + "".join(_ESCAPES.get(ch, ch) for ch in str(value)) + '"'
+    plain = scalar_literal(value)
+    return plain if plain is not None else '"' + "".join(_ESCAPES.get(ch, ch) for ch in str(value)) + '"'
 
 
 def expression(conditions: tuple[Condition, ...]) -> str:
