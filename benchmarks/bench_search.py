@@ -1,9 +1,14 @@
 """Search benchmarks: (a) embedding throughput, JPEG files to stored embeddings, clipworks embed against a plain
-OpenCLIP loop on the same files and weights; (b) index query latency and recall@10 at up to a million vectors.
+OpenCLIP loop on the same files and weights; (b) index query latency and recall@10 at up to a million vectors;
+(c) whether the embed pipeline keeps its model busy on the CPU: images/s, the model's busy share of the wall
+time and the throughput against the encoder alone on pre-decoded tensors, per precision (fp32, bf16), source
+(the photos of (a); 256-pixel JPEGs in WebDataset shards as img2dataset writes them) and split of the cores
+(workers that encode their own batches, or one encoder with 1 or 2 threads beside decoding workers).
 
 Usage:
-    python benchmarks/bench_search.py [--only embed,index] [--images 256] [--batch-size 32] [--workers 2]
+    python benchmarks/bench_search.py [--only embed,index,pipeline] [--images 256] [--batch-size 32] [--workers 2]
                                       [--vectors 1000000] [--queries 1000] [--kinds flat,ivf] [--json OUT]
+    python benchmarks/bench_search.py --only pipeline          # (c) alone, ~2-3 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -202,6 +207,140 @@ def bench_embed(images: int, batch_size: int, workers: int, repeats: int, device
     return rows
 
 
+# --- (c) the embed pipeline on the CPU ----------------------------------------------------------------------
+
+
+def write_wds_shards(folder: Path, images: int, shards: int, side: int = 256, seed: int = 0) -> str:
+    """`images` photo-like side x side JPEGs (quality 95) in `shards` tars laid out as img2dataset writes them
+    (NNNNN.jpg, .txt and .json per sample); returns the `wds:` spec."""
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    per = math.ceil(images / shards)
+    for t in range(shards):
+        with tarfile.open(folder / f"{t:05d}.tar", "w") as tar:
+            for i in range(t * per, min(images, (t + 1) * per)):
+                f, phase = rng.uniform(1, 6, 2), rng.uniform(0, 6.3, 3)
+                base = np.stack([128 + 100 * np.sin(f[0] * 6.3 * x / side + phase[c]) * np.cos(f[1] * 6.3 * y / side)
+                                 for c in range(3)], axis=-1)  # fmt: skip
+                pixels = np.clip(base + rng.normal(0, 6, (side, side, 1)), 0, 255).astype(np.uint8)
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+                meta = {"url": f"https://example.com/{i}.jpg", "width": side, "height": side, "key": f"{i:09d}"}
+                for ext, data in (("jpg", buffer.getvalue()), ("txt", f"a photo {i}".encode()),
+                                  ("json", json.dumps(meta).encode())):  # fmt: skip
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return f"wds:{folder}/{{00000..{shards - 1:05d}}}.tar"
+
+
+def cast(model, precision: str):
+    """`model` (a copy) in `precision`: clipworks' `apply_precision` where it exists, else a plain cast."""
+    model = copy.deepcopy(model)
+    if precision == "fp32":
+        return model
+    try:
+        from clipworks.models.precision import apply_precision
+    except ImportError:
+        return model.to(torch.bfloat16)
+    apply_precision(model, precision, "cpu")
+    return model
+
+
+def _encoder_rate(model, batch_size: int, repeats: int) -> float:
+    """Images/s of `encode_image` alone on pre-decoded tensors, this process's threads, the pipeline's batch."""
+    from timing import best_rate
+
+    from clipworks.search.embed import input_dtype
+
+    x = torch.randn(batch_size, 3, 224, 224).to(input_dtype(model))
+    with torch.inference_mode():
+        return best_rate(lambda: model.encode_image(x, normalize=True), batch_size, repeats)
+
+
+def bench_pipeline(images: int, photos: int, batch_size: int, workers: int, repeats: int,
+                   precisions: list[str]) -> list[dict]:  # fmt: skip
+    """The embed pipeline against its encoder on this CPU, per precision, source and split of the cores:
+    `images` 256-pixel JPEGs in WebDataset shards, `photos` full-size photos (0 leaves a source out)."""
+    from parts.preprocess import _write_photos
+
+    from clipworks.search.embed import embed_collection
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    _, _, base, preprocess = _models(torch.device("cpu"))
+    rows, threads = [], torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        sources = {}
+        if photos:
+            (tmp / "photos").mkdir()
+            distinct = _write_photos(tmp / "photos", min(4, max(1, photos // 4)))  # copies make up the rest
+            for k in range(max(0, photos // len(distinct) - 1)):
+                [shutil.copy(p, p.with_name(f"copy{k}_{p.name}")) for p in distinct]
+            sources["photos"] = f"folder:{tmp / 'photos'}"
+        if images:
+            sources["wds 256px"] = write_wds_shards(tmp / "wds", images, shards=2 * workers)
+        splits = {f"{workers} workers encode, 1 thread each": ("workers", 1)}
+        splits.update({f"1 encoder x {t} threads + {workers} decoders": ("main", t) for t in sorted({1, cores})})
+        for precision in precisions:
+            model = cast(base, precision)
+            for source, data in sources.items():
+                best: dict = {}
+                encoder = encoder_1 = 0.0
+                for _ in range(repeats):  # interleaved: a change of load hits the encoder and every split alike
+                    torch.set_num_threads(cores)
+                    encoder = max(encoder, _encoder_rate(model, batch_size, 2))
+                    torch.set_num_threads(1)
+                    encoder_1 = max(encoder_1, _encoder_rate(model, batch_size, 2))
+                    for name, (where, t) in splits.items():
+                        torch.set_num_threads(t)
+                        shutil.rmtree(tmp / "out", ignore_errors=True)
+                        start = time.perf_counter()
+                        r = embed_collection(model, data, tmp / "out", model_name="ViT-B-32", transform=preprocess,
+                                             batch_size=batch_size, workers=workers, encode_in=where, progress=False)
+                        seconds = time.perf_counter() - start
+                        if name not in best or seconds < best[name][0]:
+                            best[name] = (seconds, r.embedded, r.stats)
+                torch.set_num_threads(threads)
+                own = max(encoder, cores * encoder_1)  # the encoder's best: one process, or one per core
+                for name, (seconds, n, stats) in best.items():
+                    rate = n / seconds
+                    rows.append({"precision": precision, "source": source, "split": name, "images_per_s": rate,
+                                 "busy": stats.busy_fraction, "wait": stats.wait_seconds / stats.wall_seconds,
+                                 "vs_encoder": rate / own, "encoder": encoder, "encoder_1thread": encoder_1,
+                                 "images": n})  # fmt: skip
+                shutil.rmtree(tmp / "out", ignore_errors=True)
+    torch.set_num_threads(threads)
+    return rows
+
+
+def format_pipeline(rows: list[dict], batch_size: int) -> str:
+    lines = [f"| precision | source | split of the cores | images/s | model busy | main waits | vs encoder alone |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['precision']} | {r['source']} | {r['split']} | {r['images_per_s']:.1f} | {r['busy']:.0%} | "
+              f"{r['wait']:.0%} | {r['vs_encoder']:.2f}x |" for r in rows]  # fmt: skip
+    enc = {(r["precision"], r["source"]): (r["encoder"], r["encoder_1thread"]) for r in rows}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    lines += ["", f"- encoder alone (ViT-B-32 encode_image on pre-decoded tensors, batch {batch_size}, timed between "
+              f"the pipeline runs; 'vs encoder alone' divides by the better of one process on all {cores} cores and "
+              f"{cores} x one thread): " + "; ".join(f"{p} (beside {s}) {a:.1f} images/s on all cores, {b:.1f} on one "
+                                                  "thread" for (p, s), (a, b) in enc.items()),  # fmt: skip
+              "- model busy: the time inside encode calls over the wall time, per encoding process "
+              "(EmbedResult.stats.busy_fraction); main waits: the share of the wall time this process waited for "
+              "the loader's next batch (includes the workers' start); photos: 640x480 to 3024x4032 JPEGs, exact "
+              "decoding; wds 256px: img2dataset's layout (4 tars); images per run: "
+              + ", ".join(sorted({f"{r['source']} {r['images']}" for r in rows})) + f"; uptime: {_load()}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
+
+
 # --- (b) index latency and recall ---------------------------------------------------------------------------
 
 
@@ -293,6 +432,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000, help="held-out queries for latency and recall")
     parser.add_argument("--kinds", default="flat,ivf", help="index kinds to measure (flat, ivf, ivfpq, hnsw, auto)")
     parser.add_argument("--device", default="cpu", help="where both sides encode (cpu, cuda)")
+    parser.add_argument("--precisions", default="fp32,bf16", help="(c): precisions of the pipeline benchmark")
+    parser.add_argument("--pipeline-images", type=int, default=512, help="(c): 256-pixel JPEGs per run (0: none)")
+    parser.add_argument("--pipeline-photos", type=int, default=128, help="(c): full-size photos per run (0: none)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     parts = set(args.only.split(","))
@@ -305,8 +447,14 @@ def main() -> None:
                f"k=10; recall against exact inner-product search; faiss {_faiss_threads() if index_rows else '-'} "
                "OpenMP threads (one per single query, see SearchIndex.search)")  # fmt: skip
     print(format_tables(embed_rows, index_rows, setting))
+    pipeline_rows = []
+    if "pipeline" in parts:
+        pipeline_rows = bench_pipeline(args.pipeline_images, args.pipeline_photos, args.batch_size, args.workers,
+                                       args.repeats, args.precisions.split(","))  # fmt: skip
+        print(format_pipeline(pipeline_rows, args.batch_size))
     if args.json:
-        Path(args.json).write_text(json.dumps({"embed": embed_rows, "index": index_rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"embed": embed_rows, "index": index_rows, "pipeline": pipeline_rows},
+                                              indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

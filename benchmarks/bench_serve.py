@@ -250,6 +250,7 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32, help="texts per /v1/embeddings request (default 32)")
     parser.add_argument("--no-filters", dest="filters", action="store_false", help="search without metadata filters")
+    parser.add_argument("--server-args", default="", help='more `clipworks serve` options, e.g. "--no-safety"')
     parser.add_argument("--warmup", type=int, default=32, help="untimed requests first (default 32)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny model, 1000 items, 300 requests")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -258,7 +259,7 @@ def main() -> int:
         args.model, args.items, args.requests, args.warmup = "tiny", 1000, 300, 16
     counts = [int(c) for c in args.clients.split(",")]
     limits = [f"--{name}={value}" for name, value in (("concurrency", args.concurrency), ("queue", args.queue))
-              if value is not None]  # fmt: skip
+              if value is not None] + args.server_args.split()  # fmt: skip
     import torch
 
     print(f"# torch {torch.__version__}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "

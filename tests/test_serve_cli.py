@@ -78,11 +78,12 @@ def test_serve_command_runs_a_server(saved):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "clipworks.cli", "serve", "--index", str(index), "--model", model_arg,
-           "--port", str(port), "--max-k", "5", "--int8"]  # fmt: skip
+           "--port", str(port), "--max-k", "5", "--precision", "int8"]  # fmt: skip
     server = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE, text=True)
     try:
         health = _wait_for(f"http://127.0.0.1:{port}/api/health", server)
         assert health["images"] == 20 and health["max_k"] == 5 and health["model"] == model_arg and health["int8"]
+        assert health["precision"] == "int8"
         r = httpx.post(f"http://127.0.0.1:{port}/api/search/text", json={"query": "a cat", "k": 5}, timeout=30)
         assert r.status_code == 200 and len(r.json()["results"]) == 5
         assert httpx.post(f"http://127.0.0.1:{port}/api/search/text", json={"query": "a", "k": 6}).status_code == 422

@@ -15,10 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from .config import CLIPConfig, PreprocessConfig
+from .models.precision import AMP, check_precision
 
-# OpenCLIP's precision names -> the dtype the model's parameters get. "fp16"/"bf16" cast the whole model here; OpenCLIP
-# keeps its layer-norm weights in float32 there (its `convert_weights_to_lp`). The "amp" names keep float32
-# parameters: autocast is the caller's, as in OpenCLIP.
+# OpenCLIP's precision names -> the dtype of the model's matrix-product weights. "fp16"/"bf16" keep the normalisation
+# layers (computing in float32) and the logit scale in float32, as OpenCLIP's `convert_weights_to_lp` and
+# `LayerNormFp32` do; "pure_*" cast everything; the "amp" names keep float32 parameters (autocast is the caller's, as
+# in OpenCLIP). clipworks adds "auto" (`hardware.resolve_precision`) and "int8" (`quantize_int8`): see
+# `clipworks.models.precision`, which applies them.
 PRECISIONS = {
     "fp32": torch.float32, "amp": torch.float32, "amp_bf16": torch.float32, "amp_bfloat16": torch.float32,
     "fp16": torch.float16, "bf16": torch.bfloat16, "pure_fp16": torch.float16, "pure_bf16": torch.bfloat16,
@@ -57,14 +60,20 @@ def check_options(function: str, options: dict[str, Any]) -> None:
 
 
 def precision_dtype(precision: str, dtype: torch.dtype | None) -> torch.dtype | None:
-    """The parameter dtype for OpenCLIP's `precision` name, or `dtype` when given (None: leave as built)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    if dtype is not None:
-        if precision != "fp32" and PRECISIONS[precision] != dtype:
-            raise ValueError(f"precision={precision!r} and dtype={dtype} disagree; pass one of them")
-        return dtype
-    return None if PRECISIONS[precision] == torch.float32 else PRECISIONS[precision]
+    """The dtype that `dtype` asks for when it and `precision` agree (None when `dtype` is None): `dtype` alone casts
+    the whole model (as "pure_bf16"/"pure_fp16" do); with a precision other than fp32, `dtype` must be that
+    precision's dtype ("int8" takes float32; "auto" decides the dtype itself and takes none).
+
+    Raises:
+        ValueError: an unknown precision, or a dtype that disagrees with it.
+    """
+    check_precision(precision)
+    if dtype is None:
+        return None
+    expected = PRECISIONS.get(precision, torch.float32)
+    if precision == "auto" or (precision not in ("fp32", *AMP) and expected != dtype):
+        raise ValueError(f"precision={precision!r} and dtype={dtype} disagree; pass one of them")
+    return dtype
 
 
 def _square(size, what: str) -> int:

@@ -273,10 +273,14 @@ def create_model(
             TorchScript `.pt` read without running its code), or a checkpoint directory. None gives random
             weights, with a `RandomWeightsWarning` once per preset unless `load_weights=False` says it is meant.
         load_weights: False builds the architecture `model_name` names with random weights, loading none.
-        precision: OpenCLIP's names: "fp32" (and the "amp" ones: float32 parameters), "fp16"/"bf16" and
-            "pure_fp16"/"pure_bf16" (the whole model in that dtype; see `clipworks.compat.PRECISIONS`).
+        precision: OpenCLIP's names: "fp32" (and the "amp" ones: float32 parameters), "bf16"/"fp16" (matrix-product
+            weights in that dtype, normalisation layers and the logit scale in float32), "pure_bf16"/"pure_fp16"
+            (the whole model in that dtype); and "auto" (bf16 where the device computes it natively and the model
+            gains from it, else fp32: `hardware.resolve_precision`), "int8" (`quantize_int8`; the CPU only). The
+            weights are cast once, here; `model.precision` records the result. See `clipworks.models.precision`.
         device: where to put the model.
-        dtype: parameter dtype (e.g. torch.bfloat16 on GPUs); default float32.
+        dtype: parameter dtype for the whole model (e.g. torch.bfloat16: "pure_bf16"); default float32. With a
+            precision other than fp32 it must agree with it.
         force_quick_gelu, force_image_size, force_context_length: change the architecture before it is built;
             loaded position tables are interpolated to new sizes as OpenCLIP does.
         force_patch_dropout: the fraction of a ViT's patch tokens dropped at random in training mode (FLIP;
@@ -314,7 +318,14 @@ def create_model(
     model.tokenizer_config = tokenizer
     model.output_dict = bool(output_dict)
     compat.apply_patch_dropout(model, force_patch_dropout)
-    model.to(device=device, dtype=dtype)
+    model.to(device=device)
+    if dtype is not None and precision in ("fp32", *compat.AMP):  # `dtype` alone: the whole model, as today
+        model.to(dtype)
+        model.precision = {torch.bfloat16: "pure_bf16", torch.float16: "pure_fp16"}.get(dtype, "fp32")
+    else:
+        from .models.precision import apply_precision
+
+        apply_precision(model, precision, next(model.parameters()).device.type)
     return model.eval()
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 from ..cli import (
     CommandFailed, UsageError, add_device_flag, add_quiet_flag, add_seed_flag, default_device, examples,
 )  # fmt: skip
-from ..search.commands import add_random_init_flag, prepare_for_inference, refuse_random_weights
+from ..search.commands import (
+    add_precision_flag, add_random_init_flag, prepare_for_inference, refuse_random_weights,
+)  # fmt: skip
 
 COLLECTIONS = "vtab, vtab+, retrieval, imagenet_robustness"  # assets/benchmark/datasets.json's, for --help
 
@@ -55,6 +57,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_device_flag(p)
     add_seed_flag(p, help="seed for random initialisation (with --random-init)")
     add_random_init_flag(p)
+    add_precision_flag(p)
     add_quiet_flag(p, help="no progress bars (the line per cell stays)")
     p.set_defaults(func=_cmd_benchmark)
 

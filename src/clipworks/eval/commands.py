@@ -9,7 +9,7 @@ import sys
 from ..cli import (
     CommandFailed, UsageError, add_device_flag, add_quiet_flag, add_seed_flag, default_device, examples,
 )  # fmt: skip
-from ..search.commands import add_int8_flag, add_random_init_flag, prepare_for_inference, refuse_random_weights
+from ..search.commands import add_precision_flag, add_random_init_flag, prepare_for_inference, refuse_random_weights
 
 EVAL_TASKS = ("zeroshot", "retrieval", "linear-probe", "compositional", "clipscore", "fit-score")
 
@@ -20,7 +20,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     add_device_flag(p)
     add_seed_flag(p, help="seed for random initialisation (with --random-init), data splits and fitting")
     add_random_init_flag(p)
-    add_int8_flag(p)
+    add_precision_flag(p)
 
 
 def _eval_args(p: argparse.ArgumentParser, out_help: str = "write results.json, results.md and a figure here") -> None:
@@ -140,7 +140,7 @@ def _load_model(args: argparse.Namespace):
     device = default_device(args.device)
     torch.manual_seed(args.seed)  # random weights are the same on every rank and every run
     model, _, preprocess = create_model_and_transforms(args.model, args.pretrained, device=device)
-    prepare_for_inference(args, model)  # `score` has no --int8
+    prepare_for_inference(args, model)  # `score` has no --precision: fp32
     return model, preprocess, get_tokenizer(model), device
 
 

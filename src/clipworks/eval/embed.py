@@ -123,8 +123,9 @@ class Embedder:
                  cache_dir: str | os.PathLike | None = None, batch_size: int = 64, workers: int = 0,
                  device: str | torch.device = "cpu", show_progress: bool = True):  # fmt: skip
         self.model, self.transform, self.tokenizer = model.eval(), transform, tokenizer
-        if identity is not None and is_quantized(model):  # int8 features are cached apart from fp32 ones
-            identity = f"{identity} int8"
+        precision = getattr(model, "precision", "int8" if is_quantized(model) else "fp32")
+        if identity is not None and precision != "fp32":  # int8 and bf16 features are cached apart from fp32 ones
+            identity = f"{identity} {precision}"
         self.identity, self.batch_size, self.workers, self.device = identity, batch_size, workers, device
         self.cache = Path(cache_dir).expanduser() if cache_dir is not None and identity is not None else None
         self.rank, self.world_size = rank_world()

@@ -172,13 +172,13 @@ class CLIP(nn.Module):
         """Images (B, 3, H, W), preprocessed, to features (B, E)."""
         self._tower("vision")
         x = self.visual(image)
-        return F.normalize(x, dim=-1) if normalize else x
+        return F.normalize(x.float(), dim=-1) if normalize else x  # float32 from a bf16/fp16 model too
 
     def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
         """Token ids (B, L) to features (B, E); padding past the longest sequence costs nothing."""
         self._tower("text")
         x = self.text(text)
-        return F.normalize(x, dim=-1) if normalize else x
+        return F.normalize(x.float(), dim=-1) if normalize else x  # float32 from a bf16/fp16 model too
 
     def encode_text_hidden(self, tokens: Tensor) -> TextHidden:
         """Every text layer's hidden states, the final-norm states and the pooled features (diffusion use)."""

@@ -111,7 +111,7 @@ class ConvNeXt(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Map (B, 3, H, W) images to (B, E) unnormalised features."""
-        x = self.stem(images)  # (B, D, H/4, W/4)
+        x = self.stem(images.to(self.stem.conv.weight.dtype))  # (B, D, H/4, W/4); float32 pixels in a bf16 tower
         for stage in self.stages:
             x = stage(x, grad_checkpointing=self.grad_checkpointing and self.training)
         x = self.norm(x.mean(dim=(2, 3)))  # (B, D)

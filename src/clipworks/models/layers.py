@@ -38,6 +38,15 @@ def _outputs(layer: nn.Module, x: Tensor, start: int, stop: int) -> Tensor:
     return layer.forward_rows(x, start, stop)
 
 
+def _project(layer: nn.Module, x: Tensor, residual: Tensor | None) -> Tensor:
+    """`residual + layer(x)` (just `layer(x)` without a residual); a layer with `forward_add` (`fast.PackedLinear`)
+    does the add inside its product. For an `nn.Linear` this is the plain add, so float32 results are unchanged."""
+    if residual is None:
+        return layer(x)
+    forward_add = getattr(layer, "forward_add", None)
+    return residual + layer(x) if forward_add is None else forward_add(x, residual)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one packed qkv projection, computed by scaled_dot_product_attention."""
 
@@ -49,11 +58,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, causal: bool = False, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, causal: bool = False, attn_mask: Tensor | None = None, residual: Tensor | None = None
+    ) -> Tensor:
+        """Self-attention of `x` (B, L, D); with `residual`, `residual + attention` (fused where the layer can)."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # (B, H, L, Dh)
-        return self.out(x.transpose(1, 2).reshape(B, L, D))
+        return _project(self.out, x.transpose(1, 2).reshape(B, L, D), residual)
 
     def forward_one(self, x: Tensor, index: Tensor, causal: bool = False, attn_mask: Tensor | None = None) -> Tensor:
         """The attention output at one position per sequence, `index` (B,): (B, 1, D).
@@ -82,8 +94,8 @@ class MLP(nn.Module):
         self.act = build_activation(act)
         self.fc2 = nn.Linear(hidden, width)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return _project(self.fc2, self.act(self.fc1(x)), residual)
 
 
 class Block(nn.Module):
@@ -99,14 +111,14 @@ class Block(nn.Module):
         self.mlp = MLP(width, int(width * mlp_ratio), act)
 
     def forward(self, x: Tensor, causal: bool = False, attn_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal, attn_mask=attn_mask)
-        return x + self.mlp(self.ln_2(x))
+        x = self.attn(self.ln_1(x), causal=causal, attn_mask=attn_mask, residual=x)  # x + attn(ln_1(x))
+        return self.mlp(self.ln_2(x), residual=x)
 
     def forward_one(self, x: Tensor, index: Tensor, causal: bool = False, attn_mask: Tensor | None = None) -> Tensor:
         """The block's output at position `index` (B,) of each sequence only: (B, D)."""
         rows = torch.arange(x.shape[0], device=x.device)
         y = x[rows, index][:, None] + self.attn.forward_one(self.ln_1(x), index, causal, attn_mask)  # (B, 1, D)
-        return (y + self.mlp(self.ln_2(y)))[:, 0]
+        return self.mlp(self.ln_2(y), residual=y)[:, 0]
 
 
 class Transformer(nn.Module):

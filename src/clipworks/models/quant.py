@@ -13,6 +13,14 @@ The outputs are not the fp32 model's: the embeddings measured here are within co
 (a random ViT-B-32; the trained demo model of `clipworks train`, whose held-out zero-shot accuracy moved from
 56.4% to 56.8%), and models with large activation outliers can lose more. So this is an opt-in
 (`--int8` on `clipworks embed`, `serve`, `eval` and `classify`), never a default.
+Where the CPU has bf16 matrix units (AMX: Intel Sapphire Rapids and later), bf16 is the faster route, not this one
+(issue 22, measured on one core of such a Xeon): `torch._int_mm` runs a 1600 x 768 x 3072 product at 0.4-0.6x the
+bf16 product's rate (it does not reach the AMX int8 tiles), and quantising the activations per row costs about half
+a bf16 product more. oneDNN's own int8 product (`torch.ops.onednn.qlinear_pointwise`, AMX-INT8) is 1.4x the bf16
+one on that shape, but takes per-tensor quantised uint8 inputs: a win only with the quantisation fused into the
+LayerNorm before it (inductor's int8 route), not as a drop-in layer. So `int8` is for CPUs with VNNI and no bf16
+units (AVX-512 VNNI / AVX-VNNI: 1.7-2x fp32); on AMX use `apply_precision(model, "bf16")` and
+`fast.prepack_linears`.
 Only the blocks' attention (qkv, output) and MLP projections are quantised (nearly all of the FLOPs); embeddings,
 norms, attention itself, pooling and the final projections stay fp32. For inference only: the quantised
 layers hold buffers, not parameters, and have no gradient.

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import TimmVisionConfig
+from .precision import model_dtype
 
 _PREFIXES = ("trunk.", "head.")
 
@@ -77,7 +78,7 @@ class TimmTower(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Map (B, 3, H, W) images to (B, E) unnormalised features."""
-        return self.head(self.trunk(images))
+        return self.head(self.trunk(images.to(model_dtype(self.trunk))))  # float32 pixels into a bf16/fp16 trunk
 
 
 def _head(cfg: TimmVisionConfig, width: int, embed_dim: int) -> nn.Sequential:

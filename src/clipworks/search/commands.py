@@ -28,7 +28,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         tokenizer=tokenizer, text=args.text, batch_size=args.batch_size, dtype=args.dtype,
         workers=default_workers(device) if args.workers is None else args.workers,
         shard_size=args.shard_size, fast_decode=args.fast_decode, progress=not args.quiet, update=args.update,
-        aesthetic_head=args.aesthetic_head,
+        aesthetic_head=args.aesthetic_head, encode_in=args.encode_in, gpu_decode=args.gpu_decode, compile=args.compile,
     )  # fmt: skip
     print(describe(result))
     if result.skipped:
@@ -53,23 +53,78 @@ def add_random_init_flag(p: argparse.ArgumentParser) -> None:
                    help="accept a preset with no weights (randomly initialised, different on every run)")
 
 
-def add_int8_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--int8", action="store_true",
-                   help="CPU only: int8 matrix products in the transformer blocks (clipworks.quantize_int8), about "
-                        "twice as fast; not the fp32 embeddings (cosine 0.9999 to them on the models measured)")
+def add_precision_flag(p: argparse.ArgumentParser) -> None:
+    """`--precision` (the model's, for inference; `prepare_for_inference` applies it) and `--int8`, its old spelling."""
+    from ..hardware import CHOICES, MIN_BF16_WIDTH, cpu_has_native_bf16
+
+    here = (f"bf16 on this CPU (it has bf16 units; fp32 for models narrower than {MIN_BF16_WIDTH})"
+            if cpu_has_native_bf16() else "fp32 on this CPU (no bf16 units)")  # fmt: skip
+    p.add_argument("--precision", choices=CHOICES, default="fp32",
+                   help="the model's precision (default fp32): bf16/fp16 run the matrix products in that dtype with "
+                        "float32 norms (OpenCLIP's meaning), pure_bf16/pure_fp16 the whole model; int8: int8 matrix "
+                        "products in the transformer blocks (CPU only, clipworks.quantize_int8); auto picks "
+                        f"{here}, bf16 on a CUDA GPU that supports it. Every choice but fp32 changes the embeddings "
+                        "slightly (cosine >= 0.999 to fp32's on the models measured)")  # fmt: skip
+    p.add_argument("--int8", action=_Int8Alias, help="the old spelling of --precision int8")
 
 
-def prepare_for_inference(args: argparse.Namespace, model) -> None:
-    """Ready a model that a command only runs forward, in place: MobileCLIP's train-time branches fused
-    (`clipworks.reparameterize`: the same features up to float rounding, 1.1-1.2x faster; nothing for other towers),
-    and `quantize_int8(model)` when the command was given --int8 (a command without the flag never is)."""
+class _Int8Alias(argparse.Action):
+    """`--int8`: says once what it maps to; `prepare_for_inference` turns it into --precision int8."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("clipworks: --int8 is the old spelling of --precision int8", file=sys.stderr)
+        setattr(namespace, self.dest, True)
+
+
+def inference_precision(args: argparse.Namespace) -> str:
+    """The precision a command's flags ask for: --precision, or "int8" for --int8 (alone or with --precision int8).
+
+    Raises:
+        UsageError: --int8 with another --precision.
+    """
+    precision = getattr(args, "precision", "fp32")
+    if getattr(args, "int8", False):
+        if precision not in ("fp32", "int8"):
+            raise UsageError(f"--int8 is --precision int8; it cannot be given with --precision {precision}")
+        precision = "int8"
+    return precision
+
+
+def prepare_for_inference(args: argparse.Namespace, model) -> str:
+    """Ready a model that a command only runs forward, in place, and return its concrete precision: MobileCLIP's
+    train-time branches fused (`clipworks.reparameterize`: the same features up to float rounding, 1.1-1.2x faster;
+    nothing for other towers), a ResNet tower's batch norms folded into its convolutions and its weights stored
+    channels-last (`clipworks.optimize_for_inference`: within 1e-7 of the unfolded features; the model can no longer
+    train), then the precision of --precision/--int8 applied (`models.precision.apply_precision`; a command without
+    the flags stays fp32; in bf16 on a CPU the transformer blocks' linears are prepacked for oneDNN with their
+    LayerNorm affine, bias, GELU and residual fused, `models.fast.prepack_linears`). "auto" says on stderr what it
+    picked.
+
+    Raises:
+        UsageError: int8 for a model off the CPU or without transformer blocks, or --int8 with another --precision.
+    """
+    from ..models.fold import optimize_for_inference
+    from ..models.precision import apply_precision
     from ..models.timm_tower import reparameterize
 
     reparameterize(model)
-    if getattr(args, "int8", False):
-        from ..models.quant import quantize_int8
+    optimize_for_inference(model)  # before the cast: folding in fp32 (float64 arithmetic) is the more accurate order
+    wanted = inference_precision(args)
+    try:
+        precision = apply_precision(model, wanted)
+    except ValueError as e:
+        raise UsageError(f"--precision {wanted}: {e}") from e
+    if wanted == "auto":
+        print(f"clipworks: --precision auto: {precision}", file=sys.stderr)
+    if precision == "bf16" and next(model.parameters()).device.type == "cpu":
+        from ..models.fast import packed_linears_available, prepack_linears
 
-        quantize_int8(model)  # refuses a model that is not on the CPU
+        if packed_linears_available():  # oneDNN weights laid out once, bias/GELU/residual fused (1.15-1.4x)
+            prepack_linears(model)
+    return precision
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -134,16 +189,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True,
                    help="folder:DIR, csv:FILE, tsv:FILE or wds:PATTERN (with --text also a file of captions)")
     p.add_argument("--out", required=True, help="output directory; rerun the same command to resume")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 256 on a GPU, 64 on a CPU)")
     p.add_argument("--workers", type=int, default=None,
                    help="decoding worker processes (0: decode in this one); default: one per core on a CPU job (each "
                         "then encodes its own batches), one per core but one on a GPU job")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="embeddings on disk")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="the dtype of the embeddings stored on disk (not the model's: that is --precision)")
     p.add_argument("--shard-size", type=int, default=10_000, help="items per output shard (wds: one per tar)")
     p.add_argument("--text", action="store_true", help="embed the distinct captions instead (a caption bank)")
     p.add_argument("--fast-decode", action="store_true",
                    help="reduced-size JPEG decoding: much faster on large photos, pixels not identical to exact preprocessing")
-    add_int8_flag(p)
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="decode JPEGs on the model's device (torchvision/nvJPEG) and resize there; the workers only read "
+                        "files; close to the exact preprocessing, not equal (cosine in benchmarks/bench_embed_gpu.py)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the image tower through torch.compile (CUDA graphs on a GPU); the first batches pay for it")
+    p.add_argument("--encode-in", choices=("auto", "workers", "main"), default="auto",
+                   help="CPU jobs: each worker encodes its own batches (workers), or this process encodes (main); "
+                        "default auto: workers when there are as many as cores")
+    add_precision_flag(p)
     p.add_argument("--update", action="store_true",
                    help="bring a finished --out up to date with its changed source (folder, csv, tsv): embed new and "
                         "changed files, drop the rows of deleted ones; rebuild the index afterwards")

@@ -15,6 +15,7 @@ scores its collections (and as `clipworks score` does).
 from __future__ import annotations
 
 import ctypes
+import functools
 import inspect
 import json
 import os
@@ -28,12 +29,41 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..data.decode import ImageDecodeError
 from ..models.quant import is_quantized
-from .sources import Chunk, Item, ListedImages, Plan, TarImages, plan_images, plan_texts
+from .sources import Chunk, Item, ListedImages, Plan, TarImages, normalise, plan_images, plan_texts
 from .store import (DTYPES, embeddings_manifest, forget_dropped, read_shard_records, sha256_file, shard_checksums,
                     shard_names, warn_dropped, write_json, write_shard)  # fmt: skip
 
-__all__ = ["EmbedResult", "default_workers", "embed_collection", "load_aesthetic_head", "rank_and_world"]
+__all__ = ["ENCODE_IN", "EmbedResult", "EmbedStats", "default_batch_size", "default_workers", "embed_collection",
+           "input_dtype", "load_aesthetic_head", "rank_and_world"]
+
+ENCODE_IN = ("auto", "workers", "main")  # where a CPU job encodes: see `embed_collection`'s `encode_in`
+
+
+@dataclass(frozen=True)
+class EmbedStats:
+    """Where the wall time of one run's encoding loop went: what tells a starved model from a busy one.
+
+    Attributes:
+        wall_seconds: the loop, from the first batch asked for to the last shard written.
+        encode_seconds: time inside the model's encode calls, summed over the processes that encode (on a GPU,
+            the GPU's own time on the batches, from CUDA events).
+        wait_seconds: time this process waited for the loader's next batch.
+        encoders: processes encoding at once (the DataLoader workers when they encode, else 1).
+        batches: batches encoded.
+    """
+
+    wall_seconds: float
+    encode_seconds: float
+    wait_seconds: float
+    encoders: int
+    batches: int
+
+    @property
+    def busy_fraction(self) -> float:
+        """The share of the wall time the model was busy, per encoding process (1.0: never waited for input)."""
+        return self.encode_seconds / (self.encoders * self.wall_seconds) if self.wall_seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +79,7 @@ class EmbedResult:
     complete: bool
     seconds: float
     removed: int = 0  # rows of deleted or changed files dropped by an update (all updates so far)
+    stats: EmbedStats | None = None  # None when nothing was left to embed
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -60,7 +91,7 @@ def rank_and_world() -> tuple[int, int]:
 
 
 # Job settings written only when set (so jobs from before they existed still match): a resume must agree on them.
-OPTIONAL_JOB_KEYS = ("int8", "aesthetic_head")
+OPTIONAL_JOB_KEYS = ("int8", "aesthetic_head", "gpu_decode", "precision")
 AESTHETIC = "aesthetic"  # the metadata column of the aesthetic score
 
 
@@ -188,9 +219,25 @@ def _score(head: torch.nn.Module, embeddings: np.ndarray, records: list[dict]) -
         record[AESTHETIC] = float(score)
 
 
+def input_dtype(model) -> torch.dtype:
+    """The dtype the image tower computes in: its first convolution's or linear layer's weight dtype (bfloat16
+    after `apply_precision(model, "bf16")` or `.to(torch.bfloat16)`; float32 for an int8 model, whose quantised
+    layers take float32)."""
+    for module in getattr(model, "visual", model).modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and module.weight.is_floating_point():
+            return module.weight.dtype
+    return torch.float32
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per batch for a job on `device`: 256 on a GPU (a ViT-B/32 batch of 64 leaves an H100 waiting on
+    kernel launches), 64 on a CPU (larger batches gain nothing there and hold more memory per worker)."""
+    return 256 if device.type == "cuda" else 64
+
+
 @torch.inference_mode()
 def _encode_images(model, images: torch.Tensor, device: torch.device) -> np.ndarray:
-    x = images.to(device, non_blocking=True)
+    x = images.to(device, non_blocking=True).to(input_dtype(model))  # pixels in the weights' dtype
     return model.encode_image(x, normalize=True).float().cpu().numpy()
 
 
@@ -254,30 +301,48 @@ def default_workers(device: torch.device) -> int:
     return _cores() if device.type == "cpu" else max(1, _cores() - 1)
 
 
+def _encode_in_workers(device: torch.device, workers: int, encode_in: str, gpu_decode: bool) -> bool:
+    if encode_in == "workers" and (device.type != "cpu" or workers == 0 or gpu_decode):
+        raise ValueError(f"encode_in='workers' needs a CPU model, workers >= 1 and no gpu_decode; got {device.type}, "
+                         f"workers={workers}, gpu_decode={gpu_decode}")  # fmt: skip
+    auto = encode_in == "auto" and device.type == "cpu" and not gpu_decode and workers >= _cores()
+    return encode_in == "workers" or auto
+
+
+def _uint8_config(device: torch.device, transform):
+    """The preprocessing config when a job's workers hand over uint8 pixels (`sources.to_uint8`) for this
+    process to normalise on the device: GPU jobs with clipworks' evaluation transform, where a quarter of the
+    bytes through shared memory, pinning and the copy is what lets the loader keep up. None otherwise."""
+    from ..transforms import EvalTransform
+
+    return transform.cfg if device.type == "cuda" and isinstance(transform, EvalTransform) else None
+
+
 def _image_loader(plan: Plan, shards: list[int], transform, batch_size: int, workers: int, model,
-                  draft_size: int | None) -> DataLoader:  # fmt: skip
-    if plan.scheme == "wds":
-        dataset = TarImages({s: plan.shards[s] for s in shards}, transform, batch_size, draft_size)
-    else:
-        dataset = ListedImages({s: plan.shards[s] for s in shards}, transform, batch_size, draft_size)
-    workers = min(workers, len(dataset) if plan.scheme != "wds" else len(shards))
+                  draft_size: int | None, encode_in: str = "auto", raw_jpegs: bool = False) -> DataLoader:  # fmt: skip
     device = next(model.parameters()).device
-    encode_in_workers = device.type == "cpu" and workers >= _cores()
+    encode_in_workers = _encode_in_workers(device, workers, encode_in, raw_jpegs)
+    uint8_cfg = _uint8_config(device, transform) if not encode_in_workers else None
+    kind = TarImages if plan.scheme == "wds" else ListedImages
+    dataset = kind({s: plan.shards[s] for s in shards}, transform, batch_size, draft_size, raw_jpegs=raw_jpegs,
+                   uint8_cfg=uint8_cfg)  # fmt: skip
+    workers = min(workers, len(dataset) if plan.scheme != "wds" else len(shards))
     if encode_in_workers:
         dataset.encoder = _WorkerEncoder(model)
     # Batches go to whichever worker is idle and come back as they finish (`_run` puts shards back in order): a
     # worker that drew a batch of large photos does not hold up the others, as in-order delivery would.
     dynamic = {"in_order": False} if workers and "in_order" in inspect.signature(DataLoader).parameters else {}
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                      prefetch_factor=(2 if dynamic else 4) if workers else None,
+                      prefetch_factor=(2 if dynamic and device.type == "cpu" else 4) if workers else None,
                       worker_init_fn=_keep_freed_memory if encode_in_workers else None,
                       **dynamic)  # fmt: skip
 
 
 def _chunks(plan: Plan, pending: list[int], text: bool, transform, batch_size: int, workers: int, model,
-            fast_decode: bool):  # fmt: skip
+            fast_decode: bool, encode_in: str = "auto", gpu_decode: bool = False):  # fmt: skip
     """The stream of `Chunk`s for the pending shards: caption batches, or a DataLoader of decoded images
-    (on the CPU with workers: of embeddings, each worker encoding what it decoded)."""
+    (on the CPU with workers: of embeddings, each worker encoding what it decoded; with `gpu_decode`: of
+    JPEG files left undecoded)."""
     if not pending:
         return []
     if text:
@@ -286,11 +351,151 @@ def _chunks(plan: Plan, pending: list[int], text: bool, transform, batch_size: i
     if fast_decode:
         from ..transforms import image_transform
 
-        cfg = getattr(transform, "cfg", None)
-        if cfg is None:
-            raise ValueError("fast_decode needs clipworks' evaluation transform (it carries the preprocessing config)")
+        cfg = _preprocess_config(transform, "fast_decode")
         draft, transform = cfg.image_size, image_transform(cfg, fast=True)
-    return _image_loader(plan, pending, transform, batch_size, workers, model, draft)
+    return _image_loader(plan, pending, transform, batch_size, workers, model, draft, encode_in, gpu_decode)
+
+
+def _preprocess_config(transform, option: str):
+    cfg = getattr(transform, "cfg", None)
+    if cfg is None or not hasattr(transform, "load"):
+        raise ValueError(f"{option} needs clipworks' evaluation transform (it carries the preprocessing config)")
+    return cfg
+
+
+class _Encoder:
+    """Encodes the chunks that reach this process without embeddings, and keeps the time that took.
+
+    Each batch is cast to the weights' dtype on the model's device (`input_dtype`). On a GPU a batch's copy
+    runs on a side stream while the previous batch computes, and its embeddings come back through pinned
+    memory one batch later: the CPU hands the GPU the next batch before waiting for this one's results.
+    """
+
+    def __init__(self, model, device: torch.device, tokenizer=None, transform=None, compile: bool = False):
+        self.model, self.device, self.tokenizer, self.transform = model, device, tokenizer, transform
+        self.cuda = device is not None and device.type == "cuda"
+        self.dtype = input_dtype(model) if model is not None else torch.float32
+        self.forward = functools.partial(model.encode_image, normalize=True) if model is not None else None
+        self.compiled = compile
+        if compile:
+            self.forward = torch.compile(self.forward, mode="reduce-overhead" if self.cuda else None)
+        self.copies = torch.cuda.Stream(device) if self.cuda else None
+        self.encode_seconds = self.wait_seconds = 0.0
+        self.batches, self.started = 0, None
+
+    def stats(self, encoders: int) -> EmbedStats:
+        wall = time.perf_counter() - self.started if self.started is not None else 0.0
+        return EmbedStats(wall, self.encode_seconds, self.wait_seconds, encoders, self.batches)
+
+    def stream(self, chunks):
+        """The chunks, each with its embeddings (on a GPU one batch behind the loader)."""
+        self.started, pending, it = time.perf_counter(), None, iter(chunks)
+        while True:
+            start = time.perf_counter()
+            chunk = next(it, None)
+            self.wait_seconds += time.perf_counter() - start
+            if chunk is None:
+                break
+            finish = self._submit(chunk)
+            if pending is not None:
+                yield pending()
+            pending = finish
+            if not self.cuda:
+                yield pending()
+                pending = None
+        if pending is not None:
+            yield pending()
+
+    @torch.inference_mode()
+    def _submit(self, chunk: Chunk) -> Callable[[], Chunk]:
+        if chunk.embeddings is not None or not chunk.records:  # encoded by a worker (CPU jobs), or nothing to do
+            self.encode_seconds += chunk.encode_seconds
+            self.batches += chunk.embeddings is not None
+            return lambda: chunk
+        self.batches += 1
+        start = time.perf_counter()
+        if self.tokenizer is not None:
+            chunk.embeddings = _encode_texts(self.model, self.tokenizer, [r["caption"] for r in chunk.records],
+                                             self.device)  # fmt: skip
+            self.encode_seconds += time.perf_counter() - start
+            return lambda: chunk
+        if not self.cuda and not chunk.jpegs and not self.compiled and chunk.images.is_floating_point():
+            chunk.embeddings = _encode_images(self.model, chunk.images, self.device)
+            self.encode_seconds += time.perf_counter() - start
+            return lambda: chunk
+        x = self._pixels(chunk)  # (B, 3, S, S) on the device, in the weights' dtype
+        if not len(x):  # every file of the batch failed
+            return lambda: chunk
+        if not self.cuda:
+            chunk.embeddings = self.forward(x).float().numpy()
+            self.encode_seconds += time.perf_counter() - start
+            return lambda: chunk
+        began, ended, copied = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        if self.compiled and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+            torch.compiler.cudagraph_mark_step_begin()  # each batch is a new step for the CUDA graphs
+        began.record()
+        emb = self.forward(x).float()
+        ended.record()
+        host = torch.empty(emb.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(emb, non_blocking=True)
+        copied.record()
+
+        def finish() -> Chunk:
+            copied.synchronize()
+            chunk.embeddings = host.numpy()
+            self.encode_seconds += began.elapsed_time(ended) / 1000
+            return chunk
+
+        return finish
+
+    def _pixels(self, chunk: Chunk) -> torch.Tensor:
+        if not chunk.jpegs:
+            return self._to_device(chunk.images).to(self.dtype)
+        from ..data.jpeg import decode_preprocess_batch
+
+        cfg = self.transform.cfg
+        pixels, failed = decode_preprocess_batch(chunk.jpegs, cfg, self.device)
+        n, rows = len(chunk.records), chunk.jpeg_rows
+        if len(rows) == n and not failed:  # the usual batch: every file a JPEG the device decoded
+            return pixels.to(self.dtype)
+        x = torch.empty(n, 3, cfg.image_size, cfg.image_size, device=self.device)
+        decoded = [r for i, r in enumerate(rows) if i not in failed]
+        if decoded:
+            x[self._index(decoded)] = pixels
+        others = sorted(set(range(n)) - set(rows))  # decoded by the workers, in record order
+        if others:
+            x[self._index(others)] = self._to_device(chunk.images)
+        kept = [r for r in range(n) if r not in self._rescue(chunk, failed, x)]
+        if len(kept) < n:
+            x, chunk.records = x[self._index(kept)], [chunk.records[r] for r in kept]
+        return x.to(self.dtype)
+
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        """Row indices on the device, copied without waiting for it (a Python list index would)."""
+        return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _rescue(self, chunk: Chunk, failed: list[int], x: torch.Tensor) -> set[int]:
+        """Decode the files the device failed on by the exact route, into `x`; the rows that fail there too."""
+        lost = set()
+        for i in failed:
+            row = chunk.jpeg_rows[i]
+            try:
+                x[row] = self.transform.load(bytes(chunk.jpegs[i])).to(self.device)
+            except ImageDecodeError as e:
+                lost.add(row)
+                chunk.skipped.append(f"{chunk.records[row]['key']}\t{e}".replace("\n", " "))
+        return lost
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """float32 model input on the device from a chunk's pixels (uint8 ones normalised there)."""
+        if self.cuda:
+            with torch.cuda.stream(self.copies):  # the copy overlaps the previous batch's compute
+                x = images.to(self.device, non_blocking=True)
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.copies)
+            x.record_stream(current)
+            images = x
+        return images if images.is_floating_point() else normalise(images, self.transform.cfg)
 
 
 def embed_collection(
@@ -302,7 +507,7 @@ def embed_collection(
     transform=None,
     tokenizer=None,
     text: bool = False,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     workers: int = 4,
     dtype: str = "float16",
     shard_size: int = 10_000,
@@ -313,6 +518,9 @@ def embed_collection(
     on_shard: Callable[[int], None] | None = None,
     update: bool = False,
     aesthetic_head: str | os.PathLike | None = None,
+    encode_in: str = "auto",
+    gpu_decode: bool = False,
+    compile: bool = False,
 ) -> EmbedResult:
     """Embed the images (or, with `text=True`, the distinct captions) of `data` into shards under `out`.
 
@@ -324,7 +532,8 @@ def embed_collection(
         model_name: the model identity written into the manifest (`store.model_id`).
         transform: the model's evaluation image transform (images only).
         tokenizer: the model's tokenizer (text only).
-        batch_size, workers: images per batch, and decoding worker processes (0 decodes in this process).
+        batch_size, workers: images (or captions) per batch (default `default_batch_size`: 256 on a GPU, 64 on a
+            CPU), and decoding worker processes (0 decodes in this process).
         dtype: "float16" or "float32" on disk.
         shard_size: items per output shard (folder, csv; wds has one output shard per tar).
         rank, world_size: this process's part; default from torchrun's environment.
@@ -339,6 +548,16 @@ def embed_collection(
         aesthetic_head: a scoring head file (`load_aesthetic_head`; images only): each image's score goes into
             the float metadata column "aesthetic". The job records the file's sha256: a resume or update must
             pass the same head.
+        encode_in: where a CPU job encodes: "workers" (each DataLoader worker encodes the batches it decoded, on
+            one thread: the cores never switch between decoding and a model waiting at an OpenMP barrier),
+            "main" (this process encodes with its torch threads while the workers only decode), or "auto"
+            (workers when there are at least as many workers as cores, else main). GPU jobs encode in "main".
+        gpu_decode: decode plain JPEGs on the model's device (`torchvision.io.decode_jpeg`, nvJPEG on a GPU) and
+            resize, crop and normalise them there (`data.jpeg.decode_preprocess_batch`): the workers only read
+            files. Close to the exact preprocessing, not equal to it; other files take the exact route. Off by
+            default; recorded in the job (a resume must agree).
+        compile: run the image tower through `torch.compile` (on a GPU with CUDA graphs, mode "reduce-overhead");
+            the first batches pay the compilation.
 
     Raises:
         ValueError: bad arguments, a bad source, an aesthetic head with `text` or of another embedding size,
@@ -346,6 +565,11 @@ def embed_collection(
             a source that `update` does not read, or several ranks).
         FileNotFoundError: the source or the aesthetic head does not exist.
     """
+    device = next(model.parameters()).device
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
+    if encode_in not in ENCODE_IN or (gpu_decode and (fast_decode or text)):
+        raise ValueError(f"encode_in={encode_in!r}, gpu_decode={gpu_decode}: expected encode_in in {ENCODE_IN}, and "
+                         "gpu_decode only for images without fast_decode")  # fmt: skip
     if dtype not in DTYPES or batch_size < 1 or workers < 0:
         raise ValueError(f"dtype={dtype!r}, batch_size={batch_size}, workers={workers}: expected dtype in {DTYPES}, "
                          "batch_size >= 1, workers >= 0")  # fmt: skip
@@ -367,8 +591,12 @@ def embed_collection(
         job["int8"] = True
     if head is not None:  # likewise; the file's content, not its name, must match
         job["aesthetic_head"] = sha256_file(aesthetic_head)
+    if gpu_decode:  # likewise
+        job["gpu_decode"] = True
+    if input_dtype(model) != torch.float32:  # likewise: bf16 embeddings are not fp32 ones (`apply_precision`)
+        named = getattr(model, "precision", None)  # set by `apply_precision`; a plain `.to(dtype)` leaves it stale
+        job["precision"] = named if named not in (None, "fp32") else str(input_dtype(model)).removeprefix("torch.")
     old_job = _check_job(out, job, update)
-    device = next(model.parameters()).device
     updating = update and old_job is not None
     if updating:
         if text or plan.scheme not in UPDATE_SCHEMES or world_size != 1:
@@ -385,16 +613,23 @@ def embed_collection(
     else:
         mine = [s for s in range(len(plan.shards)) if s % world_size == rank]
         pending = [s for s in mine if not _done(out, s)]
-    chunks = _chunks(plan, pending, text, transform, batch_size, workers, model, fast_decode)
-    written, embedded, skipped = _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim,
-                                      progress, on_shard, head)  # fmt: skip
+    if gpu_decode:
+        _preprocess_config(transform, "gpu_decode")
+    chunks = _chunks(plan, pending, text, transform, batch_size, workers, model, fast_decode, encode_in, gpu_decode)
+    encoder = _Encoder(model, device, tokenizer if text else None, transform, compile)
+    in_workers = isinstance(chunks, DataLoader) and getattr(chunks.dataset, "encoder", None) is not None
+    encoders = chunks.num_workers if in_workers else 1
+    written, embedded, skipped = _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim, progress,
+                                      on_shard, head, encoder)  # fmt: skip
+    stats = encoder.stats(encoders) if pending else None
     if updating:
         _forget_skipped(out, sorted(set(mine) - set(targets)), {i.key for s in targets for i in plan.shards[s]})
         job = {**job, "shards": len(plan.shards), "removed": {str(k): v for k, v in removed.items()}}
         write_json(out / "job.json", job)  # the update is done: a plain rerun now resumes this job
     complete = _finalize(out, job, dim, plan.roots)
     return EmbedResult(out, job["shards"], written, len(mine) - len(pending), embedded, skipped, complete,
-                       time.perf_counter() - start, sum(len(v) for v in job.get("removed", {}).values()))  # fmt: skip
+                       time.perf_counter() - start, sum(len(v) for v in job.get("removed", {}).values()),
+                       stats)  # fmt: skip
 
 
 def _forget_skipped(out: Path, shards: list[int], retried: set[str]) -> None:
@@ -412,8 +647,8 @@ def _forget_skipped(out: Path, shards: list[int], retried: set[str]) -> None:
             os.replace(tmp, file)
 
 
-def _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim, progress, on_shard,
-         head=None) -> tuple[int, int, int]:  # fmt: skip
+def _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim, progress, on_shard, head=None,
+         encoder: _Encoder | None = None) -> tuple[int, int, int]:  # fmt: skip
     from tqdm import tqdm
 
     total = None if plan.scheme == "wds" else sum(len(plan.shards[s]) for s in pending)
@@ -422,14 +657,11 @@ def _run(out, chunks, pending, plan, model, tokenizer, device, dtype, dim, progr
     buffers: dict[int, dict[int, tuple]] = {}  # shard -> part -> (embeddings or None, records, skipped)
     ends: dict[int, int] = {}  # shard -> its last part
     written = embedded = skipped = 0
+    if encoder is None:
+        encoder = _Encoder(model, device, tokenizer if plan.scheme == "text" else None)
     try:
-        for chunk in chunks:
-            emb = chunk.embeddings  # encoded by the worker (CPU jobs), or here:
-            if emb is None and chunk.records:
-                if plan.scheme == "text":
-                    emb = _encode_texts(model, tokenizer, [r["caption"] for r in chunk.records], device)
-                else:
-                    emb = _encode_images(model, chunk.images, device)
+        for chunk in encoder.stream(chunks):
+            emb = chunk.embeddings
             if head is not None and chunk.records:
                 _score(head, emb, chunk.records)
             warn_dropped(sorted(chunk.dropped))
@@ -457,9 +689,12 @@ def describe(result: EmbedResult) -> str:
     rate = result.embedded / result.seconds if result.seconds > 0 else 0.0
     state = "complete" if result.complete else "this rank's shards done; waiting for other ranks' shards"
     removed = f", {result.removed} rows of deleted or changed files removed" if result.removed else ""
+    s = result.stats
+    busy = "" if s is None or not s.batches else (f"; the model was busy {s.busy_fraction:.0%} of the time"
+                                                  f"{f' per worker' if s.encoders > 1 else ''}")  # fmt: skip
     return (f"{result.out}: {result.shards_written} shards written, {result.shards_resumed} already done (of "
             f"{result.shards_total}); {result.embedded} embedded, {result.skipped} skipped{removed}, {rate:.1f}/s; "
-            f"{state}")
+            f"{state}{busy}")
 
 
 def summary_dict(result: EmbedResult) -> dict:

@@ -3,7 +3,8 @@
 folder and csv/tsv sources are listed up front and cut into shards of `shard_size` items in a fixed order;
 a wds source has one output shard per input tar. Decoding happens in DataLoader worker processes; each
 loader element is a `Chunk` of up to `batch_size` decoded images of one shard, with the inputs that could
-not be read listed (never fatal). `draft_size` opts into reduced-size JPEG decoding (`load_image`).
+not be read listed (never fatal). `draft_size` opts into reduced-size JPEG decoding (`load_image`); `raw_jpegs`
+leaves plain JPEGs undecoded (their bytes travel in `Chunk.jpegs`, for `embed --gpu-decode` to decode on the GPU).
 
 Inputs carry metadata columns into their records: a csv/tsv source its other columns (typed per column, see
 `_typed_columns`), a WebDataset sample the scalar fields of its `.json` (img2dataset's width, height, url,
@@ -18,6 +19,7 @@ import json
 import os
 import re
 import tarfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,11 @@ class Chunk:
     part: int = 0
     embeddings: np.ndarray | None = None  # (B, D) when the worker encoded the images itself (`encoder`)
     dropped: set[str] = field(default_factory=set)  # `.json` fields left out for their names (warned about once)
+    encode_seconds: float = 0.0  # time the worker spent encoding this chunk (`encoder`)
+    # With `raw_jpegs`: the undecoded JPEG files of the records at `jpeg_rows`;
+    # `images` then holds the other records' pixels, in record order.
+    jpegs: list[bytearray] = field(default_factory=list)
+    jpeg_rows: list[int] = field(default_factory=list)
 
     def pin_memory(self) -> Chunk:
         """Pin the images for a faster copy to the GPU (DataLoader calls this with pin_memory=True)."""
@@ -284,7 +291,18 @@ def _record(item: Item) -> dict:
     return {**item.metadata, **fixed}
 
 
-def _decode_into(chunk: Chunk, item: Item, source, transform, images: list, draft_size: int | None) -> None:
+def _decode_into(chunk: Chunk, item: Item, source, transform, images: list, draft_size: int | None,
+                 raw_jpegs: bool = False) -> None:  # fmt: skip
+    if raw_jpegs:
+        from ..data.jpeg import gpu_decodable
+
+        data = source if isinstance(source, bytes) else _read_bytes(source)
+        if data is not None and gpu_decodable(data):
+            chunk.jpeg_rows.append(len(chunk.records))
+            chunk.jpegs.append(bytearray(data))  # pickled inline to the main process (a tensor each would cost a
+            # shared-memory segment and a file descriptor)
+            chunk.records.append(_record(item))
+            return
     try:
         if draft_size is None:
             images.append(preprocess_file(transform, source))
@@ -295,24 +313,57 @@ def _decode_into(chunk: Chunk, item: Item, source, transform, images: list, draf
         chunk.skipped.append(f"{item.key}\t{e}".replace("\n", " "))
 
 
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None  # decoded (and reported) by the exact route
+
+
 def _file_bytes(item: Item) -> int:
     return int(item.stamp.partition(":")[0]) if item.stamp else 0
 
 
-def _finish(chunk: Chunk, images: list, encoder=None) -> Chunk:
+def to_uint8(images: torch.Tensor, cfg) -> torch.Tensor:
+    """The uint8 pixels an evaluation transform normalised into `images` (B, 3, S, S), exactly: its float32
+    steps ((x / 255 - mean) / std) are undone to within far less than half a level, then rounded. A quarter of
+    the bytes to hand from a worker to the process feeding a GPU, which normalises them again there
+    (`normalise`, the same float32 operations: the same values)."""
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
+    return images.mul(std).add_(mean).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def normalise(pixels: torch.Tensor, cfg) -> torch.Tensor:
+    """float32 (B, 3, S, S) model input from uint8 pixels, on their device: `EvalTransform`'s operations."""
+    # copied without waiting (`non_blocking`): a GPU stays busy with the batch before
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1).to(pixels.device, non_blocking=True)
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1).to(pixels.device, non_blocking=True)
+    return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
+def _finish(chunk: Chunk, images: list, encoder=None, uint8_cfg=None) -> Chunk:
     chunk.images = torch.stack(images) if images else None  # (B, 3, S, S)
+    if uint8_cfg is not None and chunk.images is not None:
+        chunk.images = to_uint8(chunk.images, uint8_cfg)
     if encoder is not None and chunk.images is not None:
+        start = time.perf_counter()
         chunk.embeddings, chunk.images = encoder(chunk.images), None
+        chunk.encode_seconds = time.perf_counter() - start
     return chunk
 
 
 class ListedImages(Dataset):
     """Map-style: element j decodes the j-th batch of the pending shards (folder, csv) into a `Chunk`; with
-    an `encoder` (images -> embeddings), the chunk carries the batch's embeddings instead of its pixels."""
+    an `encoder` (images -> embeddings), the chunk carries the batch's embeddings instead of its pixels; with
+    `raw_jpegs`, its plain JPEGs' bytes (`Chunk.jpegs`) instead of theirs; with `uint8_cfg` (the transform's
+    `PreprocessConfig`), its pixels as uint8 (`to_uint8`)."""
 
     def __init__(self, shards: dict[int, list[Item]], transform, batch_size: int, draft_size: int | None = None,
-                 encoder=None):  # fmt: skip
-        self.transform, self.draft_size, self.encoder = transform, draft_size, encoder
+                 encoder=None, raw_jpegs: bool = False, uint8_cfg=None):  # fmt: skip
+        self.transform, self.draft_size, self.encoder, self.raw_jpegs = transform, draft_size, encoder, raw_jpegs
+        self.uint8_cfg = uint8_cfg
         self.batches = []  # (shard, items, last, part)
         for shard, items in sorted(shards.items()):
             starts = range(0, len(items), batch_size)
@@ -328,8 +379,8 @@ class ListedImages(Dataset):
         shard, items, last, part = self.batches[j]
         chunk, images = Chunk(shard, end=last, part=part), []
         for item in items:
-            _decode_into(chunk, item, item.path, self.transform, images, self.draft_size)
-        return _finish(chunk, images, self.encoder)
+            _decode_into(chunk, item, item.path, self.transform, images, self.draft_size, self.raw_jpegs)
+        return _finish(chunk, images, self.encoder, self.uint8_cfg)
 
 
 class TarImages(IterableDataset):
@@ -338,9 +389,9 @@ class TarImages(IterableDataset):
     as for `ListedImages`."""
 
     def __init__(self, shards: dict[int, str], transform, batch_size: int, draft_size: int | None = None,
-                 encoder=None):  # fmt: skip
+                 encoder=None, raw_jpegs: bool = False, uint8_cfg=None):  # fmt: skip
         self.shards, self.transform, self.batch_size = sorted(shards.items()), transform, batch_size
-        self.draft_size, self.encoder = draft_size, encoder
+        self.draft_size, self.encoder, self.raw_jpegs, self.uint8_cfg = draft_size, encoder, raw_jpegs, uint8_cfg
 
     def __iter__(self):
         info = get_worker_info()
@@ -353,14 +404,14 @@ class TarImages(IterableDataset):
         try:
             for key, files, names in shard_samples(tar, names=True):
                 if len(chunk.records) + len(chunk.skipped) >= self.batch_size:
-                    yield _finish(chunk, images, self.encoder)
+                    yield _finish(chunk, images, self.encoder, self.uint8_cfg)
                     chunk, images = Chunk(shard, part=chunk.part + 1), []
                 self._sample(chunk, tar, key, files, names, images)
         except (tarfile.TarError, OSError, EOFError) as e:  # a cut, unreadable or unreachable tar: what was read
             # is kept (a streamed one was retried first: `shard_samples`)
             chunk.skipped.append(f"{Path(tar).name}\tread stopped: {type(e).__name__}: {e}")
         chunk.end = True
-        yield _finish(chunk, images, self.encoder)
+        yield _finish(chunk, images, self.encoder, self.uint8_cfg)
 
     def _sample(self, chunk: Chunk, tar: str, key: str, files: dict, names: dict, images: list) -> None:
         ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
@@ -372,4 +423,4 @@ class TarImages(IterableDataset):
         if image is None:
             chunk.skipped.append(f"{item.key}\tno .jpg/.jpeg/.png/.webp image in the sample")
         else:
-            _decode_into(chunk, item, image, self.transform, images, self.draft_size)
+            _decode_into(chunk, item, image, self.transform, images, self.draft_size, self.raw_jpegs)

@@ -261,7 +261,7 @@ def _add_api(app: FastAPI, service: Service) -> None:
                 "collections": list(service.collections), "models": list(service.slots),
                 "safety": service.safety is not None, "max_k": settings.max_k,
                 "max_body_bytes": settings.max_body_bytes, "allow_urls": settings.allow_urls,
-                "int8": slot.int8}  # fmt: skip
+                "int8": slot.int8, "precision": slot.precision}  # fmt: skip
 
     @app.get("/api/collections", response_model=CollectionsResponse)
     def collections() -> dict:

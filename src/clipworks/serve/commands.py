@@ -7,7 +7,7 @@ import re
 import sys
 
 from ..cli import UsageError, add_device_flag, add_seed_flag, examples, port_number
-from ..search.commands import add_int8_flag, add_random_init_flag, prepare_for_inference
+from ..search.commands import add_precision_flag, add_random_init_flag, prepare_for_inference
 from .limits import MIB, ServeSettings
 
 __all__ = ["add_commands", "settings_from_args", "named_specs"]
@@ -80,7 +80,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="folder image files may be served from (repeatable; default: the roots the index records)")  # fmt: skip
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="print a JSON line per request to stderr (default on)")  # fmt: skip
-    add_int8_flag(p)
+    add_precision_flag(p)
     p.add_argument("--max-inputs", type=int, default=d.max_inputs,
                    help=f"most inputs in one /v1/embeddings request (default {d.max_inputs})")  # fmt: skip
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the index checksum check at start")

@@ -116,6 +116,8 @@ class HealthResponse(BaseModel):
     max_body_bytes: int
     allow_urls: bool
     int8: bool = Field(description="whether the model runs with int8 matrix products (`serve --int8`)")
+    precision: str = Field("fp32", description="the default model's precision (`serve --precision`): fp32, bf16, fp16, "
+                                               "pure_bf16, pure_fp16 or int8")
 
 
 class ErrorResponse(BaseModel):

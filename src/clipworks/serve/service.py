@@ -129,6 +129,7 @@ class ModelSlot:
     image_batcher: Batcher
     dim: int
     int8: bool = False
+    precision: str = "fp32"
 
     def close(self) -> None:
         self.text_batcher.close()
@@ -207,7 +208,7 @@ class Service:
                 raise ValueError(f"model {name!r}: its embedding size is unknown (no config.embed_dim)")
             slot = ModelSlot(name, encoder, Batcher(encoder.text, self.settings.max_batch, name="clipworks-text"),
                              Batcher(encoder.pixels, self.settings.max_batch, name="clipworks-image"), int(dim),
-                             is_quantized(model))  # fmt: skip
+                             is_quantized(model), getattr(model, "precision", "fp32"))  # fmt: skip
             self.slots[name] = self._slot_of_model[id(model)] = slot
         return slot
 
