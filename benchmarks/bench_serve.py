@@ -135,7 +135,8 @@ def start_server(indexes: dict[str, Path], model: str, port: int, limits: list[s
 def _post(client, query: str | bytes | list, k: int, i: int, filters: bool) -> tuple:
     """Send request `i` (its collection and filter chosen by i); (response, test of a result's metadata)."""
     if isinstance(query, list):  # /v1/embeddings
-        return client.post("/v1/embeddings", json={"model": client.model_name, "input": query}), None
+        body = {"model": client.model_name, "input": query, "encoding_format": "base64"}  # the openai client's default
+        return client.post("/v1/embeddings", json=body), None
     collection = ("photos", "art")[i % 2]
     where, keep = FILTERS[(i // 2) % len(FILTERS)] if filters else FILTERS[0]
     options = {"collection": collection, **({"filters": where} if where else {})}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .limits import ServeError
@@ -155,7 +156,7 @@ def add_embeddings_api(app: FastAPI, service: Service) -> None:
                 "data": [{"id": name, "object": "model", "created": 0, "owned_by": "clipworks"} for name in service.slots]}  # fmt: skip
 
     @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> dict:
+    async def embeddings(request: Request) -> JSONResponse:
         """Embeddings of texts and images in OpenAI's request and response shapes (see the module docstring)."""
         try:
             body = json.loads(await request.body())
@@ -168,5 +169,6 @@ def add_embeddings_api(app: FastAPI, service: Service) -> None:
                                   "shorten them")  # fmt: skip
         features, tokens = await service.limited(lambda: _embed(service, slot, items))
         data = [{"object": "embedding", "index": i, "embedding": _encoded(v, fmt)} for i, v in enumerate(features)]
-        return {"object": "list", "data": data, "model": slot.name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+        # a JSONResponse as is: FastAPI's encoder would walk every float of every embedding first (slow for floats)
+        return JSONResponse({"object": "list", "data": data, "model": slot.name,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
