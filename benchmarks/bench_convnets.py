@@ -29,21 +29,11 @@ MODELS = "RN50,convnext_base"  # RN101, RN50x4, convnext_base_w also build offli
 
 def build(name: str):
     """OpenCLIP's model with perturbed random weights, and clipworks' variants of it (name -> model)."""
-    import open_clip
+    from parts.towers import _models  # OpenCLIP's model with perturbed random weights, the same in clipworks
 
-    import clipworks
-    from clipworks.checkpoints.open_clip import convert_from_open_clip
     from clipworks.models.fold import fold_batchnorm, optimize_for_inference
 
-    torch.manual_seed(0)
-    ref = open_clip.create_model(name).eval()
-    with torch.no_grad():
-        for t in ref.state_dict().values():
-            if t.is_floating_point():
-                t.add_(torch.randn_like(t), alpha=0.02)
-    plain = clipworks.create_model(name)
-    plain.load_state_dict(convert_from_open_clip(ref.state_dict(), plain.config))
-    plain.eval()
+    plain, ref = _models(name)
     models = {"open_clip": ref, "plain": plain}
     folded = copy.deepcopy(plain)
     if fold_batchnorm(folded):  # ConvNeXt has no BatchNorm: no "folded" row

@@ -82,16 +82,7 @@ class _Utilisation:
 # --- OpenCLIP's usual loop ---------------------------------------------------------------------------------------
 
 
-class _Files(torch.utils.data.Dataset):
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        with Image.open(self.paths[i]) as image:
-            return self.preprocess(image)
+from bench_search import _OpenCLIPFiles as _Files  # noqa: E402 (what a plain OpenCLIP script does)
 
 
 class _Tars(torch.utils.data.IterableDataset):
