@@ -109,7 +109,7 @@ def _wait_for(url: str, server: subprocess.Popen) -> dict:
 def test_named_index_specs():
     from clipworks.serve.commands import _default_name, named_specs
 
-    assert named_specs(["photos=/data/idx", "/data/other", "milvus:http://h:1?collection=c", "a=b=c"], "--index") == [
+    assert named_specs(["photos=/data/idx", "/data/other", "milvus:http://h:1?collection=c", "a=b=c"]) == [
         ("photos", "/data/idx"), (None, "/data/other"), (None, "milvus:http://h:1?collection=c"), ("a", "b=c")]
     assert _default_name("/data/my index/") == "my_index"
     assert _default_name("lancedb:/data/db?table=art") == "db"

@@ -15,17 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from .config import CLIPConfig, PreprocessConfig
-from .models.precision import AMP, check_precision
+from .models.precision import AMP, LOW_DTYPES, check_precision
 
 # OpenCLIP's precision names -> the dtype of the model's matrix-product weights. "fp16"/"bf16" keep the normalisation
 # layers (computing in float32) and the logit scale in float32, as OpenCLIP's `convert_weights_to_lp` and
 # `LayerNormFp32` do; "pure_*" cast everything; the "amp" names keep float32 parameters (autocast is the caller's, as
 # in OpenCLIP). clipworks adds "auto" (`hardware.resolve_precision`) and "int8" (`quantize_int8`): see
 # `clipworks.models.precision`, which applies them.
-PRECISIONS = {
-    "fp32": torch.float32, "amp": torch.float32, "amp_bf16": torch.float32, "amp_bfloat16": torch.float32,
-    "fp16": torch.float16, "bf16": torch.bfloat16, "pure_fp16": torch.float16, "pure_bf16": torch.bfloat16,
-}  # fmt: skip
+PRECISIONS = {**dict.fromkeys(("fp32", *AMP), torch.float32), **LOW_DTYPES}
 
 # OpenCLIP keywords that change nothing here, whatever their value: the key layout of its text towers
 # (force_custom_text; clipworks converts any layout) and downloading a Hugging Face text tower's own pretrained weights

@@ -212,10 +212,17 @@ def load_aesthetic_head(path: str | os.PathLike, embed_dim: int) -> torch.nn.Mod
 
 
 @torch.inference_mode()
+def head_scores(head: torch.nn.Module, embeddings: np.ndarray, block: int = 65536) -> np.ndarray:
+    """(N,) float scores of a scoring head on (N, D) unit-norm embeddings (any float dtype, memory-mapped ones
+    too), `block` rows at a time."""
+    out = [head(torch.from_numpy(np.ascontiguousarray(embeddings[i : i + block], dtype=np.float32))).reshape(-1)
+           for i in range(0, len(embeddings), block)]  # fmt: skip
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
 def _score(head: torch.nn.Module, embeddings: np.ndarray, records: list[dict]) -> None:
     """Put the head's score of each (unit-norm) embedding into its record's "aesthetic" column."""
-    scores = head(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))).reshape(-1)
-    for record, score in zip(records, scores.tolist()):
+    for record, score in zip(records, head_scores(head, embeddings).tolist()):
         record[AESTHETIC] = float(score)
 
 

@@ -100,8 +100,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
                          image_roots=tuple(args.image_root or ()))  # fmt: skip
 
 
-def named_specs(values: list[str] | None, flag: str) -> list[tuple[str | None, str]]:
-    """(NAME, SPEC) of each `[NAME=]SPEC` value of `flag` (NAME None when not given)."""
+def named_specs(values: list[str] | None) -> list[tuple[str | None, str]]:
+    """(NAME, SPEC) of each `[NAME=]SPEC` value of a repeatable option (NAME None when not given)."""
     out = []
     for value in values or ():
         name, sep, spec = value.partition("=")
@@ -142,10 +142,7 @@ def add_aesthetic_scores(store, head_file: str, name: str) -> bool:
         UsageError: a head that reads vectors of another size, or a collection in Milvus or LanceDB (score those
             at embed time).
     """
-    import numpy as np
-    import torch
-
-    from ..search.embed import AESTHETIC, load_aesthetic_head
+    from ..search.embed import AESTHETIC, head_scores, load_aesthetic_head
 
     if AESTHETIC in getattr(store, "column_kinds", {}):
         return False
@@ -156,12 +153,7 @@ def add_aesthetic_scores(store, head_file: str, name: str) -> bool:
         head = load_aesthetic_head(head_file, store.dim)
     except (OSError, ValueError) as e:
         raise UsageError(f"--aesthetic-head: {e}") from e
-    vectors, scores = store.vectors(), []
-    with torch.inference_mode():
-        for start in range(0, len(store), 65536):
-            block = np.ascontiguousarray(vectors[start : start + 65536], dtype=np.float32)
-            scores.append(head(torch.from_numpy(block)).reshape(-1).numpy())
-    store.add_column(AESTHETIC, [float(s) for s in np.concatenate(scores)] if scores else [])
+    store.add_column(AESTHETIC, head_scores(head, store.vectors()).tolist())
     return True
 
 
@@ -178,7 +170,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .service import Collection
 
     settings = settings_from_args(args)
-    indexes = named_specs(args.index, "--index")
+    indexes = named_specs(args.index)
     if not indexes and args.model is None:
         raise UsageError("give --index (a collection to search) or --model (serve embeddings only), or both")
     if args.captions and not indexes:
@@ -190,7 +182,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         stores.append(open_store(spec, model=identity, verify=args.verify))
         names.append(name)
     banks: dict[str, object] = {}
-    for name, spec in named_specs(args.captions, "--captions"):
+    for name, spec in named_specs(args.captions):
         name = name or names[0]
         if name not in names:
             raise UsageError(f"--captions {name}=...: no --index is named {name!r} (the collections: {', '.join(names)})")

@@ -58,14 +58,15 @@ class Page:
 
 def dedup_hits(hits: list, threshold: float) -> list:
     """The hits (with vectors, best first) without any whose cosine to an earlier hit kept reaches `threshold`."""
-    kept, vectors = [], []
-    for hit in hits:
-        v = np.asarray(hit.vector, dtype=np.float32)
-        if vectors and float(np.max(np.stack(vectors) @ v)) >= threshold - 1e-6:
+    if not hits:
+        return []
+    vectors = np.stack([np.asarray(h.vector, dtype=np.float32) for h in hits])  # (N, D)
+    kept_rows: list[int] = []
+    for i, v in enumerate(vectors):
+        if kept_rows and float(np.max(vectors[kept_rows] @ v)) >= threshold - 1e-6:
             continue
-        kept.append(hit)
-        vectors.append(v)
-    return kept
+        kept_rows.append(i)
+    return [hits[i] for i in kept_rows]
 
 
 def _aesthetic(hit) -> float:
