@@ -132,7 +132,7 @@ def test_every_cell_once_with_csv_md_plots_and_progress(env):
         reader = csv.DictReader(f)
         rows = list(reader)
     assert reader.fieldnames == ["dataset", "model", "pretrained", "task", *CLASSIFICATION_METRICS,
-                                 *RETRIEVAL_METRICS, "language", "model_fullname"]  # fmt: skip
+                                 *RETRIEVAL_METRICS, "language", "model_fullname", "precision"]  # fmt: skip
     assert len(rows) == 6
     assert [(r["model"], r["dataset"], r["task"]) for r in rows[:3]] == [
         (f"local-dir:{root / 'm0'}", "photos", "zeroshot_classification"),
@@ -206,6 +206,25 @@ def test_more_models_later_reuse_the_finished_cells(env, tmp_path, monkeypatch):
     loads = _count_model_loads(monkeypatch)
     code, stdout, _ = _bench(env["root"], out, datasets="vtab/cifar10")
     assert code == 0 and "1 cell(s) computed, 1 done before" in stdout and loads == [f"local-dir:{env['root'] / 'm0'}"]
+
+
+def test_another_precision_computes_its_own_cells_and_rows(env, tmp_path):
+    out = _copy(env, tmp_path)
+    before = _mtimes(out)
+    code, stdout, err = _bench(env["root"], out, "--precision", "bf16", datasets="vtab/cifar10")
+    assert code == 0, err
+    assert "2 cell(s) computed, 0 done before" in stdout and " in bf16 × vtab/cifar10 " in stdout
+    after = _mtimes(out)
+    assert {k: v for k, v in after.items() if k in before} == before and len(after) == len(before) + 2
+    records = [json.loads((out / "cells" / name).read_text()) for name in after.keys() - before.keys()]
+    assert {r["precision"] for r in records} == {"bf16"}
+    assert {json.loads(p.read_text())["precision"] for p in (out / "cells").glob("*.json")} == {"fp32", "bf16"}
+    rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| local-dir:")]
+    assert len(rows) == 2 and all(" | [bf16] | " in row for row in rows)  # the fp32 rows are not in this run
+    with open(out / "results.csv", newline="") as f:
+        assert {r["precision"] for r in csv.DictReader(f)} == {"bf16"}
+    code, stdout, _ = _bench(env["root"], out, "--precision", "bf16", datasets="vtab/cifar10")
+    assert code == 0 and "0 cell(s) computed, 2 done before" in stdout
 
 
 def test_list_prints_the_collections_and_what_is_found(env, capsys):

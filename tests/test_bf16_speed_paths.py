@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from reference import tiny_config
 
 import clipworks
-from clipworks.models.fast import PackedLinear, compile_for_inference, packed_linears_available, prepack_linears
+from clipworks.models.fast import (
+    PackedLinear, PackedPatchEmbed, compile_for_inference, packed_linears_available, prepack_linears,
+)  # fmt: skip
 from clipworks.models.layers import Block
 from clipworks.models.precision import apply_precision
 
@@ -73,7 +75,9 @@ def test_prepacked_bf16_model_keeps_its_features(act):
     bf16 = copy.deepcopy(model)
     apply_precision(bf16, "bf16")
     packed = copy.deepcopy(bf16)
-    assert prepack_linears(packed) == 4 * (len(model.visual.transformer.blocks) + len(model.text.transformer.blocks))
+    blocks = len(model.visual.transformer.blocks) + len(model.text.transformer.blocks)
+    assert prepack_linears(packed) == 4 * blocks + 1  # and the patch embedding
+    assert isinstance(packed.visual.patch_embed, PackedPatchEmbed)
     assert not any(p.requires_grad for p in packed.parameters())
     with torch.inference_mode():
         for encode in ("encode_image", "encode_text"):
@@ -84,6 +88,24 @@ def test_prepacked_bf16_model_keeps_its_features(act):
             # as close to fp32 as the plain bf16 model is (the folded LayerNorm affine rounds once, not twice)
             plain = getattr(bf16, encode)(x, normalize=True)
             assert (got - want).abs().max() < 2 * (plain - want).abs().max() + 1e-3
+
+
+@needs_onednn
+@pytest.mark.parametrize("size", [64, 70])  # 70: pixels past the last whole patch are not seen, as the convolution's
+def test_packed_patch_embedding_is_the_convolution(size):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 48, 16, stride=16).bfloat16()
+    packed = PackedPatchEmbed(conv)
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        want = F.conv2d(images.bfloat16().float(), conv.weight.float(), conv.bias.float(), stride=16)  # exact sums
+        got = packed(images)  # float32 pixels: cast as they are laid out
+        assert got.shape == want.shape == (2, 48, 4, 4) and got.dtype == torch.bfloat16
+        # each output rounded once to bf16 from its float32 sum: within half a bf16 step (2^-8 relative) of exact
+        assert ((got.float() - want).abs() <= want.abs() * 2**-8 + 1e-6).all()
+        assert torch.equal(got, packed(images.bfloat16()))
+    with pytest.raises(ValueError, match="kernel == stride"):
+        PackedPatchEmbed(torch.nn.Conv2d(3, 8, 3, stride=1).bfloat16())
 
 
 @needs_onednn

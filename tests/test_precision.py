@@ -264,3 +264,51 @@ def test_prepare_for_inference_applies_the_precision(capsys, monkeypatch):
     assert prepare_for_inference(argparse.Namespace(), _tiny("ViT-B-32")) == "fp32"  # a command without the flags
     with pytest.raises(UsageError, match="--precision int8: .*no transformer blocks"):
         prepare_for_inference(argparse.Namespace(precision="int8"), _tiny("RN50").visual)
+
+
+# --- auto checks bf16 on the model's own weights ---
+
+
+def _wide(seed: int = 0):
+    """A tiny ViT-B-32 at width 128 (the narrowest auto casts on the CPU)."""
+    from dataclasses import replace
+
+    cfg = tiny_config(clipworks.get_preset("ViT-B-32"))
+    cfg = replace(cfg, vision=replace(cfg.vision, width=128, heads=2), text=replace(cfg.text, width=128, heads=2))
+    torch.manual_seed(seed)
+    return clipworks.create_model(cfg, load_weights=False).eval()
+
+
+def test_auto_keeps_fp32_where_bf16_moves_the_embeddings(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(AMX))
+    good = _wide()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no PrecisionWarning
+        assert apply_precision(good, "auto") == "bf16" == good.precision
+    assert good.visual.proj.weight.dtype == torch.bfloat16 and "probe cosine to fp32 0.99" in good.precision_note
+
+    bad = _wide()
+    with torch.no_grad():  # a projection whose signal lives below bf16's resolution: 1 + 1e-3 r rounds to 1
+        bad.visual.proj.weight.copy_(1 + 1e-3 * torch.randn(bad.visual.proj.weight.shape))
+        bad.visual.ln_post.weight.fill_(1), bad.visual.ln_post.bias.zero_()  # rows summing to 0: ones(.) x = 0
+    reference = copy.deepcopy(bad)
+    images, tokens = _inputs(bad)
+    with pytest.warns(clipworks.models.precision.PrecisionWarning, match="kept fp32: bf16 embeddings fell to cosine"):
+        assert apply_precision(bad, "auto") == "fp32" == bad.precision
+    assert "kept fp32" in bad.precision_note
+    # the very fp32 weights and norm classes back: features bit-identical to the untouched model's
+    assert all(p.dtype == torch.float32 for p in bad.parameters()) and not any(map(is_fp32_norm, bad.modules()))
+    for got, want in zip(_features(bad, images, tokens), _features(reference, images, tokens)):
+        assert torch.equal(got, want)
+    assert apply_precision(bad, "bf16") == "bf16"  # asked for by name, bf16 is applied as asked
+
+
+def test_prepare_for_inference_says_when_auto_kept_fp32(monkeypatch, capsys):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(AMX))
+    model = _wide()
+    with torch.no_grad():
+        model.visual.proj.weight.copy_(1 + 1e-3 * torch.randn(model.visual.proj.weight.shape))
+        model.visual.ln_post.weight.fill_(1), model.visual.ln_post.bias.zero_()
+    with pytest.warns(clipworks.models.precision.PrecisionWarning):
+        assert prepare_for_inference(argparse.Namespace(precision="auto"), model) == "fp32"
+    assert "--precision auto: fp32 (kept fp32: bf16 embeddings fell to cosine" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from ..cli import (
     CommandFailed, UsageError, add_device_flag, add_quiet_flag, add_seed_flag, default_device, examples,
 )  # fmt: skip
 from ..search.commands import (
-    add_precision_flag, add_random_init_flag, prepare_for_inference, refuse_random_weights,
+    add_precision_flag, add_random_init_flag, inference_precision, prepare_for_inference, refuse_random_weights,
 )  # fmt: skip
 
 COLLECTIONS = "vtab, vtab+, retrieval, imagenet_robustness"  # assets/benchmark/datasets.json's, for --help
@@ -72,7 +72,12 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         raise UsageError(f"give {', '.join('--' + f for f in missing)} (or --list)")
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError(f"--batch-size {args.batch_size} --workers {args.workers}: expected >= 1 and >= 0")
-    models = [suite.SuiteModel(m) for m in dict.fromkeys(m.strip() for m in args.models.split(",")) if m]
+    from ..hardware import resolve_precision
+
+    # the cells' precision: "auto" made concrete for this machine (for a model too narrow for bf16 the record says
+    # the fp32 it then runs in)
+    precision = resolve_precision(inference_precision(args), default_device(args.device).type)
+    models = [suite.SuiteModel(m, precision) for m in dict.fromkeys(m.strip() for m in args.models.split(",")) if m]
     for model in models:  # before any data is read: presets without weights need --random-init
         refuse_random_weights(argparse.Namespace(model=model.spec, pretrained=None, random_init=args.random_init))
     plan = suite.plan_datasets([d for d in args.datasets.split(",") if d.strip()], args.dataset_root,
@@ -124,10 +129,12 @@ def _embedder(args: argparse.Namespace, model, cache_dir: Path):
     device = default_device(args.device)
     torch.manual_seed(args.seed)  # a random init (--random-init) is the same on every run
     net, _, preprocess = create_model_and_transforms(model.spec, None, device=device)
-    prepare_for_inference(args, net)
-    return Embedder(net, preprocess, get_tokenizer(net), identity=model_identity(model.spec, None),
-                    cache_dir=cache_dir, batch_size=args.batch_size, workers=args.workers, device=device,
-                    show_progress=not args.quiet)  # fmt: skip
+    precision = prepare_for_inference(args, net)
+    embedder = Embedder(net, preprocess, get_tokenizer(net), identity=model_identity(model.spec, None),
+                        cache_dir=cache_dir, batch_size=args.batch_size, workers=args.workers, device=device,
+                        show_progress=not args.quiet)  # fmt: skip
+    embedder.precision = precision  # what the cells' records say they ran in
+    return embedder
 
 
 def _write_reports(out: Path, cells: list, plan) -> None:

@@ -208,9 +208,12 @@ def spec_task(text: str) -> str:
 @dataclass(frozen=True)
 class SuiteModel:
     """A model of the suite: `spec` is what `create_model_and_transforms` takes (NAME:TAG, NAME:FILE, local-dir:DIR,
-    hf-hub:ORG/REPO or a preset NAME); `model` and `pretrained` are CLIP_benchmark's columns for it."""
+    hf-hub:ORG/REPO or a preset NAME); `model` and `pretrained` are CLIP_benchmark's columns for it. `precision`:
+    the inference precision its cells are computed in ("auto" made concrete for the machine first), part of each
+    cell's identity: a rerun in another precision computes its own cells."""
 
     spec: str
+    precision: str = "fp32"
 
     @property
     def model(self) -> str:
@@ -232,12 +235,15 @@ class Cell:
     def file_name(self) -> str:
         """A readable, unique file name: the slugs, then a hash of what identifies the cell."""
         key = [self.model.spec, self.dataset.name, self.dataset.spec if self.dataset.given else "", self.task]
+        if self.model.precision != "fp32":  # fp32 cells keep the names they had before precisions existed
+            key.append(self.model.precision)
         digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:10]
         slug = "__".join(_slug(s)[-48:] for s in (self.model.spec, self.dataset.name))  # the ends: dir names
         return f"{slug}__{self.task}-{digest}.json"
 
     def label(self) -> str:
-        return f"{self.model.spec} × {self.dataset.name} ({self.task})"
+        precision = "" if self.model.precision == "fp32" else f" in {self.model.precision}"
+        return f"{self.model.spec}{precision} × {self.dataset.name} ({self.task})"
 
 
 def _slug(text: str) -> str:
@@ -290,10 +296,12 @@ def plan_cells(models: list[SuiteModel], datasets: list[SuiteDataset], tasks: li
     return [Cell(m, d, t) for m in models for d, t in pairs], skipped
 
 
-def cell_record(cell: Cell, metrics: dict) -> dict:
-    """CLIP_benchmark's result layout for a cell (its metrics already under CLIP_benchmark's names)."""
+def cell_record(cell: Cell, metrics: dict, precision: str | None = None) -> dict:
+    """CLIP_benchmark's result layout for a cell (its metrics already under CLIP_benchmark's names), with the
+    precision the model ran in (`precision`, the one applied; else the cell's)."""
     return {"dataset": cell.dataset.name, "model": cell.model.model, "pretrained": cell.model.pretrained,
-            "task": cell.task, "metrics": metrics, "language": LANGUAGE}  # fmt: skip
+            "task": cell.task, "metrics": metrics, "language": LANGUAGE,
+            "precision": precision or cell.model.precision}  # fmt: skip
 
 
 @dataclass
@@ -342,7 +350,7 @@ def run_suite(cells: list[Cell], cells_dir: Path, load_embedder: Callable, log: 
                 run.failed.append((cell, str(e)))
                 log(f"cell {k}/{len(cells)}: {cell.label()}: failed: {e}")
                 continue
-            record = cell_record(cell, metrics)
+            record = cell_record(cell, metrics, getattr(embedder, "precision", None))
             write_cell(cells_dir / cell.file_name(), record)
             run.computed += 1
             seconds, images = time.perf_counter() - start, embedder.embedded["images"] - before

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..train.plot import load_matplotlib, new_figure, save_figure
 from .suite_tasks import AVERAGED, CAPTIONING, SCORE_HELP, main_score
 
-FIRST, LAST = ("dataset", "model", "pretrained", "task"), ("language", "model_fullname")
+FIRST, LAST = ("dataset", "model", "pretrained", "task"), ("language", "model_fullname", "precision")
 MARKERS = "oDs^vP*X<>"
 
 
@@ -24,8 +24,9 @@ def full_name(record: dict) -> str:
 def write_results_csv(path: str | os.PathLike, records: Sequence[dict]) -> Path:
     """One row per cell, as CLIP_benchmark's `build` writes its result files: the record's fields, its metrics as
     columns (empty where a cell lacks one, or where the set was too small for it: acc5 under 5 classes) and
-    model_fullname. Columns: dataset, model, pretrained, task, the metrics (in order of appearance), language,
-    model_fullname."""
+    model_fullname, then the precision the cell ran in (not CLIP_benchmark's; "fp32" for records written before).
+    Columns: dataset, model, pretrained, task, the metrics (in order of appearance), language, model_fullname,
+    precision."""
     metrics = list(dict.fromkeys(k for r in records for k in r["metrics"]))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -34,7 +35,7 @@ def write_results_csv(path: str | os.PathLike, records: Sequence[dict]) -> Path:
         writer.writeheader()
         for r in records:
             writer.writerow({**{k: r[k] for k in FIRST}, **r["metrics"], "language": r["language"],
-                             "model_fullname": full_name(r)})  # fmt: skip
+                             "model_fullname": full_name(r), "precision": r.get("precision", "fp32")})  # fmt: skip
     os.replace(tmp, path)
     return path
 
@@ -54,10 +55,13 @@ def columns(cells: Sequence) -> dict[Column, str]:
 
 
 def _scores(records: Sequence[dict]) -> dict[tuple[str, str], dict[Column, float | None]]:
-    """(model, pretrained) -> (dataset, task) -> main score, models in order of appearance."""
+    """(model, pretrained) -> (dataset, task) -> main score, models in order of appearance; a model run in another
+    precision than fp32 is a row of its own, its pretrained tag followed by the precision ("openai [bf16]")."""
     table: dict[tuple[str, str], dict[Column, float | None]] = {}
     for r in records:
-        table.setdefault((r["model"], r["pretrained"]), {})[r["dataset"], r["task"]] = main_score(r)
+        precision = r.get("precision", "fp32")
+        tag = r["pretrained"] if precision == "fp32" else f"{r['pretrained']} [{precision}]".lstrip()
+        table.setdefault((r["model"], tag), {})[r["dataset"], r["task"]] = main_score(r)
     return table
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .layers import Block
 
-__all__ = ["PackedLinear", "compile_for_inference", "packed_linears_available", "prepack_linears"]
+__all__ = ["PackedLinear", "PackedPatchEmbed", "compile_for_inference", "packed_linears_available", "prepack_linears"]
 
 _LOW = (torch.bfloat16, torch.float16)
 # our activation classes to oneDNN post-ops: (attr, algorithm); QuickGELU has none (oneDNN's swish has alpha 1)
@@ -83,10 +83,57 @@ class PackedLinear(nn.Module):
                f"post_op={self.attr}"  # fmt: skip
 
 
+class PackedPatchEmbed(nn.Module):
+    """A ViT's patch embedding (a bf16/fp16 `nn.Conv2d` whose kernel is its stride) as one packed matrix product.
+
+    A stride-p p x p convolution is a product of the (B h w, 3 p p) patch rows with the (3 p p, D) weight. oneDNN's
+    bf16 convolution runs it at about a third of its matrix-product rate; here the pixels are cast and laid out as
+    patch rows in one copy, then multiplied on the prepacked weight (ViT-B-32, batch 32, AMX: 11.3 ms -> 4.5 ms,
+    cast included). It takes pixels in any float dtype and returns what the convolution does: (B, D, h, w), pixels
+    past the last whole patch unseen.
+    """
+
+    takes_any_dtype = True  # `VisionTransformer.embed` hands it the pixels as they come
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        weight = conv.weight.detach()
+        if not packable_patch_embed(conv):
+            raise ValueError(f"PackedPatchEmbed takes a bf16/fp16 Conv2d on the CPU with kernel == stride, no "
+                             f"padding, dilation or groups; got {conv}, {weight.dtype}")  # fmt: skip
+        self.out_channels, self.in_channels, self.patch = weight.shape[0], weight.shape[1], conv.stride[0]
+        self.dtype = weight.dtype
+        rows = weight.reshape(self.out_channels, -1).contiguous()  # (D, C p p), (c, i, j) order as the patch rows
+        self.register_buffer("weight_packed", torch.ops.mkldnn._reorder_linear_weight(rows, None))
+        bias = conv.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().to(self.dtype).contiguous())
+
+    def forward(self, images: Tensor) -> Tensor:
+        B, C, H, W = images.shape
+        p = self.patch
+        h, w = H // p, W // p
+        patches = images[:, :, : h * p, : w * p].reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5)
+        rows = torch.empty((B, h, w, C, p, p), dtype=self.dtype, device=images.device).copy_(patches)  # cast + lay out
+        out = torch.ops.mkldnn._linear_pointwise(rows.view(B * h * w, C * p * p), self.weight_packed, self.bias,
+                                                 "none", [], "")  # fmt: skip
+        return out.view(B, h, w, self.out_channels).permute(0, 3, 1, 2)  # (B, D, h, w), channels-last in memory
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, patch={self.patch}, dtype={self.dtype}"
+
+
+def packable_patch_embed(conv: nn.Module) -> bool:
+    """Whether `conv` is a patch embedding `PackedPatchEmbed` can take (see there)."""
+    return (type(conv) is nn.Conv2d and conv.weight.dtype in _LOW and conv.weight.device.type == "cpu"
+            and conv.kernel_size == conv.stride and conv.kernel_size[0] == conv.kernel_size[1]
+            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1)  # fmt: skip
+
+
 def prepack_linears(model: nn.Module) -> int:
     """Replace, in place, the four linear layers of every transformer block (`layers.Block`) of `model` whose weights
     are bf16 or fp16 by `PackedLinear`s, fusing the MLP's activation where oneDNN has it (GELU, ReLU; not QuickGELU),
-    and return how many were replaced. The model becomes inference-only (its parameters stop requiring gradients).
+    and a clipworks ViT's bf16/fp16 patch embedding by a `PackedPatchEmbed`, and return how many layers were
+    replaced. The model becomes inference-only (its parameters stop requiring gradients).
 
     Raises:
         ValueError: the model is not on the CPU, this torch has no oneDNN linear ops, or no block has bf16/fp16
@@ -110,6 +157,12 @@ def prepack_linears(model: nn.Module) -> int:
         if post_op is not None:
             mlp.act = nn.Identity()  # now inside fc1
         done += 4
+    from .vit import VisionTransformer
+
+    for tower in (m for m in model.modules() if isinstance(m, VisionTransformer)):
+        if packable_patch_embed(tower.patch_embed):
+            tower.patch_embed = PackedPatchEmbed(tower.patch_embed)
+            done += 1
     if not done:
         raise ValueError(f"{type(model).__name__} has no transformer block with bf16/fp16 linear layers to pack; "
                          "cast it first (apply_precision(model, 'bf16'))")  # fmt: skip

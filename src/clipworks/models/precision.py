@@ -11,7 +11,9 @@ The names and what they mean (OpenCLIP's `create_model(precision=)`, `convert_we
 - "pure_bf16", "pure_fp16": every parameter and buffer in the low dtype, normalisation layers included.
 - "int8": `clipworks.quantize_int8` (the transformer blocks' linear layers as int8 products; the CPU only).
 - "auto": `hardware.resolve_precision`: bf16 where the device computes it natively and the model is large enough
-  to gain from it, else fp32.
+  to gain from it, else fp32; then, for a CLIP, bf16 is checked on the model's own weights (`AUTO_MIN_COSINE`):
+  where its embeddings of a fixed probe batch fall below cosine 0.999 to the fp32 ones, the model stays fp32, and
+  `model.precision_note` (and a `PrecisionWarning`) says so.
 
 Which tensors stay float32 under "bf16"/"fp16", and why:
 
@@ -40,8 +42,8 @@ from torch import Tensor, nn
 
 from ..hardware import AMP, CHOICES, NAMES, PRECISIONS, resolve_precision
 
-__all__ = ["AMP", "CHOICES", "NAMES", "PRECISIONS", "LayerNormFp32", "apply_precision", "check_precision",
-           "is_fp32_norm", "model_dtype"]
+__all__ = ["AMP", "AUTO_MIN_COSINE", "CHOICES", "NAMES", "PRECISIONS", "LayerNormFp32", "PrecisionWarning",
+           "apply_precision", "check_precision", "is_fp32_norm", "model_dtype"]
 
 LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "pure_bf16": torch.bfloat16, "pure_fp16": torch.float16}
 
@@ -90,6 +92,14 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(NAMES)}")
 
 
+# "auto" keeps a CLIP in fp32 when the low precision's embeddings of the probe batch fall below this cosine to fp32's
+AUTO_MIN_COSINE = 0.999
+
+
+class PrecisionWarning(UserWarning):
+    """`precision="auto"` kept a model in fp32: the low precision changed its embeddings too much."""
+
+
 def apply_precision(model: nn.Module, precision: str, device_type: str | None = None) -> str:
     """Cast a built model for inference, in place and once, and return the concrete precision (one of `PRECISIONS`),
     also recorded as `model.precision`. See the module docstring for what each name means.
@@ -106,7 +116,11 @@ def apply_precision(model: nn.Module, precision: str, device_type: str | None = 
     if device_type is None:
         device_type = next((p.device.type for p in model.parameters()), "cpu")
     if precision == "auto":
+        if getattr(model, "precision", "fp32") != "fp32":
+            return model.precision  # cast before: auto takes what is there
         precision = resolve_precision("auto", device_type, model)
+        if precision in LOW_DTYPES:
+            return _checked_cast(model, precision)
     precision = "fp32" if precision in AMP else precision
     done = getattr(model, "precision", "fp32")
     if done == precision:
@@ -128,6 +142,66 @@ def apply_precision(model: nn.Module, precision: str, device_type: str | None = 
             _keep_fp32(model)
     model.precision = precision
     return precision
+
+
+def _checked_cast(model: nn.Module, precision: str) -> str:
+    """Cast a CLIP to `precision` if its normalised embeddings of a fixed probe batch (`_probe_batch`) stay within
+    `AUTO_MIN_COSINE` of the fp32 ones; else put its fp32 weights back (the very tensors: nothing is rounded) and
+    keep fp32, saying why in `model.precision_note` and a `PrecisionWarning`. While checking, the model's fp32 and
+    low-precision weights are both held (1.5x its fp32 size)."""
+    batch = _probe_batch(model)
+    if batch is None:  # not a CLIP with both towers' encoders: nothing to compare on
+        return apply_precision(model, precision)
+    want = _probe(model, batch)
+    kept = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}  # the fp32 storage itself, not copies
+    classes = [(m, type(m)) for m in model.modules()]
+    apply_precision(model, precision)
+    got = _probe(model, batch)
+    worst = min(F.cosine_similarity(g.float(), w.float(), dim=-1).min().item() for g, w in zip(got, want))
+    if worst >= AUTO_MIN_COSINE:
+        model.precision_note = f"{precision}: probe cosine to fp32 {worst:.5f}"
+        return precision
+    for module, cls in classes:
+        module.__class__ = cls
+    model.load_state_dict(kept, assign=True)
+    model.precision = "fp32"
+    model.precision_note = (f"kept fp32: {precision} embeddings fell to cosine {worst:.5f} to fp32's on a probe "
+                            f"batch (auto needs >= {AUTO_MIN_COSINE})")  # fmt: skip
+    import warnings
+
+    warnings.warn(f"precision auto: {model.precision_note}", PrecisionWarning, stacklevel=3)
+    return "fp32"
+
+
+def _probe_batch(model: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """Four images (smooth colour ramps with noise, in the normalised pixel range) and four token sequences (random
+    ids of several lengths, each closed by the end token) for a CLIP with both towers; None for anything else."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "vision", None) is None or getattr(cfg, "text", None) is None or not hasattr(model, "encode_text"):
+        return None
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    S, t = cfg.vision.image_size, cfg.text
+    rows, cols = torch.linspace(-1.5, 1.5, S)[:, None].expand(S, S), torch.linspace(-1.5, 1.5, S)[None, :].expand(S, S)
+    images = torch.stack([torch.stack([rows * c, cols, (rows - cols) / 2]) for c in (1.0, 0.5, -0.5, -1.0)])
+    images = images + 0.5 * torch.randn(images.shape, generator=g)
+    L = t.context_length
+    tokens = torch.full((4, L), t.pad_id, dtype=torch.long)
+    for row, length in enumerate((3, 8, L // 2, L - 1)):
+        tokens[row, :length] = torch.randint(3, min(t.vocab_size, 30000), (length,), generator=g)
+        tokens[row, length] = getattr(t, "eos_id", 2)  # a Hugging Face tokenizer's end token: any id but padding
+    return images.to(device), tokens.to(device)
+
+
+def _probe(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    images, tokens = batch
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
+    finally:
+        model.train(training)
 
 
 def _keep_fp32(model: nn.Module) -> None:

@@ -165,7 +165,8 @@ class VisionTransformer(nn.Module):
     def embed(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) to the token sequence the first block sees, (B, N, D); in training mode with patch
         dropout set, fewer patch tokens."""
-        x = self.patch_embed(images.to(self.patch_embed.weight.dtype))  # (B, D, h, w); float32 pixels in a bf16 tower
+        patch = self.patch_embed  # float32 pixels in a bf16 tower are cast (`fast.PackedPatchEmbed` casts them itself)
+        x = patch(images if getattr(patch, "takes_any_dtype", False) else images.to(patch.weight.dtype))  # (B, D, h, w)
         S, grid = self.config.image_size, self.config.image_size // self.config.patch_size
         if x.shape[-2:] != (grid, grid):
             raise ValueError(f"images of {images.shape[-2]}x{images.shape[-1]} pixels; this model takes {S}x{S} "

@@ -118,7 +118,9 @@ def prepare_for_inference(args: argparse.Namespace, model) -> str:
     except ValueError as e:
         raise UsageError(f"--precision {wanted}: {e}") from e
     if wanted == "auto":
-        print(f"clipworks: --precision auto: {precision}", file=sys.stderr)
+        note = getattr(model, "precision_note", "")
+        print(f"clipworks: --precision auto: {precision}{f' ({note})' if note.startswith('kept') else ''}",
+              file=sys.stderr)  # fmt: skip
     if precision == "bf16" and next(model.parameters()).device.type == "cpu":
         from ..models.fast import packed_linears_available, prepack_linears
 
