@@ -109,9 +109,22 @@ def test_pixels_the_route_refuses_go_through_pillow(monkeypatch):
         raise ValueError("a window too wide for int32 sums")
 
     transform = image_transform(PreprocessConfig())
-    pixels = _pixels(500, 300, seed=4)
+    pixels = _pixels(800, 500, seed=4)  # past PILLOW_FASTER_BELOW: the integer route's
     monkeypatch.setattr(resample, "resize_crop_exact", refuse)
     assert torch.equal(transform.from_pixels(pixels), transform(Image.fromarray(pixels)))
+
+
+def test_small_images_are_resized_by_pillow_and_large_ones_by_the_integer_route(monkeypatch):
+    from clipworks.transforms import PILLOW_FASTER_BELOW
+
+    calls = []
+    real = resample.resize_crop_exact
+    monkeypatch.setattr(resample, "resize_crop_exact", lambda *a: calls.append(a[0].shape) or real(*a))
+    transform = image_transform(PreprocessConfig())
+    for w, h in ((256, 256), (640, 480)):
+        pixels = _pixels(w, h, seed=w)
+        assert torch.equal(transform.from_pixels(pixels), transform(Image.fromarray(pixels)))
+    assert 256 * 256 < PILLOW_FASTER_BELOW <= 640 * 480 and calls == [(480, 640, 3)]
 
 
 @pytest.mark.parametrize("mode", ["shortest", "longest", "squash"])

@@ -143,6 +143,12 @@ class _Transform:
         return planes.to(torch.float32).div_(255).sub_(self._mean).div_(self._std)
 
 
+# Source images of fewer pixels than this are resized by Pillow itself, which is then the faster of the two exact
+# routes (one thread, RGB to 224 px, bicubic: Pillow 0.86 ms against 1.46 for `clipworks.resample` at 256x256, equal
+# at 512x512, 2.28 against 2.05 at 640x480, 12.0 against 6.6 at 1600x1200): its per-call set-up is smaller.
+PILLOW_FASTER_BELOW = 300_000
+
+
 class EvalTransform(_Transform):
     """Deterministic evaluation preprocessing, identical to OpenCLIP's for `cfg.resize_mode`.
 
@@ -230,7 +236,8 @@ class EvalTransform(_Transform):
 
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"expected uint8 (H, W, 3) RGB pixels, got {pixels.dtype} {pixels.shape}")
-        if self.fast or self._resample not in resample.RESAMPLE_FILTERS or not resample.exact_on_this_build():
+        small = pixels.shape[0] * pixels.shape[1] < PILLOW_FASTER_BELOW
+        if small or self.fast or self._resample not in resample.RESAMPLE_FILTERS or not resample.exact_on_this_build():
             return self(Image.fromarray(np.ascontiguousarray(pixels)))
         size = self.cfg.image_size
         new_size, box, (dx, dy) = self._plan(pixels.shape[1], pixels.shape[0])

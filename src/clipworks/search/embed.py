@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.decode import ImageDecodeError
+from ..models.precision import model_dtype
 from ..models.quant import is_quantized
 from .sources import Chunk, Item, ListedImages, Plan, TarImages, normalise, plan_images, plan_texts
 from .store import (DTYPES, embeddings_manifest, forget_dropped, read_shard_records, sha256_file, shard_checksums,
@@ -227,10 +228,14 @@ def _score(head: torch.nn.Module, embeddings: np.ndarray, records: list[dict]) -
 
 
 def input_dtype(model) -> torch.dtype:
-    """The dtype the image tower computes in: its first convolution's or linear layer's weight dtype (bfloat16
-    after `apply_precision(model, "bf16")` or `.to(torch.bfloat16)`; float32 for an int8 model, whose quantised
-    layers take float32)."""
-    for module in getattr(model, "visual", model).modules():
+    """The dtype to hand the image tower its pixels in: its first convolution's or linear layer's weight dtype
+    (bfloat16 after `apply_precision(model, "bf16")` or `.to(torch.bfloat16)`; float32 for an int8 model, whose
+    quantised layers take float32, and for a tower whose patch embedding casts the pixels as it lays them out,
+    `fast.PackedPatchEmbed`: a separate cast would be one more pass over the batch)."""
+    tower = getattr(model, "visual", model)
+    if getattr(getattr(tower, "patch_embed", None), "takes_any_dtype", False):
+        return torch.float32
+    for module in tower.modules():
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and module.weight.is_floating_point():
             return module.weight.dtype
     return torch.float32
@@ -600,9 +605,10 @@ def embed_collection(
         job["aesthetic_head"] = sha256_file(aesthetic_head)
     if gpu_decode:  # likewise
         job["gpu_decode"] = True
-    if input_dtype(model) != torch.float32:  # likewise: bf16 embeddings are not fp32 ones (`apply_precision`)
+    computes_in = model_dtype(model)
+    if computes_in != torch.float32:  # likewise: bf16 embeddings are not fp32 ones (`apply_precision`)
         named = getattr(model, "precision", None)  # set by `apply_precision`; a plain `.to(dtype)` leaves it stale
-        job["precision"] = named if named not in (None, "fp32") else str(input_dtype(model)).removeprefix("torch.")
+        job["precision"] = named if named not in (None, "fp32") else str(computes_in).removeprefix("torch.")
     old_job = _check_job(out, job, update)
     updating = update and old_job is not None
     if updating:
