@@ -481,7 +481,9 @@ def test_encoding_workers_keep_freed_memory_mapped(tiny, tmp_path, monkeypatch):
 
     (kept, with_setting), (_, default) = faults("keep"), faults("default")
     assert kept == "True"
-    assert with_setting * 20 < default  # freed activations are reused, not unmapped and faulted in again
+    # freed activations are reused, not unmapped and faulted in again: alone, 0 faults against 0.14-1.7 million; a
+    # machine busy with other tests has shown 8,400 (so a margin of 5x, not more)
+    assert with_setting * 5 < default
     _photos(tmp_path / "p", 4)
     plan = plan_images(f"folder:{tmp_path / 'p'}", 2)
     monkeypatch.setattr(embed, "_cores", lambda: 2)

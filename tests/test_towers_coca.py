@@ -110,14 +110,20 @@ def test_layout_round_trips_both_ways():
         sd = ref.state_dict()
         back = convert_to_open_clip(convert_from_open_clip(sd, cfg), cfg)
         assert back.keys() == sd.keys(), name
-        assert all(torch.equal(back[k], sd[k]) for k in sd), name
+        assert all(_same(back[k], sd[k]) for k in sd), name
     # keys as wide as the queries: nn.MultiheadAttention packs the pool's q, k and v weights into one tensor
     cfg = tiny_config(get_preset("coca_ViT-B-32"))
     cfg = replace(cfg, vision=replace(cfg.vision, width=cfg.embed_dim))
     sd = open_clip_model(cfg).state_dict()
     assert "visual.attn_pool.attn.in_proj_weight" in sd
     back = convert_to_open_clip(convert_from_open_clip(sd, cfg), cfg)
-    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert back.keys() == sd.keys() and all(_same(back[k], sd[k]) for k in sd)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where the other has NaN: OpenCLIP builds CoCa's `text_decoder.text_projection` with
+    torch.empty and never initialises it, so it holds whatever memory held (NaN at times)."""
+    return torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 def test_decoder_keys_on_a_clip_config_are_named():
