@@ -15,7 +15,7 @@ from reference import tiny_config
 
 import clipworks
 from clipworks.data.jpeg import decode_preprocess_batch, gpu_decodable, resize_crop_batch
-from clipworks.search import embed
+from clipworks.search import pipeline
 from clipworks.search.embed import default_batch_size, describe, embed_collection, input_dtype, summary_dict
 from clipworks.search.store import read_embeddings
 from clipworks.transforms import image_transform
@@ -95,10 +95,10 @@ def test_encode_in_is_checked(tiny, tmp_path):
 
 
 def test_encode_in_main_keeps_the_workers_to_decoding(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(embed, "_cores", lambda: 2)  # two workers would encode under "auto"
+    monkeypatch.setattr(pipeline, "_cores", lambda: 2)  # two workers would encode under "auto"
     here = []
-    real = embed._encode_images
-    monkeypatch.setattr(embed, "_encode_images", lambda *a: here.append(1) or real(*a))
+    real = pipeline._encode_images
+    monkeypatch.setattr(pipeline, "_encode_images", lambda *a: here.append(1) or real(*a))
     data = f"folder:{_folder(tmp_path / 'photos')}"
     result = _run(tiny, data, tmp_path / "main", workers=2, encode_in="main")
     assert len(here) == 2 and result.stats.encoders == 1
@@ -248,8 +248,8 @@ def test_a_job_fed_uint8_pixels_stores_the_same_embeddings(tiny, tmp_path, monke
     data = f"folder:{_folder(tmp_path / 'photos')}"
     exact, records, _ = read_embeddings(_run(tiny, data, tmp_path / "float").out)
     seen = []
-    real = embed._uint8_config
-    monkeypatch.setattr(embed, "_uint8_config", lambda device, t: seen.append(1) or real(torch.device("cuda"), t))
+    real = pipeline._uint8_config
+    monkeypatch.setattr(pipeline, "_uint8_config", lambda device, t: seen.append(1) or real(torch.device("cuda"), t))
     got, got_records, _ = read_embeddings(_run(tiny, data, tmp_path / "uint8", workers=2, encode_in="main").out)
     assert seen and got_records == records
     np.testing.assert_array_equal(got, exact)

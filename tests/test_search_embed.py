@@ -430,17 +430,17 @@ def test_shards_come_out_in_input_order_whatever_order_their_parts_arrive(tmp_pa
 
 
 def test_worker_encoding_and_in_process_encoding_store_the_same_collection(tiny, tmp_path, monkeypatch):
-    from clipworks.search import embed
+    from clipworks.search import pipeline
 
     photos = tmp_path / "photos"
     _photos(photos, 10)
     for i, size in enumerate((300, 20, 200)):  # unequal batches: the largest files' batch is decoded first
         _jpeg_file(photos / f"big{i}.jpg", seed=50 + i, size=(size, size))
     data = f"folder:{photos}"
-    monkeypatch.setattr(embed, "_cores", lambda: 2)  # two workers are enough for each to encode its own batches
+    monkeypatch.setattr(pipeline, "_cores", lambda: 2)  # two workers are enough for each to encode its own batches
     here = []  # batches encoded in this process (a forked worker appends to its own copy of the list)
-    real = embed._encode_images
-    monkeypatch.setattr(embed, "_encode_images", lambda *a: here.append(1) or real(*a))
+    real = pipeline._encode_images
+    monkeypatch.setattr(pipeline, "_encode_images", lambda *a: here.append(1) or real(*a))
     _embed(tiny, data, tmp_path / "workers", workers=2, shard_size=6)
     assert not here  # the workers sent embeddings, not pixels
     _embed(tiny, data, tmp_path / "here", workers=0, shard_size=6)
@@ -453,7 +453,7 @@ def test_worker_encoding_and_in_process_encoding_store_the_same_collection(tiny,
 
 _FAULTS = """
 import resource, sys, torch
-from clipworks.search.embed import _keep_freed_memory
+from clipworks.search.pipeline import _keep_freed_memory
 kept = _keep_freed_memory() if sys.argv[1] == "keep" else None
 def layers():  # a transformer's pattern: 20 MB temporaries made and freed, layer after layer
     x = torch.ones(1600, 768)
@@ -471,7 +471,7 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_encoding_workers_keep_freed_memory_mapped(tiny, tmp_path, monkeypatch):
-    from clipworks.search import embed
+    from clipworks.search import pipeline
     from clipworks.search.sources import plan_images
 
     def faults(mode):
@@ -486,11 +486,11 @@ def test_encoding_workers_keep_freed_memory_mapped(tiny, tmp_path, monkeypatch):
     assert with_setting * 5 < default
     _photos(tmp_path / "p", 4)
     plan = plan_images(f"folder:{tmp_path / 'p'}", 2)
-    monkeypatch.setattr(embed, "_cores", lambda: 2)
+    monkeypatch.setattr(pipeline, "_cores", lambda: 2)
     model, transform = tiny[:2]
-    encoding = embed._image_loader(plan, [0, 1], transform, 2, 2, model, None)
-    decoding = embed._image_loader(plan, [0, 1], transform, 2, 1, model, None)  # fewer workers than cores
-    assert encoding.dataset.encoder is not None and encoding.worker_init_fn is embed._keep_freed_memory
+    encoding = pipeline._image_loader(plan, [0, 1], transform, 2, 2, model, None)
+    decoding = pipeline._image_loader(plan, [0, 1], transform, 2, 1, model, None)  # fewer workers than cores
+    assert encoding.dataset.encoder is not None and encoding.worker_init_fn is pipeline._keep_freed_memory
     assert decoding.dataset.encoder is None and decoding.worker_init_fn is None
 
 
@@ -508,11 +508,11 @@ def test_cli_embed_refuses_a_preset_without_weights(tmp_path, capsys):
 
 
 def test_default_workers_share_the_cores(monkeypatch):
-    from clipworks.search import embed
+    from clipworks.search import pipeline
 
-    monkeypatch.setattr(embed.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert embed.default_workers(torch.device("cpu")) == 16  # each worker also encodes
-    assert embed.default_workers(torch.device("cuda")) == 15  # a core left for the process feeding the GPU
+    assert pipeline.default_workers(torch.device("cpu")) == 16  # each worker also encodes
+    assert pipeline.default_workers(torch.device("cuda")) == 15  # a core left for the process feeding the GPU
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: four processes on this machine
-    assert embed.default_workers(torch.device("cpu")) == 4 and embed.default_workers(torch.device("cuda")) == 3
+    assert pipeline.default_workers(torch.device("cpu")) == 4 and pipeline.default_workers(torch.device("cuda")) == 3
