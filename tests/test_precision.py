@@ -312,3 +312,16 @@ def test_prepare_for_inference_says_when_auto_kept_fp32(monkeypatch, capsys):
     with pytest.warns(clipworks.models.precision.PrecisionWarning):
         assert prepare_for_inference(argparse.Namespace(precision="auto"), model) == "fp32"
     assert "--precision auto: fp32 (kept fp32: bf16 embeddings fell to cosine" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_auto_check_runs_on_every_family(name):
+    from clipworks.models.precision import _checked_cast
+
+    model = _tiny(name)
+    images, tokens = _inputs(model)
+    want = _features(model, images, tokens)
+    assert _checked_cast(model, "bf16") == "bf16" == model.precision, model.precision_note
+    assert model.precision_note.startswith("bf16: probe cosine to fp32 0.99")
+    for got, ref in zip(_features(model, images, tokens), want):  # cast as "bf16" itself casts
+        assert torch.nn.functional.cosine_similarity(got, ref).min() > 0.999

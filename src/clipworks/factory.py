@@ -276,7 +276,8 @@ def create_model(
         precision: OpenCLIP's names: "fp32" (and the "amp" ones: float32 parameters), "bf16"/"fp16" (matrix-product
             weights in that dtype, normalisation layers and the logit scale in float32), "pure_bf16"/"pure_fp16"
             (the whole model in that dtype); and "auto" (bf16 where the device computes it natively and the model
-            gains from it, else fp32: `hardware.resolve_precision`), "int8" (`quantize_int8`; the CPU only). The
+            gains from it, else fp32: `hardware.resolve_precision`; bf16 then checked on this model's own weights,
+            fp32 kept below cosine 0.999 on a probe batch), "int8" (`quantize_int8`; the CPU only). The
             weights are cast once, here; `model.precision` records the result. See `clipworks.models.precision`.
         device: where to put the model.
         dtype: parameter dtype for the whole model (e.g. torch.bfloat16: "pure_bf16"); default float32. With a

@@ -150,9 +150,16 @@ def _checked_cast(model: nn.Module, precision: str) -> str:
     keep fp32, saying why in `model.precision_note` and a `PrecisionWarning`. While checking, the model's fp32 and
     low-precision weights are both held (1.5x its fp32 size)."""
     batch = _probe_batch(model)
-    if batch is None:  # not a CLIP with both towers' encoders: nothing to compare on
-        return apply_precision(model, precision)
-    want = _probe(model, batch)
+    try:
+        want = None if batch is None else _probe(model, batch)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:  # a tower the generic probe does not fit
+        batch, why = None, f"the probe batch does not fit this model ({type(e).__name__}: {e})"
+    else:
+        why = "not a CLIP with both towers"
+    if batch is None:  # nothing to compare on: cast as asked, and say it was not checked
+        done = apply_precision(model, precision)
+        model.precision_note = f"{done}: not checked ({why})"
+        return done
     kept = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}  # the fp32 storage itself, not copies
     classes = [(m, type(m)) for m in model.modules()]
     apply_precision(model, precision)
