@@ -298,6 +298,8 @@ def test_auto_keeps_fp32_where_bf16_moves_the_embeddings(monkeypatch):
     assert "kept fp32" in bad.precision_note
     # the very fp32 weights and norm classes back: features bit-identical to the untouched model's
     assert all(p.dtype == torch.float32 for p in bad.parameters()) and not any(map(is_fp32_norm, bad.modules()))
+    buffers = dict(reference.named_buffers(remove_duplicate=False))
+    assert {k: b.dtype for k, b in bad.named_buffers(remove_duplicate=False)} == {k: b.dtype for k, b in buffers.items()}
     for got, want in zip(_features(bad, images, tokens), _features(reference, images, tokens)):
         assert torch.equal(got, want)
     assert apply_precision(bad, "bf16") == "bf16"  # asked for by name, bf16 is applied as asked
@@ -325,3 +327,22 @@ def test_the_auto_check_runs_on_every_family(name):
     assert model.precision_note.startswith("bf16: probe cosine to fp32 0.99")
     for got, ref in zip(_features(model, images, tokens), want):  # cast as "bf16" itself casts
         assert torch.nn.functional.cosine_similarity(got, ref).min() > 0.999
+
+
+@pytest.mark.parametrize("name", ["EVA02-B-16", "RN50", "MobileCLIP-S1"])  # RoPE tables, batch-norm statistics
+def test_auto_kept_fp32_puts_every_tensor_back(name, monkeypatch):
+    from clipworks.models import precision
+    from clipworks.models.precision import _checked_cast
+
+    monkeypatch.setattr(precision, "AUTO_MIN_COSINE", 1.01)  # no cast can pass: the fallback runs
+    model, reference = _tiny(name), _tiny(name)
+    images, tokens = _inputs(model)
+    with pytest.warns(precision.PrecisionWarning):
+        assert _checked_cast(model, "bf16") == "fp32" == model.precision
+    state, ref = model.state_dict(keep_vars=True), reference.state_dict(keep_vars=True)
+    assert {k: v.dtype for k, v in state.items()} == {k: v.dtype for k, v in ref.items()}
+    non_persistent = {k: b.dtype for k, b in model.named_buffers(remove_duplicate=False) if k not in state}
+    assert non_persistent == {k: b.dtype for k, b in reference.named_buffers(remove_duplicate=False) if k not in ref}
+    assert all(isinstance(v, nn.Parameter) for k, v in state.items() if isinstance(ref[k], nn.Parameter))
+    for got, want in zip(_features(model, images, tokens), _features(reference, images, tokens)):
+        assert torch.equal(got, want)

@@ -36,6 +36,8 @@ rounding once at load gives the same numbers as rounding on every call, so keepi
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -160,7 +162,9 @@ def _checked_cast(model: nn.Module, precision: str) -> str:
         done = apply_precision(model, precision)
         model.precision_note = f"{done}: not checked ({why})"
         return done
-    kept = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}  # the fp32 storage itself, not copies
+    # the fp32 tensors themselves, not copies: every parameter's data and every buffer (persistent or not)
+    params = [(p, p.data) for p in model.parameters()]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
     classes = [(m, type(m)) for m in model.modules()]
     apply_precision(model, precision)
     got = _probe(model, batch)
@@ -170,12 +174,13 @@ def _checked_cast(model: nn.Module, precision: str) -> str:
         return precision
     for module, cls in classes:
         module.__class__ = cls
-    model.load_state_dict(kept, assign=True)
+    for param, data in params:
+        param.data = data
+    for module, name, buffer in buffers:
+        module._buffers[name] = buffer
     model.precision = "fp32"
     model.precision_note = (f"kept fp32: {precision} embeddings fell to cosine {worst:.5f} to fp32's on a probe "
                             f"batch (auto needs >= {AUTO_MIN_COSINE})")  # fmt: skip
-    import warnings
-
     warnings.warn(f"precision auto: {model.precision_note}", PrecisionWarning, stacklevel=3)
     return "fp32"
 
