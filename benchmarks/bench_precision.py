@@ -22,6 +22,7 @@ import argparse
 import copy
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -162,10 +163,18 @@ def build_variants(name: str, args, images, tokens, log) -> tuple:
 
 
 def external_variants(m32, args, images, tokens, cw_flops, large, log) -> list[Variant]:
-    """ONNX Runtime (fp32, int8 dynamic) and OpenVINO (f32, bf16) on clipworks' ONNX export."""
+    """ONNX Runtime (fp32, int8 dynamic) and OpenVINO (f32, bf16) on clipworks' ONNX export. The export (1-3 GB for
+    ViT-L-14 with its int8 copy) is deleted once the sessions have read it."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_precision_"))
+    try:
+        return _external_variants(m32, args, images, tokens, cw_flops, large, log, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _external_variants(m32, args, images, tokens, cw_flops, large, log, tmp: Path) -> list[Variant]:
     from clipworks.onnx_export import export_onnx
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_precision_"))
     t = time.perf_counter()
     export = export_onnx(m32, tmp / "onnx")
     log(f"  ONNX export of both towers: {time.perf_counter() - t:.0f} s")
