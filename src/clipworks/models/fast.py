@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import Block
+from .vit import VisionTransformer
 
 __all__ = ["PackedLinear", "PackedPatchEmbed", "compile_for_inference", "packed_linears_available", "prepack_linears"]
 
@@ -97,16 +98,17 @@ class PackedPatchEmbed(nn.Module):
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        weight = conv.weight.detach()
         if not packable_patch_embed(conv):
             raise ValueError(f"PackedPatchEmbed takes a bf16/fp16 Conv2d on the CPU with kernel == stride, no "
-                             f"padding, dilation or groups; got {conv}, {weight.dtype}")  # fmt: skip
+                             f"padding, dilation or groups; got {conv}, {conv.weight.dtype}")  # fmt: skip
+        weight = conv.weight.detach()
         self.out_channels, self.in_channels, self.patch = weight.shape[0], weight.shape[1], conv.stride[0]
         self.dtype = weight.dtype
-        rows = weight.reshape(self.out_channels, -1).contiguous()  # (D, C p p), (c, i, j) order as the patch rows
-        self.register_buffer("weight_packed", torch.ops.mkldnn._reorder_linear_weight(rows, None))
-        bias = conv.bias
-        self.register_buffer("bias", None if bias is None else bias.detach().to(self.dtype).contiguous())
+        rows = nn.Linear(weight[0].numel(), self.out_channels, bias=conv.bias is not None, dtype=self.dtype)
+        rows.weight.data = weight.reshape(self.out_channels, -1)  # (D, C p p): (c, i, j) order, as the patch rows
+        if conv.bias is not None:
+            rows.bias.data = conv.bias.detach()
+        self.rows = PackedLinear(rows)
 
     def forward(self, images: Tensor) -> Tensor:
         B, C, H, W = images.shape
@@ -114,9 +116,8 @@ class PackedPatchEmbed(nn.Module):
         h, w = H // p, W // p
         patches = images[:, :, : h * p, : w * p].reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5)
         rows = torch.empty((B, h, w, C, p, p), dtype=self.dtype, device=images.device).copy_(patches)  # cast + lay out
-        out = torch.ops.mkldnn._linear_pointwise(rows.view(B * h * w, C * p * p), self.weight_packed, self.bias,
-                                                 "none", [], "")  # fmt: skip
-        return out.view(B, h, w, self.out_channels).permute(0, 3, 1, 2)  # (B, D, h, w), channels-last in memory
+        out = self.rows(rows.view(B, h, w, C * p * p))  # (B, h, w, D)
+        return out.permute(0, 3, 1, 2)  # (B, D, h, w), channels-last in memory
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, patch={self.patch}, dtype={self.dtype}"
@@ -157,8 +158,6 @@ def prepack_linears(model: nn.Module) -> int:
         if post_op is not None:
             mlp.act = nn.Identity()  # now inside fc1
         done += 4
-    from .vit import VisionTransformer
-
     for tower in (m for m in model.modules() if isinstance(m, VisionTransformer)):
         if packable_patch_embed(tower.patch_embed):
             tower.patch_embed = PackedPatchEmbed(tower.patch_embed)

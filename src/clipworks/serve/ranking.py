@@ -56,17 +56,25 @@ class Page:
     more: bool
 
 
-def dedup_hits(hits: list, threshold: float) -> list:
-    """The hits (with vectors, best first) without any whose cosine to an earlier hit kept reaches `threshold`."""
+def dedup_hits(hits: list, threshold: float, vectors: np.ndarray | None = None) -> list:
+    """The hits (with vectors, best first) without any whose cosine to an earlier hit kept reaches `threshold`;
+    `vectors`: the hits' vectors stacked (N, D), when the caller has them already."""
     if not hits:
         return []
-    vectors = np.stack([np.asarray(h.vector, dtype=np.float32) for h in hits])  # (N, D)
+    if vectors is None:
+        vectors = _stacked(hits)
+    kept = np.empty_like(vectors)  # the kept hits' vectors, in order: each hit is compared with a view of them
     kept_rows: list[int] = []
     for i, v in enumerate(vectors):
-        if kept_rows and float(np.max(vectors[kept_rows] @ v)) >= threshold - 1e-6:
+        if kept_rows and float(np.max(kept[: len(kept_rows)] @ v)) >= threshold - 1e-6:
             continue
+        kept[len(kept_rows)] = v
         kept_rows.append(i)
     return [hits[i] for i in kept_rows]
+
+
+def _stacked(hits: list) -> np.ndarray:
+    return np.stack([np.asarray(h.vector, dtype=np.float32) for h in hits])  # (N, D)
 
 
 def _aesthetic(hit) -> float:
@@ -95,11 +103,12 @@ def ranked(store, query: np.ndarray, options: SearchOptions, unsafe: Callable[[n
     while True:
         hits = store.search(query, fetch, where=options.where, with_vectors=True)[0]
         kept = hits
+        vectors = _stacked(kept) if kept and (unsafe is not None or options.dedup is not None) else None
         if unsafe is not None and kept:
-            flags = unsafe(np.stack([np.asarray(h.vector, dtype=np.float32) for h in kept]))
-            kept = [h for h, flagged in zip(kept, flags) if not flagged]
+            shown = ~np.asarray(unsafe(vectors), dtype=bool)
+            kept, vectors = [h for h, keep in zip(kept, shown) if keep], vectors[shown]
         if options.dedup is not None:
-            kept = dedup_hits(kept, options.dedup)
+            kept = dedup_hits(kept, options.dedup, vectors)
         exhausted = len(hits) < fetch  # every matching row was judged
         if len(kept) >= want or exhausted or fetch >= min(max_fetch, size):
             break
